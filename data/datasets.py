@@ -1,0 +1,142 @@
+"""Face datasets: presets for the paper's datasets, and a robust identity-folder loader.
+
+A dataset named NAME lives at ``<data-dir>/NAME/{train,test}/<identity>/<image>``. The
+training split is the retrieval database and the test split the query set.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+log = logging.getLogger("opqn")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """Training protocol of a dataset (SPEC §2)."""
+
+    input_size: int = 32
+    epochs: int = 200
+    lr_step: int = 35  # the learning rate is halved every lr_step epochs
+    scale: float = 20.0
+    top_k: int = 5  # k of precision@k in the final evaluation
+    width: int = 64
+
+
+PRESETS: dict[str, DatasetPreset] = {
+    "facescrub": DatasetPreset(),
+    "youtube": DatasetPreset(),
+    "cfw": DatasetPreset(),
+    "vggface2": DatasetPreset(input_size=112, epochs=160, lr_step=20, scale=40.0, top_k=10),
+    # Built-in procedural faces: sized so that the main job finishes on a 2-core CPU.
+    "synthface": DatasetPreset(epochs=30, lr_step=10, width=16),
+}
+# Cross-dataset training (-c) uses the VGGFace2 protocol at 112x112.
+CROSS_PRESET = PRESETS["vggface2"]
+CROSS_SOURCE = "vggface2"
+MONITOR_TOP_K = 50
+
+
+def dataset_preset(name: str, cross: bool = False) -> DatasetPreset:
+    """The preset for a dataset name; unknown names are generic 32x32 folders."""
+    if cross:
+        if name == "synthface":
+            base = PRESETS["synthface"]
+            return DatasetPreset(input_size=112, epochs=base.epochs, lr_step=base.lr_step,
+                                 scale=40.0, top_k=base.top_k, width=base.width)
+        return CROSS_PRESET
+    return PRESETS.get(name.lower(), DatasetPreset())
+
+
+def split_dirs(data_dir: str | Path, name: str, cross_train: bool = False) -> tuple[Path, Path]:
+    """(database/train folder, query/test folder) for a dataset.
+
+    With ``cross_train`` the training folders of the cross-dataset protocol are returned:
+    ``vggface2/cross_train`` and ``cross_test`` (``synthface`` uses its own disjoint set).
+    """
+    if cross_train:
+        source = "synthface" if name == "synthface" else CROSS_SOURCE
+        root = Path(data_dir) / source
+        return root / "cross_train", root / "cross_test"
+    root = Path(data_dir) / name
+    return root / "train", root / "test"
+
+
+def find_images(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Sorted identity names and ``(path, identity)`` pairs under ``root/<identity>/``."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    samples = []
+    for name in classes:
+        for dirpath, _dirs, files in os.walk(root / name):
+            for file in sorted(files):
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, file), name))
+    return classes, samples
+
+
+class FaceFolder(Dataset):
+    """Identity-per-folder image dataset with per-sample transforms.
+
+    ``__getitem__`` returns ``(image, label)``, or ``None`` for an image that fails to
+    decode: it is reported once by path and :func:`collate_skip_broken` drops it, so a bad
+    file never stops an epoch.
+
+    Args:
+        root: folder holding one sub-folder per identity.
+        transform: applied to each RGB PIL image.
+        class_to_idx: label of each identity name. Pass the database's mapping when loading
+            queries so that labels agree; identities it lacks get new labels.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable | None = None,
+                 class_to_idx: dict[str, int] | None = None) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        classes, samples = find_images(self.root)
+        mapping = dict(class_to_idx or {})
+        for name in classes:
+            mapping.setdefault(name, len(mapping))
+        self.classes = classes
+        self.class_to_idx = mapping
+        self.samples = [(path, mapping[name]) for path, name in samples]
+        self.targets = [label for _path, label in self.samples]
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except Exception as exc:  # corrupt or unreadable image: skip it, keep the epoch
+            if path not in self._reported:
+                self._reported.add(path)
+                log.warning("skipping unreadable image %s (%s)", path, exc)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+def collate_skip_broken(batch: Sequence):
+    """``default_collate`` that drops the ``None`` entries of unreadable images."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return None
+    return default_collate(batch)
+
+
+def labels_tensor(dataset: Dataset) -> torch.Tensor:
+    """The int64 label of every item of a dataset, ``(N,)``."""
+    return torch.as_tensor(getattr(dataset, "targets"), dtype=torch.int64)

@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import OPQN, OPQNConfig, OrthoPQ, choose_feature_dim
+
+
+@pytest.fixture
+def quantizer():
+    torch.manual_seed(0)
+    return OrthoPQ(feature_dim=48, num_books=4, num_words=8)
+
+
+def test_shapes_and_soft_quantization(quantizer):
+    x = torch.randn(5, 48)
+    sub, soft, probs = quantizer(x)
+    assert sub.shape == soft.shape == (5, 4, 12) and probs.shape == (5, 4, 8)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5, 4))
+    expected = torch.softmax(torch.einsum("bmd,mdk->bmk", sub, quantizer.assignment), -1)
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(soft[2, 1], quantizer.codebooks[1] @ probs[2, 1])
+
+
+def test_encoding_is_the_argmax_of_the_soft_assignment(quantizer):
+    x = torch.randn(64, 48)
+    codes = quantizer.encode(x)
+    assert codes.dtype == torch.uint8 and codes.shape == (64, 4)
+    _, _, probs = quantizer(x)
+    assert torch.equal(codes.long(), probs.argmax(-1))
+    # Normalising the sub-vectors does not change the codes.
+    normalised = F.normalize(x.reshape(64, 4, 12), dim=-1).reshape(64, 48)
+    assert torch.equal(quantizer.encode(normalised), codes)
+
+
+def test_query_score_equals_inner_product_with_codewords(quantizer):
+    queries, items = torch.randn(7, 48), torch.randn(30, 48)
+    tables = quantizer.lookup_tables(queries)
+    codes = quantizer.encode(items).long()
+    lookup = torch.stack([tables[:, m, codes[:, m]] for m in range(4)]).sum(0)  # (7, 30)
+    inner = quantizer.soft_quantize_tables(tables) @ quantizer.decode(codes).T
+    torch.testing.assert_close(lookup, inner, atol=1e-5, rtol=0)
+
+
+def test_query_tables_normalise_the_sub_vectors(quantizer):
+    q = torch.randn(3, 48)
+    torch.testing.assert_close(quantizer.lookup_tables(q), quantizer.lookup_tables(q * 7.5))
+    sub = F.normalize(q.reshape(3, 4, 12), dim=-1)
+    expected = torch.softmax(torch.einsum("bmd,mdk->bmk", sub, quantizer.assignment), -1)
+    torch.testing.assert_close(quantizer.lookup_tables(q), expected)
+
+
+def test_codebooks_are_fixed_and_assignment_trains(quantizer):
+    names = {n for n, _ in quantizer.named_parameters()}
+    assert names == {"assignment"}
+    assert "codebooks" in dict(quantizer.named_buffers())
+
+
+def test_code_dtype_grows_past_256_words():
+    q = OrthoPQ(feature_dim=1024, num_books=2, num_words=512)
+    assert q.encode(torch.randn(3, 1024)).dtype == torch.int16
+    assert q.bits == 18
+
+
+@pytest.mark.parametrize("m,k,size,expected", [
+    (6, 64, 32, 516), (4, 64, 32, 512), (2, 256, 32, 512), (4, 256, 32, 1024),
+    (8, 256, 112, 2048), (8, 64, 32, 512)])
+def test_feature_dimension_rule(m, k, size, expected):
+    dim = choose_feature_dim(m, k, size)
+    assert dim == expected and dim % m == 0 and dim // m >= k
+
+
+def test_full_model_runs_both_input_sizes():
+    for size in (32, 112):
+        cfg = OPQNConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3,
+                         input_size=size, width=4)
+        model = OPQN(cfg).eval()
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 64)
+        assert cfg.bits == 2 * int(math.log2(16))

@@ -1,0 +1,81 @@
+"""Results files: a JSON per evaluation, PR-curve plots, and the one-line summary."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display is needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def summary_line(result: dict) -> str:
+    """One line with the headline numbers of an evaluation."""
+    name = result.get("name") or result.get("dataset", "")
+    return (f"[{name}] {result['bits']}-bit ({result['num_books']}x{result['num_words']}) "
+            f"mAP {100 * result['mAP']:.2f}%  P@{result['k']} "
+            f"{100 * result['precision_at_k']:.2f}%  R@{result['k']} "
+            f"{100 * result['recall_at_k']:.2f}%  queries {result['num_queries']} "
+            f"(skipped {result['skipped_queries']})  gallery {result['num_database']}  "
+            f"encode {result['encode_seconds']:.1f}s  search {result['search_seconds']:.3f}s")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_result(result: dict, out_dir: str | Path, stem: str) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<stem>.json`` and its PR curve ``<out_dir>/<stem>_pr.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{stem}.json"
+    png_path = out / f"{stem}_pr.png"
+    _atomic_write_text(json_path, json.dumps(_jsonable(result), indent=2) + "\n")
+    label = f"OPQN {result['bits']}-bit"
+    plot_pr_curves([(label, result["pr_curve"])], png_path,
+                   title=f"{result.get('dataset', '')}: precision-recall")
+    return json_path, png_path
+
+
+def plot_pr_curves(curves: Sequence[tuple[str, dict]], path: str | Path, title: str = "") -> Path:
+    """Plot one or more ``(label, {"precision": [...], "recall": [...]})`` curves to a PNG."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.2), dpi=120)
+    for label, curve in curves:
+        ax.plot(curve["recall"], curve["precision"], label=label, linewidth=1.6)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,249 @@
+"""The OPQN training loop: SGD with step decay, monitoring every few epochs, and atomic
+checkpoints of the last epoch and of the lowest training loss (as the paper kept)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from data.datasets import MONITOR_TOP_K
+from data.loaders import RetrievalSplits, make_loader
+from losses import OPQNLoss
+from models import OPQN, OPQNConfig
+
+from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
+                         restore_rng_state, save_checkpoint)
+from .evaluation import evaluate_model
+from .logger import get_logger
+from .runtime import DistInfo
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation and bookkeeping settings of one training run."""
+
+    epochs: int
+    lr: float = 0.1
+    lr_step: int = 35
+    lr_decay: float = 0.5
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    workers: int = 2
+    seed: int = 0
+    eval_every: int = 5
+    monitor_k: int = MONITOR_TOP_K
+    best_path: Path = Path("checkpoint/model.tar")
+    last_path: Path = Path("checkpoint/model.last.tar")
+    resume: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["best_path"], data["last_path"] = str(self.best_path), str(self.last_path)
+        return data
+
+
+class OPQNTrainingModule(nn.Module):
+    """Model and loss head in one module, so that DDP synchronises both."""
+
+    def __init__(self, model: OPQN, criterion: OPQNLoss) -> None:
+        super().__init__()
+        self.model, self.criterion = model, criterion
+
+    def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        sub, soft, probs = self.model.quantizer(self.model(images))
+        return self.criterion(sub, soft, probs, labels)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    history: list = field(default_factory=list)
+
+
+def build_criterion(config: OPQNConfig) -> OPQNLoss:
+    return OPQNLoss(config.num_classes, config.num_books, config.word_dim, config.margin,
+                    config.scale, config.miu)
+
+
+def checkpoint_state(config: OPQNConfig, model: OPQN, criterion: OPQNLoss,
+                     optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
+                     settings: TrainSettings, classes: list[str]) -> dict:
+    """Everything needed to evaluate or resume, as plain tensors and primitives."""
+    return {
+        "config": config.to_dict(),
+        "backbone": model.backbone.state_dict(),
+        "quantizer": model.quantizer.state_dict(),
+        "class_weights": criterion.state_dict(),
+        "epoch": state.epoch,
+        "best_loss": state.best_loss,
+        "best_epoch": state.best_epoch,
+        "history": list(state.history),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": capture_rng_state(),
+        "train_settings": settings.to_dict(),
+        "classes": list(classes),
+    }
+
+
+def load_model(checkpoint: dict, device: torch.device) -> OPQN:
+    """Rebuild the model of a checkpoint dict (from :func:`load_checkpoint`)."""
+    config = OPQNConfig.from_dict(checkpoint["config"])
+    model = OPQN(config)
+    try:
+        model.backbone.load_state_dict(checkpoint["backbone"])
+        model.quantizer.load_state_dict(checkpoint["quantizer"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint weights do not match its configuration: "
+                              f"{str(exc).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Every epoch draws from its own seed, so a resumed run repeats an uninterrupted one.
+    return (seed * 1_000_003 + epoch * 7919) % 2**62
+
+
+def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
+          device: torch.device, dist_info: DistInfo = DistInfo()) -> TrainState:
+    """Train one OPQN model; returns the final bookkeeping state.
+
+    Saves ``settings.last_path`` every epoch and ``settings.best_path`` whenever the mean
+    training loss improves (rank 0 only). Raises :class:`TrainingDiverged` on a NaN/inf loss,
+    leaving the last good checkpoints in place.
+    """
+    log = get_logger()
+    torch.manual_seed(settings.seed)
+    model = OPQN(config).to(device)
+    criterion = build_criterion(config).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    module = OPQNTrainingModule(model, criterion)
+    optimizer = torch.optim.SGD(module.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.lr_step, settings.lr_decay)
+    state = TrainState()
+
+    if settings.resume:
+        ckpt = load_checkpoint(settings.last_path, map_location=device)
+        model.backbone.load_state_dict(ckpt["backbone"])
+        model.quantizer.load_state_dict(ckpt["quantizer"])
+        criterion.load_state_dict(ckpt["class_weights"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        restore_rng_state(ckpt["rng"])
+        state = TrainState(int(ckpt["epoch"]), float(ckpt["best_loss"]),
+                           int(ckpt["best_epoch"]), list(ckpt["history"]))
+        log.info("resumed from epoch %d (%s)", state.epoch, settings.last_path)
+
+    train_module: nn.Module = module
+    sampler = None
+    if dist_info.distributed:
+        train_module = DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
+        sampler = DistributedSampler(splits.train, dist_info.world_size, dist_info.rank,
+                                     shuffle=True, seed=settings.seed, drop_last=True)
+    per_rank_batch = max(1, settings.batch_size // dist_info.world_size)
+    use_amp = device.type == "cuda"
+    eval_loaders = None
+    classes = list(splits.train.classes)
+
+    epochs = tqdm(range(state.epoch, settings.epochs), desc="epochs", initial=state.epoch,
+                  total=settings.epochs, disable=not (settings.progress and dist_info.is_main))
+    for epoch in epochs:
+        torch.manual_seed(_epoch_seed(settings.seed, epoch))
+        generator = torch.Generator().manual_seed(_epoch_seed(settings.seed, epoch))
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = make_loader(splits.train, per_rank_batch, settings.workers, device,
+                             shuffle=True, generator=generator, sampler=sampler, drop_last=True)
+        train_module.train()
+        start = time.perf_counter()
+        total = torch.zeros(4, device=device, dtype=torch.float64)  # loss, ce_x, ce_s, entropy
+        seen = 0
+        batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
+                       disable=not (settings.progress and dist_info.is_main))
+        for step, batch in enumerate(batches):
+            if batch is None:
+                continue
+            images, labels = batch
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if use_amp:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, parts = train_module(images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = labels.shape[0]
+            total += n * torch.stack([loss.detach(), parts["ce_x"], parts["ce_s"],
+                                      parts["entropy"]]).double()
+            seen += n
+            if step % 20 == 0:
+                batches.set_postfix(loss=f"{total[0].item() / seen:.4f}")
+        if dist_info.distributed:
+            counts = torch.tensor([seen], device=device, dtype=torch.float64)
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(counts)
+            seen = int(counts.item())
+        if seen == 0:
+            raise RuntimeError("no training batch could be read in this epoch")
+        means = (total / seen).tolist()
+        mean_loss = means[0]
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(
+                f"training loss became {mean_loss} at epoch {epoch + 1}; stopped. The last "
+                f"good checkpoint is {settings.last_path} (try a lower --lr)")
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        state.epoch = epoch + 1
+        record = {"epoch": state.epoch, "loss": mean_loss, "ce_x": means[1], "ce_s": means[2],
+                  "entropy": means[3], "lr": lr, "seconds": time.perf_counter() - start}
+        improved = mean_loss < state.best_loss
+        if improved:
+            state.best_loss, state.best_epoch = mean_loss, state.epoch
+
+        if settings.eval_every and state.epoch % settings.eval_every == 0 and dist_info.is_main:
+            if eval_loaders is None:
+                eval_loaders = (
+                    make_loader(splits.gallery, settings.batch_size, settings.workers, device),
+                    make_loader(splits.queries, settings.batch_size, settings.workers, device))
+            result, _, _ = evaluate_model(model, *eval_loaders, device, k=settings.monitor_k,
+                                          progress=settings.progress)
+            record["monitor_mAP"] = result["mAP"]
+            record[f"monitor_precision_at_{settings.monitor_k}"] = result["precision_at_k"]
+        state.history.append(record)
+
+        line = (f"epoch {state.epoch}/{settings.epochs}  loss {mean_loss:.4f} (ce_x {means[1]:.3f}"
+                f" ce_s {means[2]:.3f} H {means[3]:.3f})  lr {lr:.4g}  {record['seconds']:.1f}s")
+        if "monitor_mAP" in record:
+            line += (f"  [monitor] mAP {100 * record['monitor_mAP']:.2f}%  "
+                     f"P@{settings.monitor_k} "
+                     f"{100 * record[f'monitor_precision_at_{settings.monitor_k}']:.2f}%")
+        if dist_info.is_main:
+            log.info(line)
+            ckpt = checkpoint_state(config, model, criterion, optimizer, scheduler, state,
+                                    settings, classes)
+            if improved:
+                save_checkpoint(ckpt, settings.best_path)
+            save_checkpoint(ckpt, settings.last_path)
+        epochs.set_postfix(loss=f"{mean_loss:.4f}")
+    epochs.close()
+    return state

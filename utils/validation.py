@@ -1,0 +1,138 @@
+"""Checks of the command line, done before any work so that bad input costs nothing."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.datasets import IMAGE_EXTENSIONS
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message is one line naming the flag and the value."""
+
+
+@dataclass
+class CodeSpec:
+    """One model of a run: its code configuration and checkpoint name."""
+
+    bits: int | None
+    num_books: int | None
+    num_words: int | None
+    name: str | None = None  # --save or --load entry
+
+
+def is_power_of_two(value: int) -> bool:
+    return value >= 2 and value & (value - 1) == 0
+
+
+def _check_positive(flag: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number, got {value}")
+    if value <= 0:
+        raise UsageError(f"{flag} must be positive, got {value}")
+
+
+def _check_list(flag: str, values: list[int] | None) -> None:
+    for value in values or []:
+        _check_positive(flag, value)
+
+
+def _complete_spec(bits: int | None, books: int | None, words: int | None,
+                   name: str | None) -> CodeSpec:
+    """Fill the one value of (L, M, K) that can be derived, and check L = M * log2 K."""
+    if words is not None and not is_power_of_two(words):
+        raise UsageError(f"--words must be a power of two (2, 4, ..., 256), got {words}")
+    if bits is not None and books is not None and words is None:
+        if bits % books:
+            raise UsageError(f"--len {bits} is not a multiple of --num {books}")
+        words = 2 ** (bits // books)
+        if bits // books > 16:
+            raise UsageError(f"--len {bits} with --num {books} gives {bits // books} bits per "
+                             f"codebook (at most 16 are supported)")
+    elif bits is not None and words is not None and books is None:
+        per_book = int(math.log2(words))
+        if bits % per_book:
+            raise UsageError(f"--len {bits} is not a multiple of log2(--words {words}) = {per_book}")
+        books = bits // per_book
+    elif books is not None and words is not None and bits is None:
+        bits = books * int(math.log2(words))
+    if bits is not None and books is not None and words is not None:
+        expected = books * int(math.log2(words))
+        if bits != expected:
+            raise UsageError(f"--len {bits} does not match --num {books} x log2(--words {words}) "
+                             f"= {expected} bits")
+    return CodeSpec(bits, books, words, name)
+
+
+def code_specs(lengths: list[int] | None, books: list[int] | None, words: list[int] | None,
+               names: list[str] | None, names_flag: str, require_codes: bool) -> list[CodeSpec]:
+    """Pair up the parallel lists ``--len/--num/--words/--save|--load`` into models.
+
+    With ``require_codes`` (training) every model needs a complete code configuration;
+    otherwise (evaluation) missing values are later taken from the checkpoint.
+    """
+    _check_list("--len", lengths)
+    _check_list("--num", books)
+    _check_list("--words", words)
+    given = {flag: vals for flag, vals in
+             (("--len", lengths), ("--num", books), ("--words", words), (names_flag, names))
+             if vals}
+    sizes = {len(v) for v in given.values()}
+    if len(sizes) > 1:
+        detail = ", ".join(f"{flag} has {len(v)}" for flag, v in given.items())
+        raise UsageError(f"--len/--num/--words/{names_flag} need one entry per model: {detail}")
+    count = sizes.pop() if sizes else 0
+    if count == 0:
+        raise UsageError("give the code configuration: --len and --num (and --words), "
+                         "e.g. --len 36 --num 6 --words 64")
+    specs = []
+    for i in range(count):
+        pick = lambda vals: vals[i] if vals else None  # noqa: E731
+        spec = _complete_spec(pick(lengths), pick(books), pick(words), pick(names))
+        if require_codes and None in (spec.bits, spec.num_books, spec.num_words):
+            raise UsageError("training needs two of --len, --num and --words for each model, "
+                             "e.g. --len 36 --num 6 --words 64")
+        specs.append(spec)
+    return specs
+
+
+def check_hyperparameters(lr: float, batch_size: int, epochs: int | None, margin: float,
+                          miu: float, workers: int | None) -> None:
+    _check_positive("--lr", lr)
+    _check_positive("--bs", batch_size)
+    _check_positive("--epochs", epochs)
+    if not math.isfinite(margin):
+        raise UsageError(f"--margin must be a finite number, got {margin}")
+    if not math.isfinite(miu):
+        raise UsageError(f"--miu must be a finite number, got {miu}")
+    if miu < 0:
+        raise UsageError(f"--miu must be zero or positive, got {miu}")
+    if workers is not None and workers < 0:
+        raise UsageError(f"--workers must be zero or positive, got {workers}")
+
+
+def check_feature_dim(feature_dim: int, num_books: int, num_words: int) -> None:
+    """D must split into M sub-vectors of dimension d >= K (orthonormal codewords)."""
+    if feature_dim <= 0 or feature_dim % num_books:
+        raise UsageError(f"--feature-dim {feature_dim} must be a positive multiple of "
+                         f"--num {num_books}")
+    word_dim = feature_dim // num_books
+    if num_words > word_dim:
+        raise UsageError(f"--words {num_words} exceeds the sub-vector dimension "
+                         f"{feature_dim}/{num_books} = {word_dim}: at most {word_dim} orthonormal "
+                         f"codewords fit (use --feature-dim {num_books * num_words} or more)")
+
+
+def check_split_dir(path: Path, role: str) -> None:
+    """A split folder must exist and hold identity sub-folders with images."""
+    layout = (f"expected layout: {path.parent}/{{train,test}}/<identity>/<image>.jpg "
+              f"(build it with: python -m data.prepare RAW_DIR --name {path.parent.name})")
+    if not path.is_dir():
+        raise UsageError(f"{role} folder not found: {path} ({layout})")
+    for entry in path.iterdir():
+        if entry.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in entry.iterdir()):
+            return
+    raise UsageError(f"{role} folder has no identity folders with images: {path} ({layout})")
