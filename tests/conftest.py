@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny synthface dataset, generated once per test session."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# What `--synthface-identities 6 --synthface-images 6` asks for (see utils.pipeline).
+TINY_SYNTHFACE = ["--synthface-identities", "6", "--synthface-images", "6"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    from data.synthface import ensure_synthface
+
+    data_dir = tmp_path_factory.mktemp("data")
+    ensure_synthface(data_dir, num_identities=6, train_per_identity=6, cross_identities=3,
+                     progress=False)
+    return data_dir
+
+
+@pytest.fixture
+def run_cli(tmp_path, monkeypatch):
+    """Run ``opqn_main.main`` in-process inside ``tmp_path``; returns (exit code, out, err)."""
+    import opqn_main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv: str, capsys=None) -> int:
+        try:
+            return opqn_main.main(list(argv))
+        except SystemExit as exc:  # argparse errors
+            return int(exc.code)
+
+    return run

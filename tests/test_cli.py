@@ -1,0 +1,86 @@
+"""End to end: train on a tiny synthface through the CLI, then evaluate with -e."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_SYNTHFACE
+
+COMMON = ["--dataset", "synthface", "--bs", "12", "--workers", "0", "--no-progress",
+          "--seed", "1"]
+
+
+def test_train_then_evaluate(tiny_data_dir, run_cli, tmp_path):
+    code = run_cli(*COMMON, "--data-dir", str(tiny_data_dir), *TINY_SYNTHFACE, "--len", "12",
+                   "--num", "2", "--words", "64", "--epochs", "30", "--eval-every", "15",
+                   "--save", "tiny.tar")
+    assert code == 0
+    assert (tmp_path / "checkpoint" / "tiny.tar").is_file()
+    assert (tmp_path / "checkpoint" / "tiny.last.tar").is_file()
+    assert list((tmp_path / "log").glob("tiny_*.txt"))
+    trained = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert (tmp_path / "results" / "tiny_pr.png").stat().st_size > 1000
+
+    code = run_cli("-e", *COMMON, "--data-dir", str(tiny_data_dir), *TINY_SYNTHFACE,
+                   "--load", "tiny.tar", "--len", "12", "--out", "eval")
+    assert code == 0
+    result = json.loads((tmp_path / "eval" / "tiny_on_synthface.json").read_text())
+    for key in ("mAP", "precision_at_k", "k", "pr_curve", "bits", "num_books", "num_words",
+                "dataset", "num_queries", "num_database", "encode_seconds", "search_seconds",
+                "recall_at_k", "skipped_queries", "ties"):
+        assert key in result, key
+    assert (result["bits"], result["num_books"], result["num_words"]) == (12, 2, 64)
+    assert result["num_queries"] == 6 * 5 and result["num_database"] == 6 * 6
+    assert result["k"] == 5 and result["dataset"] == "synthface"
+    assert len(result["pr_curve"]["precision"]) == len(result["pr_curve"]["recall"]) > 2
+    assert math.isfinite(result["mAP"])
+    # Chance level: the expected mAP of a random ranking (all scores tied).
+    from utils.retrieval import evaluate_adc
+
+    labels = torch.arange(6).repeat_interleave(6)
+    chance = evaluate_adc(torch.zeros(30, 2, 64), torch.zeros(36, 2, dtype=torch.uint8),
+                          torch.arange(6).repeat_interleave(5), labels)["mAP"]
+    assert result["mAP"] > chance + 0.1
+    assert result["mAP"] == pytest.approx(trained["mAP"], abs=1e-6)
+
+
+def test_multiple_models_get_one_combined_plot(tiny_data_dir, run_cli, tmp_path):
+    args = [*COMMON, "--data-dir", str(tiny_data_dir), *TINY_SYNTHFACE, "--epochs", "1",
+            "--eval-every", "0"]
+    assert run_cli(*args, "--len", "8", "12", "--num", "2", "2", "--save", "a.tar", "b.tar") == 0
+    assert run_cli("-e", *args, "--load", "a.tar", "b.tar") == 0
+    assert (tmp_path / "results" / "synthface_pr_curves.png").is_file()
+    assert (tmp_path / "results" / "a_on_synthface.json").is_file()
+    assert (tmp_path / "results" / "b_on_synthface.json").is_file()
+
+
+def test_runs_on_cpu_without_cuda(tmp_path):
+    script = (
+        "import torch, sys; sys.path.insert(0, %r)\n"
+        "assert not torch.cuda.is_available()\n"
+        "from models import OPQN, OPQNConfig; from losses import OPQNLoss\n"
+        "from utils.runtime import resolve_device\n"
+        "assert resolve_device('auto').type == 'cpu'\n"
+        "cfg = OPQNConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3, width=4)\n"
+        "m = OPQN(cfg); l = OPQNLoss(3, 2, 32)\n"
+        "sub, soft, p = m.quantizer(m(torch.randn(4, 3, 32, 32)))\n"
+        "loss, _ = l(sub, soft, p, torch.tensor([0, 1, 2, 0])); loss.backward()\n"
+        "print('ok', loss.item())\n" % str(REPO))
+    env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok")
+
+
+def test_help_lists_the_original_flags():
+    out = subprocess.run([sys.executable, str(REPO / "opqn_main.py"), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for flag in ("--lr", "--evaluate", "--cross-dataset", "--bs", "--save", "--load", "--len",
+                 "--num", "--words", "--dataset", "--margin", "--miu", "--data-dir", "--epochs",
+                 "--device", "--seed", "--workers", "--out", "--resume"):
+        assert flag in out.stdout, flag
