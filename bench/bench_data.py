@@ -66,7 +66,7 @@ def loader_rate(dataset, batch: int, workers: int, epochs: int, collate=None) ->
                         drop_last=False, collate_fn=collate, persistent_workers=workers > 0)
     seen, start = 0, None
     for _ in range(epochs):
-        for images, _labels in loader:
+        for images, *_rest in loader:
             if start is None:
                 start = time.perf_counter()  # clock starts once the pipeline is running
                 continue

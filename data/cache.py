@@ -345,12 +345,23 @@ class CachedImageDataset(Dataset):
     uint8 images for fully batched pipelines.
     """
 
-    def __init__(self, cache: DecodedCache, transform: Callable | None = None) -> None:
+    def __init__(self, cache: DecodedCache, transform: Callable | None = None,
+                 class_to_idx: dict[str, int] | None = None) -> None:
         self.cache = cache
         self.transform = transform
         self.classes = cache.classes
-        self.class_to_idx = cache.class_to_idx
-        self.targets = cache.targets
+        if class_to_idx is None:
+            self.class_to_idx = cache.class_to_idx
+            self._labels = cache.labels
+        else:
+            # Queries reuse the gallery's labels; identities it lacks get new ones.
+            mapping = dict(class_to_idx)
+            for name in cache.classes:
+                mapping.setdefault(name, len(mapping))
+            self.class_to_idx = mapping
+            remap = np.array([mapping[name] for name in cache.classes], dtype=np.int64)
+            self._labels = remap[cache.labels] if len(cache.labels) else cache.labels
+        self.targets = self._labels.tolist()
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -360,7 +371,7 @@ class CachedImageDataset(Dataset):
         image = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
         if self.transform is not None:
             image = self.transform(image)
-        return image, int(self.cache.labels[index])
+        return image, int(self._labels[index])
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Untransformed batch: uint8 ``(B, 3, S, S)`` images and int64 ``(B,)`` labels."""
@@ -369,7 +380,7 @@ class CachedImageDataset(Dataset):
         batch = np.empty((len(idx), self.cache.size, self.cache.size, 3), dtype=np.uint8)
         batch[order] = self.cache.images[idx[order]]
         images = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
-        return images, torch.from_numpy(self.cache.labels[idx])
+        return images, torch.from_numpy(self._labels[idx])
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, int]]:
         images, labels = self.get_batch(indices)

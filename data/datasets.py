@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from PIL import Image
@@ -30,6 +30,8 @@ class DatasetPreset:
     scale: float = 20.0
     top_k: int = 5  # k of precision@k in the final evaluation
     width: int = 64
+    batch_size: int = 256
+    cache: bool = False  # read from the pre-decoded uint8 cache by default
 
 
 PRESETS: dict[str, DatasetPreset] = {
@@ -38,7 +40,7 @@ PRESETS: dict[str, DatasetPreset] = {
     "cfw": DatasetPreset(),
     "vggface2": DatasetPreset(input_size=112, epochs=160, lr_step=20, scale=40.0, top_k=10),
     # Built-in procedural faces: sized so that the main job finishes on a 2-core CPU.
-    "synthface": DatasetPreset(epochs=30, lr_step=10, width=16),
+    "synthface": DatasetPreset(epochs=30, lr_step=10, width=16, batch_size=64, cache=True),
 }
 # Cross-dataset training (-c) uses the VGGFace2 protocol at 112x112.
 CROSS_PRESET = PRESETS["vggface2"]
@@ -52,7 +54,8 @@ def dataset_preset(name: str, cross: bool = False) -> DatasetPreset:
         if name == "synthface":
             base = PRESETS["synthface"]
             return DatasetPreset(input_size=112, epochs=base.epochs, lr_step=base.lr_step,
-                                 scale=40.0, top_k=base.top_k, width=base.width)
+                                 scale=40.0, top_k=base.top_k, width=base.width,
+                                 batch_size=base.batch_size, cache=base.cache)
         return CROSS_PRESET
     return PRESETS.get(name.lower(), DatasetPreset())
 
@@ -83,12 +86,20 @@ def find_images(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     return classes, samples
 
 
+class BrokenImage(NamedTuple):
+    """Stands in for a sample whose file could not be decoded."""
+
+    path: str
+    reason: str
+
+
 class FaceFolder(Dataset):
     """Identity-per-folder image dataset with per-sample transforms.
 
-    ``__getitem__`` returns ``(image, label)``, or ``None`` for an image that fails to
-    decode: it is reported once by path and :func:`collate_skip_broken` drops it, so a bad
-    file never stops an epoch.
+    ``__getitem__`` returns ``(image, label)``, or a :class:`BrokenImage` for a file that
+    fails to decode: :func:`collate_skip_broken` takes it out of the batch and
+    :func:`report_broken` (in the main process) reports it once and excludes it from later
+    epochs, so a bad file never stops an epoch.
 
     Args:
         root: folder holding one sub-folder per identity.
@@ -109,7 +120,6 @@ class FaceFolder(Dataset):
         self.class_to_idx = mapping
         self.samples = [(path, mapping[name]) for path, name in samples]
         self.targets = [label for _path, label in self.samples]
-        self._reported: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -119,22 +129,45 @@ class FaceFolder(Dataset):
         try:
             with Image.open(path) as img:
                 image = img.convert("RGB")
-        except Exception as exc:  # corrupt or unreadable image: skip it, keep the epoch
-            if path not in self._reported:
-                self._reported.add(path)
-                log.warning("skipping unreadable image %s (%s)", path, exc)
-            return None
+        except Exception as exc:  # corrupt or unreadable: skip the sample, keep the epoch
+            return BrokenImage(path, f"{type(exc).__name__}: {exc}")
         if self.transform is not None:
             image = self.transform(image)
         return image, label
 
+    def exclude(self, paths: set[str]) -> None:
+        """Drop samples by path (files found unreadable)."""
+        self.samples = [s for s in self.samples if s[0] not in paths]
+        self.targets = [label for _path, label in self.samples]
 
-def collate_skip_broken(batch: Sequence):
-    """``default_collate`` that drops the ``None`` entries of unreadable images."""
-    batch = [item for item in batch if item is not None]
-    if not batch:
-        return None
-    return default_collate(batch)
+
+class Batch(NamedTuple):
+    """A collated batch: images ``(B, 3, S, S)``, int64 labels ``(B,)`` and the files of the
+    batch that failed to decode (left out of it)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    broken: list
+
+
+def collate_skip_broken(batch: Sequence) -> Batch:
+    """Collate the readable samples; broken ones go to ``Batch.broken``."""
+    broken = [item for item in batch if isinstance(item, BrokenImage)]
+    good = [item for item in batch if not isinstance(item, BrokenImage)]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), broken)
+    images, labels = default_collate(good)
+    return Batch(images, labels, broken)
+
+
+def report_broken(dataset: Dataset, broken: Sequence[BrokenImage]) -> None:
+    """Warn once per unreadable file and exclude it from the dataset's later epochs."""
+    if not broken:
+        return
+    for item in broken:
+        log.warning("skipping unreadable image %s (%s)", item.path, item.reason)
+    if hasattr(dataset, "exclude"):
+        dataset.exclude({item.path for item in broken})
 
 
 def labels_tensor(dataset: Dataset) -> torch.Tensor:

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .cache import CachedImageDataset, open_cache
 from .datasets import FaceFolder, collate_skip_broken
-from .transforms import build_transform
+from .transforms import build_transform, stored_size
 
 
 @dataclass
@@ -27,8 +28,24 @@ class RetrievalSplits:
 
 
 def build_splits(train_dir: str | Path, test_dir: str | Path, input_size: int,
-                 with_train: bool = True) -> RetrievalSplits:
-    """Datasets for one train/test folder pair at ``input_size`` (32 or 112)."""
+                 with_train: bool = True, cache: bool = False,
+                 progress: bool = True) -> RetrievalSplits:
+    """Datasets for one train/test folder pair at ``input_size`` (32 or 112).
+
+    With ``cache`` the images are decoded and resized once into a uint8 memory map beside
+    each split (:mod:`data.cache`), rebuilt when the split changes, and read from there.
+    """
+    if cache:
+        size = stored_size(input_size)
+        train_cache = open_cache(train_dir, size, progress=progress)
+        test_cache = open_cache(test_dir, size, progress=progress)
+        test_tf = build_transform(input_size, train=False, resized=True)
+        gallery = CachedImageDataset(train_cache, test_tf)
+        queries = CachedImageDataset(test_cache, test_tf, class_to_idx=gallery.class_to_idx)
+        train = CachedImageDataset(
+            train_cache, build_transform(input_size, train=True, resized=True)) \
+            if with_train else gallery
+        return RetrievalSplits(train, gallery, queries)
     test_tf = build_transform(input_size, train=False)
     gallery = FaceFolder(train_dir, test_tf)
     queries = FaceFolder(test_dir, test_tf, class_to_idx=gallery.class_to_idx)

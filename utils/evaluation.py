@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data.datasets import report_broken
 from models import OPQN
 
 from .retrieval import evaluate_adc
@@ -32,9 +33,10 @@ def extract_features(model: OPQN, loader: DataLoader, device: torch.device,
     autocast = device.type == "cuda"
     try:
         for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-            if batch is None:  # every image of the batch failed to decode
+            report_broken(loader.dataset, batch.broken)
+            if batch.labels.numel() == 0:  # every image of the batch failed to decode
                 continue
-            images, targets = batch
+            images, targets = batch.images, batch.labels
             images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model(images)

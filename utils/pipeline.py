@@ -11,9 +11,9 @@ import torch
 
 from data.datasets import dataset_preset, split_dirs
 from data.loaders import RetrievalSplits, build_splits, make_loader
-from models import OPQNConfig, choose_feature_dim
+from models import OPQN, OPQNConfig, choose_feature_dim
 
-from .checkpoint import checkpoint_path, load_checkpoint
+from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .evaluation import evaluate_model
 from .logger import get_logger, setup_logging
 from .reporting import plot_pr_curves, summary_line, write_result
@@ -22,6 +22,8 @@ from .training import TrainSettings, load_model, train
 from .validation import CodeSpec, UsageError, check_feature_dim, check_split_dir
 
 REQUIRED_KEYS = ("config", "backbone", "quantizer")
+RESUME_KEYS = REQUIRED_KEYS + ("class_weights", "epoch", "best_loss", "best_epoch", "history",
+                               "optimizer", "scheduler", "rng")
 
 
 def default_workers() -> int:
@@ -47,6 +49,10 @@ def _prepare_folders(args: argparse.Namespace, cross_train: bool) -> tuple[Path,
     return train_dir, test_dir
 
 
+def _use_cache(args: argparse.Namespace, preset) -> bool:
+    return preset.cache if args.cache is None else args.cache
+
+
 def _result_metadata(config: OPQNConfig, args: argparse.Namespace, device: torch.device) -> dict:
     return {
         "dataset": args.dataset,
@@ -69,8 +75,9 @@ def _evaluate_and_report(model, config: OPQNConfig, splits: RetrievalSplits,
                          args: argparse.Namespace, device: torch.device, k: int, stem: str,
                          extra: dict) -> tuple[dict, tuple]:
     workers = args.workers if args.workers is not None else default_workers()
-    gallery = make_loader(splits.gallery, args.bs, workers, device)
-    queries = make_loader(splits.queries, args.bs, workers, device)
+    batch = args.bs or 256  # inference only: the batch size does not change the codes
+    gallery = make_loader(splits.gallery, batch, workers, device)
+    queries = make_loader(splits.queries, batch, workers, device)
     result, codes, labels = evaluate_model(model, gallery, queries, device, k=k, ties=args.ties,
                                            progress=not args.no_progress)
     result = {**_result_metadata(config, args, device), **extra, **result}
@@ -100,12 +107,16 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
         last = best.with_name(f"{best.stem}.last{best.suffix or '.tar'}")
         if args.resume and not last.is_file():
             raise UsageError(f"--resume: no last checkpoint to resume from: {last}")
+        if args.resume:
+            _check_resumable(spec, {"feature_dim": feature_dim, "width": width,
+                                    "input_size": preset.input_size}, last)
         jobs.append((spec, feature_dim, best, last))
 
     dist_info = init_distributed(args.device)
     try:
         train_dir, test_dir = _prepare_folders(args, cross_train=args.cross_dataset)
-        splits = build_splits(train_dir, test_dir, preset.input_size)
+        splits = build_splits(train_dir, test_dir, preset.input_size,
+                              cache=_use_cache(args, preset), progress=not args.no_progress)
         for spec, feature_dim, best, last in jobs:
             _train_one(args, spec, feature_dim, best, last, splits, preset, width, epochs,
                        source, device, dist_info)
@@ -117,13 +128,14 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
                splits: RetrievalSplits, preset, width: int, epochs: int, source: str,
                device: torch.device, dist_info: DistInfo) -> None:
     stamp = datetime.now().strftime("%m%d%H%M%S")
+    settings_batch = args.bs or preset.batch_size
     log = setup_logging(Path(args.log_dir) / f"{best.stem}_{stamp}.txt", dist_info.is_main)
     config = OPQNConfig(
         num_books=spec.num_books, num_words=spec.num_words, feature_dim=feature_dim,
         num_classes=splits.num_classes, input_size=preset.input_size, width=width,
         margin=args.margin, scale=args.scale or preset.scale, miu=args.miu, dataset=source)
     settings = TrainSettings(
-        epochs=epochs, lr=args.lr, lr_step=preset.lr_step, batch_size=args.bs,
+        epochs=epochs, lr=args.lr, lr_step=preset.lr_step, batch_size=settings_batch,
         workers=args.workers if args.workers is not None else default_workers(),
         seed=args.seed, eval_every=args.eval_every, best_path=best, last_path=last,
         resume=args.resume, progress=not args.no_progress)
@@ -135,7 +147,7 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
              config.num_words, config.feature_dim, config.word_dim, config.input_size,
              config.input_size, config.width, config.margin, config.scale, config.miu)
     log.info("[config] %d epochs, lr %.4g halved every %d, batch %d, seed %d, device %s%s",
-             epochs, args.lr, preset.lr_step, args.bs, args.seed, device,
+             epochs, args.lr, preset.lr_step, settings_batch, args.seed, device,
              f", {dist_info.world_size} processes" if dist_info.distributed else "")
     state = train(config, settings, splits, device, dist_info)
     if not dist_info.is_main:
@@ -162,6 +174,37 @@ def _reconcile(spec: CodeSpec, config: dict, path: Path) -> None:
                              f"{stored['--num']}x{stored['--words']})")
 
 
+def _checked_config(checkpoint: dict, path: Path) -> dict:
+    config = checkpoint["config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path} has no valid config (it holds a "
+                              f"{type(config).__name__})", path)
+    return config
+
+
+def _checked_model(checkpoint: dict, path: Path) -> OPQN:
+    """The checkpoint's model, built on the CPU: its config and weights must agree."""
+    try:
+        return load_model(checkpoint, torch.device("cpu"))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}", path) from None
+    except Exception as exc:  # a config with missing or nonsensical values
+        raise CheckpointError(f"checkpoint {path} holds an invalid model configuration "
+                              f"({type(exc).__name__}: {exc})", path) from None
+
+
+def _check_resumable(spec: CodeSpec, expected: dict, path: Path) -> None:
+    """--resume must continue the same model: its last checkpoint is complete and agrees."""
+    checkpoint = load_checkpoint(path, map_location="cpu", required_keys=RESUME_KEYS)
+    config = _checked_config(checkpoint, path)
+    _reconcile(spec, config, path)
+    for key, value in expected.items():
+        if config.get(key) != value:
+            raise UsageError(f"--resume: {key} {value} of this run contradicts checkpoint "
+                             f"{path}, which holds {key} {config.get(key)}")
+    _checked_model(checkpoint, path)
+
+
 def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torch.device) -> None:
     """Evaluate each checkpoint of --load on --dataset (gallery = train, queries = test)."""
     log = setup_logging(None)
@@ -169,28 +212,30 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
     for spec in specs:  # every checkpoint is checked before any work
         path = checkpoint_path(spec.name, args.checkpoint_dir)
         checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
-        _reconcile(spec, checkpoint["config"], path)
-        loaded.append((path, checkpoint))
+        _reconcile(spec, _checked_config(checkpoint, path), path)
+        # Built on the CPU now, so that weights that do not fit fail before any work.
+        loaded.append((path, checkpoint, _checked_model(checkpoint, path)))
     preset = dataset_preset(args.dataset)
     k = args.topk or preset.top_k
     train_dir, test_dir = _prepare_folders(args, cross_train=False)
     splits_by_size: dict[int, RetrievalSplits] = {}
     curves = []
-    for index, (path, checkpoint) in enumerate(loaded):
+    for index, (path, checkpoint, model) in enumerate(loaded):
         config = OPQNConfig.from_dict(checkpoint["config"])
         if args.cross_dataset and config.input_size != 112:
             log.warning("warning: -c expects a 112x112 cross-dataset model; %s was trained at "
                         "%dx%d", path, config.input_size, config.input_size)
         if config.input_size not in splits_by_size:
             splits_by_size[config.input_size] = build_splits(
-                train_dir, test_dir, config.input_size, with_train=False)
+                train_dir, test_dir, config.input_size, with_train=False,
+                cache=_use_cache(args, preset), progress=not args.no_progress)
         splits = splits_by_size[config.input_size]
         trained_on = set(checkpoint.get("classes", []))
         overlap = len(trained_on & set(splits.gallery.classes))
         if args.cross_dataset and overlap:
             log.warning("warning: %d gallery identities were also training identities of %s; "
                         "the cross-dataset protocol needs disjoint identities", overlap, path)
-        model = load_model(checkpoint, device)
+        model = model.to(device)
         log.info("evaluating %s (%d-bit, %dx%d) on %s", path, config.bits, config.num_books,
                  config.num_words, args.dataset)
         stem = path.stem if (path.stem.startswith(args.dataset) and not args.cross_dataset) \

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from data.datasets import MONITOR_TOP_K
+from data.datasets import MONITOR_TOP_K, report_broken
 from data.loaders import RetrievalSplits, make_loader
 from losses import OPQNLoss
 from models import OPQN, OPQNConfig
@@ -109,8 +109,12 @@ def load_model(checkpoint: dict, device: torch.device) -> OPQN:
         model.backbone.load_state_dict(checkpoint["backbone"])
         model.quantizer.load_state_dict(checkpoint["quantizer"])
     except (KeyError, RuntimeError) as exc:
+        # load_state_dict's first line is only "Error(s) in loading state_dict for X:".
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 and lines[0].endswith(":")
+                  else lines[0] if lines else type(exc).__name__)
         raise CheckpointError(f"checkpoint weights do not match its configuration: "
-                              f"{str(exc).splitlines()[0]}") from None
+                              f"{detail[:300]}") from None
     return model.to(device).eval()
 
 
@@ -180,9 +184,10 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
         batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
                        disable=not (settings.progress and dist_info.is_main))
         for step, batch in enumerate(batches):
-            if batch is None:
+            report_broken(splits.train, batch.broken)
+            if batch.labels.numel() == 0:
                 continue
-            images, labels = batch
+            images, labels = batch.images, batch.labels
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if use_amp:

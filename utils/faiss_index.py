@@ -1,0 +1,156 @@
+"""Export OPQN codes to a FAISS ``IndexPQ`` that scores exactly like OPQN's ADC.
+
+OPQN's codewords are orthonormal: book ``m`` holds ``K`` orthonormal columns
+``codebooks[m, :, k]`` (tensor ``(M, d, K)``).  The soft-quantized query sub-vector
+``s_m = codebooks[m] @ P_m`` therefore has inner product ``P_m[k]`` with codeword ``k``, so an
+``IndexPQ`` with these codewords as centroids and the inner-product metric, queried with the
+concatenated ``s_m``, returns ``sum_m P_m[code_m]``: the OPQN score (up to float rounding).
+
+faiss is imported lazily, so the rest of the project works without it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "build_faiss_index",
+    "soft_quantized_queries",
+    "save_faiss_index",
+    "load_faiss_index",
+    "search_faiss",
+    "pack_codes",
+]
+
+
+def _faiss():
+    try:
+        import faiss  # noqa: WPS433 (lazy on purpose)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "faiss is required for the FAISS export; install it with `pip install faiss-cpu` "
+            "(or faiss-gpu)"
+        ) from exc
+    return faiss
+
+
+def _check_codebooks(codebooks: Tensor) -> Tuple[int, int, int, int]:
+    if not isinstance(codebooks, Tensor) or codebooks.dim() != 3:
+        raise ValueError(f"codebooks must be an (M, d, K) tensor, got {getattr(codebooks, 'shape', type(codebooks))}")
+    m, d, k = codebooks.shape
+    if k < 2 or k & (k - 1):
+        raise ValueError(f"K must be a power of two >= 2 for IndexPQ, got K={k}")
+    return m, d, k, k.bit_length() - 1
+
+
+def pack_codes(codes: Tensor, nbits: int) -> np.ndarray:
+    """Pack ``(N, M)`` codeword indices into FAISS's PQ code layout.
+
+    FAISS writes the ``M`` indices one after another, ``nbits`` bits each, least-significant
+    bit first, into ``ceil(M * nbits / 8)`` bytes per vector.
+
+    Returns:
+        uint8 array ``(N, ceil(M * nbits / 8))``.
+    """
+    c = codes.detach().cpu().numpy().astype(np.int64, copy=False)
+    n, m = c.shape
+    if nbits == 8:
+        return np.ascontiguousarray(c.astype(np.uint8))
+    bits = ((c[:, :, None] >> np.arange(nbits, dtype=np.int64)) & 1).astype(np.uint8)
+    return np.ascontiguousarray(np.packbits(bits.reshape(n, m * nbits), axis=1, bitorder="little"))
+
+
+def build_faiss_index(codebooks: Tensor, codes: Tensor, chunk: int = 1 << 20):
+    """An ``IndexPQ`` (inner product) whose centroids are the codewords, holding ``codes``.
+
+    Args:
+        codebooks: float tensor ``(M, d, K)``; codeword ``k`` of book ``m`` is
+            ``codebooks[m, :, k]``.  ``K`` must be a power of two.
+        codes: integer tensor ``(N, M)`` with values in ``[0, K)`` (uint8 or int64).
+        chunk: codes added per call (bounds the temporary packing memory).
+
+    Returns:
+        ``faiss.IndexPQ`` with ``d = M * d``, ``M`` sub-quantizers, ``nbits = log2 K``,
+        ``METRIC_INNER_PRODUCT`` and ``ntotal = N``; item ids are row indices of ``codes``.
+    """
+    faiss = _faiss()
+    m, d, k, nbits = _check_codebooks(codebooks)
+    if codes.dim() != 2 or codes.shape[1] != m:
+        raise ValueError(f"codes must be (N, {m}), got {tuple(codes.shape)}")
+    if codes.dtype.is_floating_point:
+        raise TypeError("codes must be an integer tensor")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+        raise ValueError(f"code values must lie in [0, {k})")
+    index = faiss.IndexPQ(m * d, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    # faiss stores centroids as (M, ksub, dsub).
+    cent = codebooks.detach().to("cpu", torch.float32).permute(0, 2, 1).contiguous().numpy()
+    faiss.copy_array_to_vector(cent.ravel(), index.pq.centroids)
+    if hasattr(index.pq, "sync_transposed_centroids"):
+        index.pq.sync_transposed_centroids()
+    index.is_trained = True
+    for i in range(0, codes.shape[0], chunk):
+        _append_codes(faiss, index, pack_codes(codes[i : i + chunk], nbits))
+    return index
+
+
+def _append_codes(faiss, index, packed: np.ndarray) -> None:
+    """Append packed PQ codes to ``index`` without re-encoding vectors."""
+    if hasattr(index, "add_sa_codes_c") or hasattr(index, "add_sa_codes"):
+        try:
+            index.add_sa_codes(packed)  # faiss >= 1.7.3 (IndexFlatCodes)
+            return
+        except RuntimeError:  # pragma: no cover - index type without add_sa_codes support
+            pass
+    # Older faiss: write the flat code array directly.  # pragma: no cover
+    old = faiss.vector_to_array(index.codes)
+    faiss.copy_array_to_vector(np.concatenate([old, packed.ravel()]), index.codes)
+    index.ntotal += packed.shape[0]
+
+
+def soft_quantized_queries(tables: Tensor, codebooks: Tensor) -> Tensor:
+    """Soft-quantized query vectors: concat over ``m`` of ``codebooks[m] @ tables[:, m]``.
+
+    Args:
+        tables: float tensor ``(Q, M, K)`` (OPQN: softmax probabilities ``P_m``).
+        codebooks: float tensor ``(M, d, K)``.
+
+    Returns:
+        float tensor ``(Q, M * d)`` on the device of ``tables``.
+    """
+    q, m, k = tables.shape
+    if codebooks.shape[0] != m or codebooks.shape[2] != k:
+        raise ValueError(f"tables {tuple(tables.shape)} do not match codebooks {tuple(codebooks.shape)}")
+    cb = codebooks.to(device=tables.device, dtype=tables.dtype)
+    return torch.einsum("mdk,qmk->qmd", cb, tables).reshape(q, m * codebooks.shape[1])
+
+
+def save_faiss_index(index, path: Union[str, os.PathLike]) -> None:
+    """Write ``index`` to ``path`` with ``faiss.write_index``."""
+    _faiss().write_index(index, os.fspath(path))
+
+
+def load_faiss_index(path: Union[str, os.PathLike]):
+    """Read an index written by ``save_faiss_index``."""
+    return _faiss().read_index(os.fspath(path))
+
+
+def search_faiss(index, tables: Tensor, codebooks: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    """Top-``k`` search of ``index`` with OPQN score tables.
+
+    Args:
+        index: an index from ``build_faiss_index`` (or ``load_faiss_index``).
+        tables: float tensor ``(Q, M, K)``.
+        codebooks: float tensor ``(M, d, K)`` used to build the index.
+        topk: results per query.
+
+    Returns:
+        ``(scores, indices)``: CPU float32 ``(Q, topk)`` (descending) and int64 ``(Q, topk)``;
+        missing results (``topk > ntotal``) have index ``-1``.
+    """
+    x = soft_quantized_queries(tables, codebooks).detach().to("cpu", torch.float32).contiguous().numpy()
+    dist, idx = index.search(x, topk)
+    return torch.from_numpy(dist), torch.from_numpy(idx.astype(np.int64, copy=False))
