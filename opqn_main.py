@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--cross-dataset", action="store_true",
                    help="cross-dataset protocol: train a 112x112 model on vggface2/cross_train; "
                         "with -e, evaluate it on --dataset's unseen identities")
-    p.add_argument("--bs", type=int, default=256, help="batch size (default 256)")
+    p.add_argument("--bs", type=int, help="batch size (default 256; 64 for synthface)")
     p.add_argument("--save", nargs="+", metavar="NAME",
                    help="checkpoint name(s) under --checkpoint-dir, one per model "
                         "(default: <dataset>_<bits>bits.tar)")
@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 5, or 10 for VGGFace2)")
     p.add_argument("--ties", choices=("expected", "stable"), default="expected",
                    help="how tied scores are ranked (default: exact expectation)")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode and resize every image once into a uint8 memory map beside "
+                        "each split (<split>.cache-35/ or .cache-120/), rebuilt when the split "
+                        "changes (default: on for synthface, off otherwise)")
     p.add_argument("--export-faiss", nargs="+", metavar="PATH",
                    help="with -e: write each model's gallery as a faiss IndexPQ file")
     p.add_argument("--synthface-identities", type=int,
@@ -88,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthface only: training images per identity")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (e.g. load_state_dict errors span many)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--topk must be positive, got {args.topk}")
         if args.width is not None and args.width <= 0:
             raise UsageError(f"--width must be positive, got {args.width}")
+        for flag, value in (("--feature-dim", args.feature_dim),
+                            ("--synthface-identities", args.synthface_identities),
+                            ("--synthface-images", args.synthface_images)):
+            if value is not None and value <= 0:  # 0 must not silently mean "the default"
+                raise UsageError(f"{flag} must be positive, got {value}")
         from utils.runtime import resolve_device  # torch import deferred past --help
 
         device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
@@ -110,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("-e/--evaluate needs --load with one checkpoint per model")
             if args.save:
                 raise UsageError("--save is for training; -e evaluates the models in --load")
+            if args.resume:
+                raise UsageError("--resume continues training; -e evaluates the models in --load")
             specs = code_specs(args.len, args.num, args.words, args.load, "--load", False)
             if args.export_faiss and len(args.export_faiss) != len(specs):
                 raise UsageError(f"--export-faiss needs one path per model: got "
@@ -127,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_training(args, specs, device)
     except (UsageError, DeviceError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except CheckpointError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2 if "not found" in str(exc) else 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -140,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from utils.training import TrainingDiverged
 
-        detail = str(exc) if isinstance(exc, TrainingDiverged) else f"{type(exc).__name__}: {exc}"
+        detail = _one_line(exc)
+        if not isinstance(exc, TrainingDiverged):
+            detail = f"{type(exc).__name__}: {detail}"
         print(f"{PROG}: error: {detail} (set OPQN_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
     return 0

@@ -25,10 +25,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
+        if name != "cuda" and not name[5:].isdecimal():
+            raise DeviceError(f"--device {name!r}: unknown device (choose auto, cpu, cuda or "
+                              f"cuda:N)")
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {name}: CUDA is not available on this machine "
                               f"(use --device cpu or auto)")
-        index = local_rank if name == "cuda" else int(name.split(":", 1)[1] or 0)
+        index = local_rank if name == "cuda" else int(name[5:])
         if index >= torch.cuda.device_count():
             raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
         return torch.device("cuda", index)

@@ -44,7 +44,10 @@ def _complete_spec(bits: int | None, books: int | None, words: int | None,
                    name: str | None) -> CodeSpec:
     """Fill the one value of (L, M, K) that can be derived, and check L = M * log2 K."""
     if words is not None and not is_power_of_two(words):
-        raise UsageError(f"--words must be a power of two (2, 4, ..., 256), got {words}")
+        raise UsageError(f"--words must be a power of two (2, 4, 8, ...), got {words}")
+    if words is not None and words > 2 ** 16:
+        raise UsageError(f"--words {words} is too large: at most 16 bits per codebook "
+                         f"(--words {2 ** 16}) are supported")
     if bits is not None and books is not None and words is None:
         if bits % books:
             raise UsageError(f"--len {bits} is not a multiple of --num {books}")
@@ -55,7 +58,8 @@ def _complete_spec(bits: int | None, books: int | None, words: int | None,
     elif bits is not None and words is not None and books is None:
         per_book = int(math.log2(words))
         if bits % per_book:
-            raise UsageError(f"--len {bits} is not a multiple of log2(--words {words}) = {per_book}")
+            raise UsageError(f"--len {bits} is not a multiple of log2(--words {words}) = "
+                             f"{per_book}")
         books = bits // per_book
     elif books is not None and words is not None and bits is None:
         bits = books * int(math.log2(words))
@@ -122,14 +126,20 @@ def check_feature_dim(feature_dim: int, num_books: int, num_words: int) -> None:
     word_dim = feature_dim // num_books
     if num_words > word_dim:
         raise UsageError(f"--words {num_words} exceeds the sub-vector dimension "
-                         f"{feature_dim}/{num_books} = {word_dim}: at most {word_dim} orthonormal "
-                         f"codewords fit (use --feature-dim {num_books * num_words} or more)")
+                         f"d = --feature-dim {feature_dim} / --num {num_books} = {word_dim}: at "
+                         f"most {word_dim} orthonormal codewords fit (use --feature-dim "
+                         f"{num_books * num_words} or more)")
 
 
 def check_split_dir(path: Path, role: str) -> None:
     """A split folder must exist and hold identity sub-folders with images."""
-    layout = (f"expected layout: {path.parent}/{{train,test}}/<identity>/<image>.jpg "
-              f"(build it with: python -m data.prepare RAW_DIR --name {path.parent.name})")
+    cross = path.name.startswith("cross_")
+    splits = "cross_train,cross_test" if cross else "train,test"
+    protocol = " --protocol cross --exclude-identities IDS" if cross else ""
+    layout = (f"expected layout: {path.parent}/{{{splits}}}/<identity>/<image>.jpg "
+              f"(build it with: python -m data.prepare RAW_DIR --data-dir {path.parent.parent} "
+              f"--name {path.parent.name}"
+              f"{protocol})")
     if not path.is_dir():
         raise UsageError(f"{role} folder not found: {path} ({layout})")
     for entry in path.iterdir():

@@ -1,0 +1,259 @@
+"""Safe, resumable checkpoints: a run killed with SIGKILL resumes to exactly the result of
+an uninterrupted one, checkpoints load with ``weights_only=True``, a NaN/inf loss stops
+the run with the last good checkpoint intact, and ``--resume`` refuses what it cannot
+continue."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_SYNTHFACE
+from losses.opqn_loss import OPQNLoss
+from utils.checkpoint import load_checkpoint
+
+PROG = "opqn_main.py: error: "
+EPOCHS = 6
+COMMON = ["--dataset", "synthface", *TINY_SYNTHFACE, "--len", "12", "--num", "2", "--words",
+          "64", "--bs", "12", "--workers", "0", "--eval-every", "0", "--no-progress",
+          "--device", "cpu", "--seed", "3"]
+# One torch thread: faster on two shared cores, and the same reductions in every process.
+ENV = {**{k: v for k, v in os.environ.items() if k != "OPQN_DEBUG"},
+       "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+RESUME_KEYS = ("config", "backbone", "quantizer", "class_weights", "epoch", "optimizer",
+               "scheduler", "rng", "best_loss")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def no_debug(monkeypatch):
+    monkeypatch.delenv("OPQN_DEBUG", raising=False)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data_dir, tmp_path_factory) -> Path:
+    """A real 2-epoch training run (in-process); returns its last checkpoint."""
+    import opqn_main
+
+    root = tmp_path_factory.mktemp("trained")
+    code = opqn_main.main([*COMMON, "--data-dir", str(tiny_data_dir), "--epochs", "2",
+                           "--save", str(root / "run.tar"), "--log-dir", str(root / "log"),
+                           "--out", str(root / "results")])
+    assert code == 0
+    return root / "run.last.tar"
+
+
+def one_line_error(capsys, *fragments: str) -> str:
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith(PROG), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- SIGKILL + resume
+
+
+def _start(cwd: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
+    cwd.mkdir()
+    out = open(cwd / "stdout.txt", "w")
+    try:
+        return subprocess.Popen([sys.executable, str(REPO / "opqn_main.py"), *COMMON,
+                                 "--data-dir", str(data_dir), *extra],
+                                cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
+    finally:
+        out.close()  # the child holds its own copy
+
+
+def _wait_for_epoch(proc: subprocess.Popen, path: Path, epoch: int, timeout: float) -> None:
+    """Poll ``path`` (replaced atomically each epoch) until it holds ``epoch`` or later."""
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"training ended (exit {proc.returncode}) before epoch {epoch}")
+        try:
+            stamp = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            stamp = None
+        if stamp is not None and stamp != seen:
+            seen = stamp
+            if load_checkpoint(path)["epoch"] >= epoch:
+                return
+        time.sleep(0.01)
+    pytest.fail(f"no checkpoint of epoch {epoch} after {timeout:.0f} s")
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_data_dir, tmp_path):
+    from data.datasets import split_dirs
+    from data.loaders import build_splits
+
+    # Build the decoded-image cache first, so that the two concurrent runs only read it.
+    build_splits(*split_dirs(tiny_data_dir, "synthface"), 32, cache=True, progress=False)
+    args = ("--epochs", str(EPOCHS), "--save", "run.tar")
+    victim = _start(tmp_path / "killed", tiny_data_dir, *args)
+    reference = _start(tmp_path / "reference", tiny_data_dir, *args)  # runs alongside
+    last = tmp_path / "killed" / "checkpoint" / "run.last.tar"
+    try:
+        _wait_for_epoch(victim, last, 2, timeout=240)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = int(load_checkpoint(last)["epoch"])
+    assert 2 <= killed_at < EPOCHS, "the run finished before it could be killed"
+
+    resumed = subprocess.run([sys.executable, str(REPO / "opqn_main.py"), *COMMON,
+                              "--data-dir", str(tiny_data_dir), *args, "--resume"],
+                             cwd=tmp_path / "killed", capture_output=True, text=True, env=ENV,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from epoch {killed_at}" in resumed.stdout
+    assert f"epoch {killed_at}/{EPOCHS} " not in resumed.stdout  # finished epochs not redone
+    assert f"epoch {EPOCHS}/{EPOCHS} " in resumed.stdout
+    assert reference.wait(timeout=300) == 0, (tmp_path / "reference" / "stdout.txt").read_text()
+
+    got = load_checkpoint(last)
+    want = load_checkpoint(tmp_path / "reference" / "checkpoint" / "run.last.tar")
+    assert got["epoch"] == want["epoch"] == EPOCHS
+    assert [h["epoch"] for h in got["history"]] == list(range(1, EPOCHS + 1))
+    for key in ("loss", "ce_x", "ce_s", "entropy", "lr"):
+        assert [h[key] for h in got["history"]] == pytest.approx(
+            [h[key] for h in want["history"]], rel=1e-6), key
+    assert (got["best_epoch"], got["best_loss"]) == (want["best_epoch"],
+                                                     pytest.approx(want["best_loss"], rel=1e-6))
+    for part in ("backbone", "quantizer", "class_weights"):
+        for name, tensor in want[part].items():
+            torch.testing.assert_close(got[part][name], tensor, rtol=1e-5, atol=1e-6,
+                                       msg=f"{part}.{name}")
+    assert (tmp_path / "killed" / "results" / "run.json").is_file()
+
+
+# --------------------------------------------------------------------------- weights_only
+
+
+def test_training_checkpoint_loads_with_weights_only(trained_run):
+    for path in (trained_run, trained_run.with_name("run.tar")):
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+        for key in RESUME_KEYS:
+            assert key in checkpoint, key
+        config = checkpoint["config"]
+        assert (config["bits"], config["num_books"], config["num_words"]) == (12, 2, 64)
+        for part in ("backbone", "quantizer", "class_weights"):
+            assert checkpoint[part] and all(isinstance(t, torch.Tensor)
+                                            for t in checkpoint[part].values())
+        assert {"state", "param_groups"} <= set(checkpoint["optimizer"])
+        assert checkpoint["optimizer"]["state"]  # momentum buffers, needed to resume exactly
+        assert "last_epoch" in checkpoint["scheduler"]
+        assert isinstance(checkpoint["rng"]["torch"], torch.Tensor)
+        assert isinstance(checkpoint["best_loss"], float) and math.isfinite(checkpoint["best_loss"])
+        assert checkpoint["format"] == "opqn-checkpoint"
+    assert torch.load(trained_run, weights_only=True)["epoch"] == 2
+
+
+# --------------------------------------------------------------------------- NaN / inf stop
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nonfinite_loss_stops_with_the_last_good_checkpoint(bad, tiny_data_dir, run_cli,
+                                                            tmp_path, capsys, monkeypatch):
+    original = OPQNLoss.forward
+    calls = []
+
+    def forward(self, *args):
+        loss, parts = original(self, *args)
+        calls.append(1)
+        if len(calls) == 5:  # 36 images / 12 = 3 batches an epoch: the 2nd of epoch 2
+            loss = loss * float(bad)
+        return loss, parts
+
+    monkeypatch.setattr(OPQNLoss, "forward", forward)
+    argv = [*COMMON, "--data-dir", str(tiny_data_dir), "--epochs", "3", "--save", "run.tar"]
+    assert run_cli(*argv) == 1
+    line = one_line_error(capsys, "training loss became", "at epoch 2",
+                          str(Path("checkpoint") / "run.last.tar"))
+    assert "nan" in line.lower() or "inf" in line.lower()
+    checkpoint = load_checkpoint(tmp_path / "checkpoint" / "run.last.tar")
+    assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 1
+    assert all(torch.isfinite(t).all() for t in checkpoint["backbone"].values()
+               if t.is_floating_point())
+    assert load_checkpoint(tmp_path / "checkpoint" / "run.tar")["epoch"] == 1
+    assert not (tmp_path / "results").exists()
+
+    if bad == "nan":  # the run goes on from the good checkpoint once the cause is gone
+        monkeypatch.setattr(OPQNLoss, "forward", original)
+        assert run_cli(*argv, "--resume") == 0
+        out, _ = capsys.readouterr()
+        assert "resumed from epoch 1" in out
+        assert load_checkpoint(tmp_path / "checkpoint" / "run.last.tar")["epoch"] == 3
+
+
+# --------------------------------------------------------------------------- --resume refusals
+
+
+def test_resume_without_a_last_checkpoint(run_cli, tmp_path, capsys):
+    assert run_cli(*COMMON, "--data-dir", str(tmp_path / "data"), "--epochs", "2", "--save",
+                   "run.tar", "--resume") == 2
+    one_line_error(capsys, "--resume", "no last checkpoint",
+                   str(Path("checkpoint") / "run.last.tar"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage"], ids=["empty", "garbage"])
+def test_resume_from_a_broken_last_checkpoint(content, run_cli, tmp_path, capsys):
+    last = tmp_path / "checkpoint" / "run.last.tar"
+    last.parent.mkdir()
+    last.write_bytes(content)
+    assert run_cli(*COMMON, "--data-dir", str(tmp_path / "data"), "--epochs", "2", "--save",
+                   "run.tar", "--resume") == 1
+    one_line_error(capsys, str(Path("checkpoint") / "run.last.tar"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no data, log, results
+
+
+def test_resume_needs_the_training_state(trained_run, run_cli, tmp_path, capsys):
+    checkpoint = load_checkpoint(trained_run)
+    del checkpoint["format"], checkpoint["format_version"], checkpoint["optimizer"]
+    from utils.checkpoint import save_checkpoint
+
+    save_checkpoint(checkpoint, tmp_path / "checkpoint" / "run.last.tar")
+    assert run_cli(*COMMON, "--data-dir", str(tmp_path / "data"), "--epochs", "3", "--save",
+                   "run.tar", "--resume") == 1
+    one_line_error(capsys, "lacks required keys", "optimizer")
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--len", "16", "--num", "2", "--words", "256"], ["--len 16", "--len 12"]),
+    (["--len", "12", "--num", "3", "--words", "16"], ["--num 3", "--num 2"]),
+    (["--width", "32"], ["width 32", "width 16"]),
+    (["--feature-dim", "1024"], ["feature_dim 1024", "feature_dim 512"]),
+], ids=["len", "num", "width", "feature-dim"])
+def test_resume_refuses_a_different_model(flags, fragments, trained_run, run_cli, tmp_path,
+                                          capsys):
+    (tmp_path / "checkpoint").mkdir()
+    shutil.copy(trained_run, tmp_path / "checkpoint" / "run.last.tar")
+    assert run_cli(*COMMON, "--data-dir", str(tmp_path / "data"), "--epochs", "3", "--save",
+                   "run.tar", *flags, "--resume") == 2
+    one_line_error(capsys, "contradicts", *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
