@@ -15,8 +15,7 @@ from pathlib import Path
 from data.datasets import PRESETS, dataset_preset, split_dirs
 from utils.checkpoint import CheckpointError
 from utils.runtime import DEVICE_CHOICES, DeviceError
-from utils.validation import (UsageError, check_feature_dim, check_hyperparameters,
-                              check_split_dir, code_specs)
+from utils.validation import UsageError, check_options, code_specs
 
 PROG = "opqn_main.py"
 
@@ -103,30 +102,11 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        check_hyperparameters(args.lr, args.bs, args.epochs, args.margin, args.miu, args.workers)
-        if args.scale is not None and not (args.scale > 0 and args.scale < float("inf")):
-            raise UsageError(f"--scale must be a positive finite number, got {args.scale}")
-        if args.eval_every < 0:
-            raise UsageError(f"--eval-every must be zero or positive, got {args.eval_every}")
-        if args.topk is not None and args.topk <= 0:
-            raise UsageError(f"--topk must be positive, got {args.topk}")
-        if args.width is not None and args.width <= 0:
-            raise UsageError(f"--width must be positive, got {args.width}")
-        for flag, value in (("--feature-dim", args.feature_dim),
-                            ("--synthface-identities", args.synthface_identities),
-                            ("--synthface-images", args.synthface_images)):
-            if value is not None and value <= 0:  # 0 must not silently mean "the default"
-                raise UsageError(f"{flag} must be positive, got {value}")
+        check_options(args)
         from utils.runtime import resolve_device  # torch import deferred past --help
 
         device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
         if args.evaluate:
-            if not args.load:
-                raise UsageError("-e/--evaluate needs --load with one checkpoint per model")
-            if args.save:
-                raise UsageError("--save is for training; -e evaluates the models in --load")
-            if args.resume:
-                raise UsageError("--resume continues training; -e evaluates the models in --load")
             specs = code_specs(args.len, args.num, args.words, args.load, "--load", False)
             if args.export_faiss and len(args.export_faiss) != len(specs):
                 raise UsageError(f"--export-faiss needs one path per model: got "
@@ -135,10 +115,6 @@ def main(argv: list[str] | None = None) -> int:
 
             run_evaluation(args, specs, device)
         else:
-            if args.load:
-                raise UsageError("--load is for evaluation (-e); training writes --save")
-            if args.export_faiss:
-                raise UsageError("--export-faiss works with -e")
             specs = code_specs(args.len, args.num, args.words, args.save, "--save", True)
             from utils.pipeline import run_training
 

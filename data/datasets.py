@@ -40,7 +40,7 @@ PRESETS: dict[str, DatasetPreset] = {
     "cfw": DatasetPreset(),
     "vggface2": DatasetPreset(input_size=112, epochs=160, lr_step=20, scale=40.0, top_k=10),
     # Built-in procedural faces: sized so that the main job finishes on a 2-core CPU.
-    "synthface": DatasetPreset(epochs=30, lr_step=10, width=16, batch_size=64, cache=True),
+    "synthface": DatasetPreset(epochs=45, lr_step=15, width=16, batch_size=64, cache=True),
 }
 # Cross-dataset training (-c) uses the VGGFace2 protocol at 112x112.
 CROSS_PRESET = PRESETS["vggface2"]

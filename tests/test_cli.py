@@ -84,3 +84,54 @@ def test_help_lists_the_original_flags():
                  "--num", "--words", "--dataset", "--margin", "--miu", "--data-dir", "--epochs",
                  "--device", "--seed", "--workers", "--out", "--resume"):
         assert flag in out.stdout, flag
+
+
+def test_cross_dataset_train_then_evaluate_on_unseen_identities(tiny_data_dir, run_cli,
+                                                                tmp_path):
+    args = [*COMMON, "--data-dir", str(tiny_data_dir), *TINY_SYNTHFACE]
+    assert run_cli("-c", *args, "--len", "8", "--num", "2", "--epochs", "1",
+                   "--eval-every", "0") == 0
+    trained = json.loads((tmp_path / "results" / "cross_synthface_8bits.json").read_text())
+    assert trained["input_size"] == 112 and trained["num_database"] == 3 * 6  # cross set
+    assert run_cli("-e", "-c", *args, "--load", "cross_synthface_8bits.tar") == 0
+    result = json.loads(
+        (tmp_path / "results" / "cross_synthface_8bits_on_synthface_cross.json").read_text())
+    assert result["cross_dataset"] is True and result["input_size"] == 112
+    assert result["identity_overlap"] == 0  # evaluated on identities it never saw
+    assert result["num_database"] == 6 * 6 and math.isfinite(result["mAP"])
+
+
+def test_generic_folder_with_mixed_sizes_formats_and_a_corrupt_file(run_cli, tmp_path,
+                                                                     caplog):
+    from PIL import Image
+
+    data = tmp_path / "data" / "myfaces"
+    sizes = [(40, 52), (64, 64), (23, 31), (120, 90)]
+    for split, count in (("train", 5), ("test", 2)):
+        for identity in range(3):
+            folder = data / split / f"person{identity}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                w, h = sizes[(identity + i) % len(sizes)]
+                colour = (80 * identity, 40 * i, 200 - 50 * identity)
+                image = Image.new("RGB" if i % 2 else "L", (w, h), colour[0])
+                image = image.convert("RGB") if i % 3 == 0 else image
+                ext = (".jpg", ".png", ".bmp")[i % 3]
+                image.save(folder / f"img{i}{ext}")
+    (data / "train" / "person0" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    assert run_cli("--dataset", "myfaces", "--data-dir", str(tmp_path / "data"), "--len", "8",
+                   "--num", "2", "--epochs", "2", "--bs", "4", "--workers", "0", "--width", "4",
+                   "--eval-every", "0", "--no-progress") == 0
+    result = json.loads((tmp_path / "results" / "myfaces_8bits.json").read_text())
+    assert result["num_database"] == 3 * 5  # the corrupt file is left out
+    assert result["num_queries"] == 3 * 2 and math.isfinite(result["mAP"])
+
+
+def test_export_faiss_index_matches_search_adc(tiny_data_dir, run_cli, tmp_path):
+    faiss = pytest.importorskip("faiss")
+    args = [*COMMON, "--data-dir", str(tiny_data_dir), *TINY_SYNTHFACE]
+    assert run_cli(*args, "--len", "12", "--num", "2", "--epochs", "1", "--eval-every", "0",
+                   "--save", "f.tar") == 0
+    assert run_cli("-e", *args, "--load", "f.tar", "--export-faiss", "gallery.faiss") == 0
+    index = faiss.read_index(str(tmp_path / "gallery.faiss"))
+    assert index.ntotal == 6 * 6

@@ -114,9 +114,15 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
 
     dist_info = init_distributed(args.device)
     try:
+        # Rank 0 generates data and builds caches first; the others then only read them.
+        if dist_info.distributed and not dist_info.is_main:
+            torch.distributed.barrier()
         train_dir, test_dir = _prepare_folders(args, cross_train=args.cross_dataset)
         splits = build_splits(train_dir, test_dir, preset.input_size,
-                              cache=_use_cache(args, preset), progress=not args.no_progress)
+                              cache=_use_cache(args, preset),
+                              progress=not args.no_progress and dist_info.is_main)
+        if dist_info.distributed and dist_info.is_main:
+            torch.distributed.barrier()
         for spec, feature_dim, best, last in jobs:
             _train_one(args, spec, feature_dim, best, last, splits, preset, width, epochs,
                        source, device, dist_info)

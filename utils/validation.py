@@ -103,19 +103,38 @@ def code_specs(lengths: list[int] | None, books: list[int] | None, words: list[i
     return specs
 
 
-def check_hyperparameters(lr: float, batch_size: int, epochs: int | None, margin: float,
-                          miu: float, workers: int | None) -> None:
-    _check_positive("--lr", lr)
-    _check_positive("--bs", batch_size)
-    _check_positive("--epochs", epochs)
-    if not math.isfinite(margin):
-        raise UsageError(f"--margin must be a finite number, got {margin}")
-    if not math.isfinite(miu):
-        raise UsageError(f"--miu must be a finite number, got {miu}")
-    if miu < 0:
-        raise UsageError(f"--miu must be zero or positive, got {miu}")
-    if workers is not None and workers < 0:
-        raise UsageError(f"--workers must be zero or positive, got {workers}")
+def check_options(args) -> None:
+    """Check the scalar flags of ``opqn_main.py`` (an argparse namespace)."""
+    _check_positive("--lr", args.lr)
+    _check_positive("--bs", args.bs)
+    _check_positive("--epochs", args.epochs)
+    for flag, value in (("--margin", args.margin), ("--miu", args.miu)):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+    if args.miu < 0:
+        raise UsageError(f"--miu must be zero or positive, got {args.miu}")
+    if args.scale is not None:
+        _check_positive("--scale", args.scale)
+    # Zero must not silently mean "the default" for these.
+    for flag, value in (("--topk", args.topk), ("--width", args.width),
+                        ("--feature-dim", args.feature_dim),
+                        ("--synthface-identities", args.synthface_identities),
+                        ("--synthface-images", args.synthface_images)):
+        _check_positive(flag, value)
+    for flag, value in (("--workers", args.workers), ("--eval-every", args.eval_every)):
+        if value is not None and value < 0:
+            raise UsageError(f"{flag} must be zero or positive, got {value}")
+    if args.evaluate:
+        if not args.load:
+            raise UsageError("-e/--evaluate needs --load with one checkpoint per model")
+        for flag, given in (("--save", args.save), ("--resume", args.resume)):
+            if given:
+                raise UsageError(f"{flag} is for training; -e evaluates the models in --load")
+    else:
+        if args.load:
+            raise UsageError("--load is for evaluation (-e); training writes --save")
+        if args.export_faiss:
+            raise UsageError("--export-faiss works with -e")
 
 
 def check_feature_dim(feature_dim: int, num_books: int, num_words: int) -> None:
