@@ -98,8 +98,8 @@ class FaceFolder(Dataset):
 
     ``__getitem__`` returns ``(image, label)``, or a :class:`BrokenImage` for a file that
     fails to decode: :func:`collate_skip_broken` takes it out of the batch and
-    :func:`report_broken` (in the main process) reports it once and excludes it from later
-    epochs, so a bad file never stops an epoch.
+    :func:`report_broken` (in the main process) reports it once and marks it so that later
+    epochs skip it without decoding. A bad file never stops an epoch.
 
     Args:
         root: folder holding one sub-folder per identity.
@@ -120,12 +120,15 @@ class FaceFolder(Dataset):
         self.class_to_idx = mapping
         self.samples = [(path, mapping[name]) for path, name in samples]
         self.targets = [label for _path, label in self.samples]
+        self.broken: set[str] = set()  # files known to be unreadable: skipped, not retried
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
+        if path in self.broken:
+            return BrokenImage(path, "unreadable")
         try:
             with Image.open(path) as img:
                 image = img.convert("RGB")
@@ -135,10 +138,6 @@ class FaceFolder(Dataset):
             image = self.transform(image)
         return image, label
 
-    def exclude(self, paths: set[str]) -> None:
-        """Drop samples by path (files found unreadable)."""
-        self.samples = [s for s in self.samples if s[0] not in paths]
-        self.targets = [label for _path, label in self.samples]
 
 
 class Batch(NamedTuple):
@@ -161,13 +160,14 @@ def collate_skip_broken(batch: Sequence) -> Batch:
 
 
 def report_broken(dataset: Dataset, broken: Sequence[BrokenImage]) -> None:
-    """Warn once per unreadable file and exclude it from the dataset's later epochs."""
-    if not broken:
-        return
+    """Warn once per unreadable file; the dataset then skips it without decoding.
+
+    Called in the main process, so worker processes of later epochs inherit the list."""
+    known: set[str] = getattr(dataset, "broken", set())
     for item in broken:
-        log.warning("skipping unreadable image %s (%s)", item.path, item.reason)
-    if hasattr(dataset, "exclude"):
-        dataset.exclude({item.path for item in broken})
+        if item.path not in known:
+            known.add(item.path)
+            log.warning("skipping unreadable image %s (%s)", item.path, item.reason)
 
 
 def labels_tensor(dataset: Dataset) -> torch.Tensor:
