@@ -24,6 +24,23 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     return data_dir
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: faster on 2 shared cores, and the same arithmetic run to run."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_debug(monkeypatch):
+    """Errors must print their one line, not re-raise for a traceback."""
+    monkeypatch.delenv("OPQN_DEBUG", raising=False)
+
+
 @pytest.fixture
 def run_cli(tmp_path, monkeypatch):
     """Run ``opqn_main.main`` in-process inside ``tmp_path``; returns (exit code, out, err)."""

@@ -24,18 +24,7 @@ TRAIN_FLAGS = ["--epochs", "1", "--eval-every", "0", "--workers", "0", "--bs", "
                "--no-progress", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one torch thread is several times faster than two fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def no_debug(monkeypatch):
-    monkeypatch.delenv("OPQN_DEBUG", raising=False)
+pytestmark = pytest.mark.usefixtures("one_thread", "no_debug")
 
 
 @pytest.fixture(scope="module")

@@ -32,17 +32,7 @@ RESUME_KEYS = ("config", "backbone", "quantizer", "class_weights", "epoch", "opt
                "scheduler", "rng", "best_loss")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def no_debug(monkeypatch):
-    monkeypatch.delenv("OPQN_DEBUG", raising=False)
+pytestmark = pytest.mark.usefixtures("one_thread", "no_debug")
 
 
 @pytest.fixture(scope="module")
