@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint(s) to evaluate, names under --checkpoint-dir or paths")
     p.add_argument("--len", nargs="+", type=int, metavar="BITS",
                    help="code length(s) L = M*log2(K) in bits, one per model")
-    p.add_argument("--num", nargs="+", type=int, metavar="M",
-                   help="number of codebooks M, one per model")
+    p.add_argument("--num", "--num-books", dest="num", nargs="+", type=int, metavar="M",
+                   help="number of codebooks M, one per model (--num-books is the same flag, "
+                        "for torchrun, which takes --num as its own --numa-binding)")
     p.add_argument("--words", nargs="+", type=int, metavar="K",
                    help="codewords per codebook K (a power of two), one per model "
                         "(default: 2**(len/num))")
