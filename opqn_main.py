@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import datetime
-from pathlib import Path
 
-from data.datasets import PRESETS, dataset_preset, split_dirs
+from data.datasets import PRESETS
 from utils.checkpoint import CheckpointError
 from utils.runtime import DEVICE_CHOICES, DeviceError
 from utils.validation import UsageError, check_options, code_specs

@@ -169,7 +169,3 @@ def report_broken(dataset: Dataset, broken: Sequence[BrokenImage]) -> None:
             known.add(item.path)
             log.warning("skipping unreadable image %s (%s)", item.path, item.reason)
 
-
-def labels_tensor(dataset: Dataset) -> torch.Tensor:
-    """The int64 label of every item of a dataset, ``(N,)``."""
-    return torch.as_tensor(getattr(dataset, "targets"), dtype=torch.int64)

@@ -12,6 +12,20 @@ if str(REPO) not in sys.path:
 
 # What `--synthface-identities 6 --synthface-images 6` asks for (see utils.pipeline).
 TINY_SYNTHFACE = ["--synthface-identities", "6", "--synthface-images", "6"]
+PROG = "opqn_main.py: error: "
+
+
+def one_line_error(capsys, *fragments: str) -> str:
+    """stderr is exactly one error line holding every fragment; no traceback anywhere."""
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    line = lines[0]
+    assert line.startswith(PROG), line
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    return line
 
 
 @pytest.fixture(scope="session")

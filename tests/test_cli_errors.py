@@ -15,10 +15,9 @@ import pytest
 import torch
 
 import opqn_main
-from conftest import REPO, TINY_SYNTHFACE
+from conftest import PROG, REPO, TINY_SYNTHFACE, one_line_error
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
-PROG = "opqn_main.py: error: "
 CODES = ["--len", "12", "--num", "2", "--words", "64"]
 TRAIN_FLAGS = ["--epochs", "1", "--eval-every", "0", "--workers", "0", "--bs", "12",
                "--no-progress", "--device", "cpu"]
@@ -37,19 +36,6 @@ def trained(tiny_data_dir, tmp_path_factory) -> Path:
                            "--out", str(root / "results")])
     assert code == 0
     return root / "tiny.tar"
-
-
-def one_line_error(capsys, *fragments: str) -> str:
-    """stderr is exactly one error line holding every fragment; no traceback anywhere."""
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    line = lines[0]
-    assert line.startswith(PROG), line
-    for fragment in fragments:
-        assert fragment in line, f"{fragment!r} not in {line!r}"
-    return line
 
 
 def listing(root: Path) -> set[str]:

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_SYNTHFACE
+from conftest import REPO, TINY_SYNTHFACE, one_line_error
 from losses.opqn_loss import OPQNLoss
 from utils.checkpoint import load_checkpoint
 
-PROG = "opqn_main.py: error: "
 EPOCHS = 6
 COMMON = ["--dataset", "synthface", *TINY_SYNTHFACE, "--len", "12", "--num", "2", "--words",
           "64", "--bs", "12", "--workers", "0", "--eval-every", "0", "--no-progress",
@@ -46,17 +45,6 @@ def trained_run(tiny_data_dir, tmp_path_factory) -> Path:
                            "--out", str(root / "results")])
     assert code == 0
     return root / "run.last.tar"
-
-
-def one_line_error(capsys, *fragments: str) -> str:
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith(PROG), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- SIGKILL + resume

@@ -26,8 +26,9 @@ RESUME_KEYS = REQUIRED_KEYS + ("class_weights", "epoch", "best_loss", "best_epoc
                                "optimizer", "scheduler", "rng")
 
 
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+def loader_workers(args: argparse.Namespace) -> int:
+    """--workers, or by default min(4, CPU count)."""
+    return args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
 
 
 def _prepare_folders(args: argparse.Namespace, cross_train: bool) -> tuple[Path, Path]:
@@ -74,7 +75,7 @@ def _result_metadata(config: OPQNConfig, args: argparse.Namespace, device: torch
 def _evaluate_and_report(model, config: OPQNConfig, splits: RetrievalSplits,
                          args: argparse.Namespace, device: torch.device, k: int, stem: str,
                          extra: dict) -> tuple[dict, tuple]:
-    workers = args.workers if args.workers is not None else default_workers()
+    workers = loader_workers(args)
     batch = args.bs or 256  # inference only: the batch size does not change the codes
     gallery = make_loader(splits.gallery, batch, workers, device)
     queries = make_loader(splits.queries, batch, workers, device)
@@ -142,7 +143,7 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
         margin=args.margin, scale=args.scale or preset.scale, miu=args.miu, dataset=source)
     settings = TrainSettings(
         epochs=epochs, lr=args.lr, lr_step=preset.lr_step, batch_size=settings_batch,
-        workers=args.workers if args.workers is not None else default_workers(),
+        workers=loader_workers(args),
         seed=args.seed, eval_every=args.eval_every, best_path=best, last_path=last,
         resume=args.resume, progress=not args.no_progress)
     log.info("[config] dataset %s%s: %d identities, %d training images, %d test images",
