@@ -11,6 +11,7 @@ import os
 import sys
 
 from data.datasets import PRESETS
+from models.registry import BackboneError
 from utils.checkpoint import CheckpointError
 from utils.runtime import DEVICE_CHOICES, DeviceError
 from utils.validation import UsageError, check_options, code_specs
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="training epochs (default: the paper's value: "
                    "200 for 32x32 datasets, 160 for VGGFace2)")
     p.add_argument("--device", default="auto", help=f"{'|'.join(DEVICE_CHOICES)}|cuda:N "
-                   "(default auto: CUDA when present)")
+                   "(default auto: CUDA when present, else MPS on Apple GPUs, else CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--workers", type=int, help="data-loading processes "
                    "(default: min(4, CPU count))")
@@ -89,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthface-images", type=int,
                    help="synthface only: training images per identity")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    # Backbone, margin and schedule choices beyond the paper (defaults: the paper's).
+    p.add_argument("--backbone", metavar="NAME", help="face backbone: sphere20 (the paper's "
+                   "network, default) or a timm model with a feature map, e.g. "
+                   "edgenext_x_small or resnet18, with the paper's BN-Dropout-Linear-BN head")
+    p.add_argument("--backbone-args", nargs="+", metavar="KEY=VALUE",
+                   help="extra timm.create_model arguments, e.g. output_stride=8 (resnet*: "
+                        "a 4x4 map at 32x32); stored in the checkpoint")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start a timm backbone from timm's pretrained weights (needs network "
+                        "access or the local Hugging Face cache)")
+    p.add_argument("--margin-type", choices=("cosface", "arcface"),
+                   help="target-class margin: cosface = cos - m (the paper's, default), "
+                        "arcface = cos(theta + m), m in radians (0.5 is common)")
+    p.add_argument("--schedule", choices=("step", "cosine"),
+                   help="learning-rate schedule: step = the paper's halving (default), "
+                        "cosine = decay to 0 over --epochs")
+    p.add_argument("--warmup", type=int, metavar="EPOCHS",
+                   help="--schedule cosine: linear warmup epochs before the decay (default 0)")
     return p
 
 
@@ -121,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DeviceError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except BackboneError as exc:  # e.g. --pretrained weights out of reach
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except CheckpointError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2 if "not found" in str(exc) else 1

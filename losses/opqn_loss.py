@@ -6,22 +6,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .margins import MARGIN_TYPES, apply_margin
+
 
 def margin_cosine_logits(sub: Tensor, class_weights: Tensor, labels: Tensor, margin: float,
-                         scale: float) -> Tensor:
-    """Scaled additive-margin cosine logits, per subspace.
+                         scale: float, margin_type: str = "cosface") -> Tensor:
+    """Scaled margin cosine logits, per subspace (the margin is one of losses.margins).
 
     Args:
         sub: ``(B, M, d)`` sub-vectors.
         class_weights: ``(M, C, d)`` class weights W_m.
         labels: ``(B,)`` int64 targets.
     Returns:
-        ``(B, M, C)`` logits ``scale * (cos - margin * onehot)``, cosines clamped to [-1, 1].
+        ``(B, M, C)`` logits ``scale * margin(cos)``, cosines clamped to [-1, 1]; for the
+        paper's ``cosface`` that is ``scale * (cos - margin * onehot)``.
     """
     cos = torch.einsum("bmd,mcd->bmc", F.normalize(sub, dim=-1),
                        F.normalize(class_weights, dim=-1)).clamp(-1.0, 1.0)
     onehot = F.one_hot(labels, cos.shape[-1]).to(cos.dtype).unsqueeze(1)
-    return scale * (cos - margin * onehot)
+    return scale * apply_margin(cos, onehot, margin, margin_type)
 
 
 def assignment_entropy(probs: Tensor, eps: float = 1e-12) -> Tensor:
@@ -38,22 +41,30 @@ class OPQNLoss(nn.Module):
         num_classes: number of training identities.
         num_books: M.
         word_dim: d = D / M.
-        margin: additive cosine margin at the target class (0.5).
+        margin: margin at the target class (0.5): a cosine for ``cosface``, radians for
+            ``arcface``.
         scale: logit scale s (20 for 32x32 inputs, 40 for 112x112).
         miu: entropy weight mu (0.1).
+        margin_type: ``cosface`` (the paper's additive cosine margin) or ``arcface``
+            (additive angular margin), applied to x_m and s_m alike.
     """
 
     def __init__(self, num_classes: int, num_books: int, word_dim: int, margin: float = 0.5,
-                 scale: float = 20.0, miu: float = 0.1) -> None:
+                 scale: float = 20.0, miu: float = 0.1, margin_type: str = "cosface") -> None:
         super().__init__()
+        if margin_type not in MARGIN_TYPES:
+            raise ValueError(f"unknown margin type {margin_type!r}: choose one of "
+                             f"{', '.join(MARGIN_TYPES)}")
         self.num_classes, self.num_books, self.word_dim = num_classes, num_books, word_dim
         self.margin, self.scale, self.miu = margin, scale, miu
+        self.margin_type = margin_type
         self.class_weights = nn.Parameter(torch.empty(num_books, num_classes, word_dim))
         for book in self.class_weights.data:
             nn.init.xavier_uniform_(book)
 
     def _book_ce(self, sub: Tensor, labels: Tensor) -> Tensor:
-        logits = margin_cosine_logits(sub, self.class_weights, labels, self.margin, self.scale)
+        logits = margin_cosine_logits(sub, self.class_weights, labels, self.margin, self.scale,
+                                      self.margin_type)
         # CE per book, averaged over the batch, then over the books.
         return F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(self.num_books))
 

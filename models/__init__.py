@@ -1,10 +1,14 @@
-"""Backbone, orthonormal codebooks and the OPQN quantization head."""
-from .backbone import FaceResNet20, count_flops
+"""Backbones (by name, through the registry), orthonormal codebooks and the OPQN head."""
+from .backbone import FaceResNet20
 from .codebooks import dct_matrix, orthonormal_codebooks
+from .flops import count_flops, count_parameters
 from .opqn import OPQN, OPQNConfig, choose_feature_dim
 from .quantizer import OrthoPQ, code_dtype
+from .registry import (DEFAULT_BACKBONE, BackboneError, PretrainedUnavailable, build_backbone,
+                       parse_backbone_args)
 
 __all__ = [
-    "FaceResNet20", "count_flops", "dct_matrix", "orthonormal_codebooks", "OPQN",
-    "OPQNConfig", "choose_feature_dim", "OrthoPQ", "code_dtype",
+    "FaceResNet20", "count_flops", "count_parameters", "dct_matrix", "orthonormal_codebooks",
+    "OPQN", "OPQNConfig", "choose_feature_dim", "OrthoPQ", "code_dtype", "DEFAULT_BACKBONE",
+    "BackboneError", "PretrainedUnavailable", "build_backbone", "parse_backbone_args",
 ]

@@ -1,7 +1,6 @@
 """The 20-layer SphereFace-style residual CNN that maps face images to features x."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 # Residual units per stage, as in SphereFace-20: 1 + 2 + 4 + 1 units of two convolutions,
@@ -88,34 +87,3 @@ class FaceResNet20(nn.Module):
         """``(B, 3, S, S)`` images -> ``(B, feature_dim)`` features."""
         return self.head(self.stages(images))
 
-
-def count_flops(model: FaceResNet20) -> int:
-    """Forward multiply-accumulates x 2 for one image (convolutions and linear layers)."""
-    flops = 0
-    hooks = []
-
-    def conv_hook(module: nn.Conv2d, _inp, out: Tensor) -> None:
-        nonlocal flops
-        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-        flops += 2 * k * out.shape[1] * out.shape[2] * out.shape[3]
-
-    def linear_hook(module: nn.Linear, _inp, out: Tensor) -> None:
-        nonlocal flops
-        flops += 2 * module.in_features * module.out_features
-
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_hook(linear_hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            model(torch.zeros(1, 3, model.input_size, model.input_size, device=device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return flops

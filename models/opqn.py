@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from torch import Tensor, nn
 
-from .backbone import FaceResNet20
 from .quantizer import OrthoPQ
+from .registry import DEFAULT_BACKBONE, build_backbone
 
 # 32x32 datasets use D = 512 in the paper (516 for M = 6 so that it divides).
 SMALL_INPUT_FEATURE_DIM = 512
@@ -41,6 +42,12 @@ class OPQNConfig:
     scale: float = 20.0
     miu: float = 0.1
     dataset: str = ""
+    # Checkpoints written before these fields existed load with the defaults: the paper's
+    # sphere20 backbone and its additive cosine margin.
+    backbone: str = DEFAULT_BACKBONE
+    backbone_args: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs
+    pretrained: bool = False  # provenance only: rebuilding never downloads weights
+    margin_type: str = "cosface"
 
     @property
     def bits(self) -> int:
@@ -68,10 +75,14 @@ class OPQN(nn.Module):
     assignment for training, the hard codes for the database and the query tables.
     """
 
-    def __init__(self, config: OPQNConfig) -> None:
+    def __init__(self, config: OPQNConfig, load_pretrained: bool = False) -> None:
+        """``load_pretrained``: fetch timm's weights (a fresh training run with --pretrained);
+        rebuilding a trained model from its checkpoint never does."""
         super().__init__()
         self.config = config
-        self.backbone = FaceResNet20(config.feature_dim, config.input_size, config.width)
+        self.backbone = build_backbone(config.backbone, config.input_size, config.width,
+                                       config.feature_dim, pretrained=load_pretrained,
+                                       backbone_args=config.backbone_args)
         self.quantizer = OrthoPQ(config.feature_dim, config.num_books, config.num_words)
 
     def forward(self, images: Tensor) -> Tensor:

@@ -385,6 +385,9 @@ def capture_rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():  # Apple GPUs draw dropout masks from their own RNG
+        state["mps"] = torch.mps.get_rng_state().cpu()
     return state
 
 
@@ -407,6 +410,9 @@ def restore_rng_state(state: dict) -> None:
         )
     if "torch" in state:
         torch.set_rng_state(torch.as_tensor(state["torch"]).cpu().to(torch.uint8))
+    mps = getattr(torch.backends, "mps", None)
+    if "mps" in state and mps is not None and mps.is_available():
+        torch.mps.set_rng_state(torch.as_tensor(state["mps"]).cpu().to(torch.uint8))
     cuda_states = state.get("cuda")
     if cuda_states:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0

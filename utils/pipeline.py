@@ -11,13 +11,15 @@ import torch
 
 from data.datasets import dataset_preset, split_dirs
 from data.loaders import RetrievalSplits, build_splits, make_loader
-from models import OPQN, OPQNConfig, choose_feature_dim
+from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, PretrainedUnavailable,
+                    build_backbone, choose_feature_dim, parse_backbone_args)
 
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .evaluation import evaluate_model
 from .logger import get_logger, setup_logging
 from .reporting import plot_pr_curves, summary_line, write_result
 from .runtime import DistInfo, cleanup_distributed, init_distributed
+from .schedules import describe_schedule
 from .training import TrainSettings, load_model, train
 from .validation import CodeSpec, UsageError, check_feature_dim, check_split_dir
 
@@ -65,6 +67,9 @@ def _result_metadata(config: OPQNConfig, args: argparse.Namespace, device: torch
         "feature_dim": config.feature_dim,
         "input_size": config.input_size,
         "width": config.width,
+        "backbone": config.backbone,
+        "backbone_args": dict(config.backbone_args),
+        "margin_type": config.margin_type,
         "device": str(device),
         "torch": torch.__version__,
         "host": platform.node(),
@@ -89,11 +94,42 @@ def _evaluate_and_report(model, config: OPQNConfig, splits: RetrievalSplits,
     return result, (codes, labels)
 
 
+def _backbone_choice(args: argparse.Namespace, input_size: int, width: int) -> tuple[str, dict]:
+    """--backbone and --backbone-args, checked by building the backbone once before any work
+    (this also fetches --pretrained weights, or fails in one line when they are out of reach).
+    """
+    name = args.backbone or DEFAULT_BACKBONE
+    try:
+        backbone_args = parse_backbone_args(args.backbone_args)
+        if name != DEFAULT_BACKBONE and args.width is not None:
+            raise UsageError(f"--width sets sphere20's channels; backbone {name!r} has its own")
+        if name != DEFAULT_BACKBONE or args.pretrained or backbone_args:
+            build_backbone(name, input_size, width, 2, pretrained=args.pretrained,
+                           backbone_args=backbone_args)
+    except PretrainedUnavailable:
+        raise
+    except BackboneError as exc:
+        raise UsageError(f"--backbone {name}: {exc}") from None
+    return name, backbone_args
+
+
+def _schedule_choice(args: argparse.Namespace, epochs: int) -> tuple[str, int]:
+    schedule, warmup = args.schedule or "step", args.warmup or 0
+    if warmup and schedule != "cosine":
+        raise UsageError("--warmup works with --schedule cosine")
+    if warmup >= epochs:
+        raise UsageError(f"--warmup {warmup} must be smaller than the {epochs} epochs")
+    return schedule, warmup
+
+
 def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.device) -> None:
     """Train one model per spec, each followed by a full evaluation of its saved model."""
     preset = dataset_preset(args.dataset, cross=args.cross_dataset)
     width = args.width or preset.width
     epochs = args.epochs or preset.epochs
+    schedule, warmup = _schedule_choice(args, epochs)
+    margin_type = args.margin_type or "cosface"
+    backbone, backbone_args = _backbone_choice(args, preset.input_size, width)
     source = args.dataset if not args.cross_dataset else (
         "synthface" if args.dataset == "synthface" else "vggface2")
     jobs = []
@@ -110,7 +146,10 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
             raise UsageError(f"--resume: no last checkpoint to resume from: {last}")
         if args.resume:
             _check_resumable(spec, {"feature_dim": feature_dim, "width": width,
-                                    "input_size": preset.input_size}, last)
+                                    "input_size": preset.input_size, "backbone": backbone,
+                                    "backbone_args": backbone_args,
+                                    "margin_type": margin_type}, last,
+                             {"schedule": schedule, "warmup": warmup, "epochs": epochs})
         jobs.append((spec, feature_dim, best, last))
 
     dist_info = init_distributed(args.device)
@@ -126,26 +165,32 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
             torch.distributed.barrier()
         for spec, feature_dim, best, last in jobs:
             _train_one(args, spec, feature_dim, best, last, splits, preset, width, epochs,
-                       source, device, dist_info)
+                       source, device, dist_info,
+                       {"backbone": backbone, "backbone_args": backbone_args,
+                        "pretrained": bool(args.pretrained), "margin_type": margin_type},
+                       (schedule, warmup))
     finally:
         cleanup_distributed()
 
 
 def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
                splits: RetrievalSplits, preset, width: int, epochs: int, source: str,
-               device: torch.device, dist_info: DistInfo) -> None:
+               device: torch.device, dist_info: DistInfo, model_choice: dict,
+               schedule: tuple[str, int] = ("step", 0)) -> None:
     stamp = datetime.now().strftime("%m%d%H%M%S")
     settings_batch = args.bs or preset.batch_size
     log = setup_logging(Path(args.log_dir) / f"{best.stem}_{stamp}.txt", dist_info.is_main)
     config = OPQNConfig(
         num_books=spec.num_books, num_words=spec.num_words, feature_dim=feature_dim,
         num_classes=splits.num_classes, input_size=preset.input_size, width=width,
-        margin=args.margin, scale=args.scale or preset.scale, miu=args.miu, dataset=source)
+        margin=args.margin, scale=args.scale or preset.scale, miu=args.miu, dataset=source,
+        **model_choice)
     settings = TrainSettings(
         epochs=epochs, lr=args.lr, lr_step=preset.lr_step, batch_size=settings_batch,
         workers=loader_workers(args),
         seed=args.seed, eval_every=args.eval_every, best_path=best, last_path=last,
-        resume=args.resume, progress=not args.no_progress)
+        resume=args.resume, progress=not args.no_progress, schedule=schedule[0],
+        warmup=schedule[1])
     log.info("[config] dataset %s%s: %d identities, %d training images, %d test images",
              source, " (cross-dataset training)" if args.cross_dataset else "",
              splits.num_classes, len(splits.train), len(splits.queries))
@@ -153,8 +198,12 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
              "width %d, margin %.3f, scale %.1f, miu %.4f", config.bits, config.num_books,
              config.num_words, config.feature_dim, config.word_dim, config.input_size,
              config.input_size, config.width, config.margin, config.scale, config.miu)
-    log.info("[config] %d epochs, lr %.4g halved every %d, batch %d, seed %d, device %s%s",
-             epochs, args.lr, preset.lr_step, settings_batch, args.seed, device,
+    log.info("[config] backbone %s%s%s, %s margin", config.backbone,
+             f" {config.backbone_args}" if config.backbone_args else "",
+             " (timm pretrained)" if config.pretrained else "", config.margin_type)
+    log.info("[config] %d epochs, %s, batch %d, seed %d, device %s%s",
+             epochs, describe_schedule(schedule[0], args.lr, preset.lr_step, schedule[1]),
+             settings_batch, args.seed, device,
              f", {dist_info.world_size} processes" if dist_info.distributed else "")
     state = train(config, settings, splits, device, dist_info)
     if not dist_info.is_main:
@@ -200,15 +249,30 @@ def _checked_model(checkpoint: dict, path: Path) -> OPQN:
                               f"({type(exc).__name__}: {exc})", path) from None
 
 
-def _check_resumable(spec: CodeSpec, expected: dict, path: Path) -> None:
+def _check_resumable(spec: CodeSpec, expected: dict, path: Path,
+                     expected_schedule: dict | None = None) -> None:
     """--resume must continue the same model: its last checkpoint is complete and agrees."""
     checkpoint = load_checkpoint(path, map_location="cpu", required_keys=RESUME_KEYS)
     config = _checked_config(checkpoint, path)
     _reconcile(spec, config, path)
+    # Fields absent from older checkpoints take their defaults (sphere20, cosface).
+    defaults = OPQNConfig(1, 2, 2, 1).to_dict()
     for key, value in expected.items():
-        if config.get(key) != value:
+        stored = config.get(key, defaults.get(key))
+        if stored != value:
             raise UsageError(f"--resume: {key} {value} of this run contradicts checkpoint "
-                             f"{path}, which holds {key} {config.get(key)}")
+                             f"{path}, which holds {key} {stored}")
+    stored_settings = checkpoint.get("train_settings") or {}
+    if expected_schedule:
+        schedule = stored_settings.get("schedule", "step")
+        keys = ("schedule", "warmup") + (("epochs",) if schedule == "cosine" else ())
+        for key in keys:
+            value = expected_schedule[key]
+            stored = stored_settings.get(key, {"schedule": "step", "warmup": 0}.get(key))
+            if stored != value:
+                raise UsageError(f"--resume: {key} {value} of this run contradicts checkpoint "
+                                 f"{path}, which holds {key} {stored} (a {schedule} schedule "
+                                 f"resumes only with its own settings)")
     _checked_model(checkpoint, path)
 
 
@@ -220,6 +284,10 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
         path = checkpoint_path(spec.name, args.checkpoint_dir)
         checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
         _reconcile(spec, _checked_config(checkpoint, path), path)
+        stored_backbone = checkpoint["config"].get("backbone", DEFAULT_BACKBONE)
+        if args.backbone and args.backbone != stored_backbone:
+            raise UsageError(f"--backbone {args.backbone} contradicts checkpoint {path}, which "
+                             f"holds backbone {stored_backbone}")
         # Built on the CPU now, so that weights that do not fit fail before any work.
         loaded.append((path, checkpoint, _checked_model(checkpoint, path)))
     preset = dataset_preset(args.dataset)

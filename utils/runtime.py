@@ -9,25 +9,36 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 class DeviceError(ValueError):
     """The requested device does not exist on this machine."""
 
 
+def mps_available() -> bool:
+    """Apple-silicon GPU (Metal Performance Shaders) usable by this torch build."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU. ``cuda`` or ``cuda:N`` fail clearly
-    when there is no such GPU."""
+    """``auto`` picks CUDA when present, else MPS (Apple GPUs) when present, else the CPU.
+    ``cuda``, ``cuda:N`` or ``mps`` fail clearly when there is no such GPU."""
     name = name.strip().lower()
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
+    if name == "mps":
+        if not mps_available():
+            raise DeviceError("--device mps: MPS (Apple GPU) is not available on this machine "
+                              "(use --device cpu or auto)")
+        return torch.device("mps")
     if name == "cuda" or name.startswith("cuda:"):
         if name != "cuda" and not name[5:].isdecimal():
-            raise DeviceError(f"--device {name!r}: unknown device (choose auto, cpu, cuda or "
-                              f"cuda:N)")
+            raise DeviceError(f"--device {name!r}: unknown device (choose auto, cpu, cuda, "
+                              f"cuda:N or mps)")
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {name}: CUDA is not available on this machine "
                               f"(use --device cpu or auto)")
@@ -35,7 +46,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if index >= torch.cuda.device_count():
             raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
         return torch.device("cuda", index)
-    raise DeviceError(f"--device {name!r}: unknown device (choose auto, cpu, cuda or cuda:N)")
+    raise DeviceError(f"--device {name!r}: unknown device (choose auto, cpu, cuda, cuda:N or "
+                      f"mps)")
 
 
 def seed_everything(seed: int) -> None:

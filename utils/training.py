@@ -1,4 +1,4 @@
-"""The OPQN training loop: SGD with step decay, monitoring every few epochs, and atomic
+"""The OPQN training loop: SGD with step decay (or cosine, utils.schedules), monitoring every few epochs, and atomic
 checkpoints of the last epoch and of the lowest training loss (as the paper kept)."""
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
 from .evaluation import evaluate_model
 from .logger import get_logger
 from .runtime import DistInfo
+from .schedules import build_scheduler
 
 
 class TrainingDiverged(RuntimeError):
@@ -37,6 +38,8 @@ class TrainSettings:
     lr: float = 0.1
     lr_step: int = 35
     lr_decay: float = 0.5
+    schedule: str = "step"  # "step" (the paper's halving) or "cosine" (utils.schedules)
+    warmup: int = 0  # cosine only: linear warmup epochs
     batch_size: int = 256
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -77,7 +80,7 @@ class TrainState:
 
 def build_criterion(config: OPQNConfig) -> OPQNLoss:
     return OPQNLoss(config.num_classes, config.num_books, config.word_dim, config.margin,
-                    config.scale, config.miu)
+                    config.scale, config.miu, config.margin_type)
 
 
 def checkpoint_state(config: OPQNConfig, model: OPQN, criterion: OPQNLoss,
@@ -133,7 +136,8 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
     """
     log = get_logger()
     torch.manual_seed(settings.seed)
-    model = OPQN(config).to(device)
+    # --pretrained weights only start a fresh run; a resumed one loads its own.
+    model = OPQN(config, load_pretrained=config.pretrained and not settings.resume).to(device)
     criterion = build_criterion(config).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -141,7 +145,8 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
     module = OPQNTrainingModule(model, criterion)
     optimizer = torch.optim.SGD(module.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.lr_step, settings.lr_decay)
+    scheduler = build_scheduler(optimizer, settings.schedule, settings.epochs, settings.lr_step,
+                                settings.lr_decay, settings.warmup)
     state = TrainState()
 
     if settings.resume:

@@ -121,7 +121,8 @@ def check_options(args) -> None:
                         ("--synthface-identities", args.synthface_identities),
                         ("--synthface-images", args.synthface_images)):
         _check_positive(flag, value)
-    for flag, value in (("--workers", args.workers), ("--eval-every", args.eval_every)):
+    for flag, value in (("--workers", args.workers), ("--eval-every", args.eval_every),
+                        ("--warmup", getattr(args, "warmup", None))):
         if value is not None and value < 0:
             raise UsageError(f"{flag} must be zero or positive, got {value}")
     if args.evaluate:
@@ -130,6 +131,15 @@ def check_options(args) -> None:
         for flag, given in (("--save", args.save), ("--resume", args.resume)):
             if given:
                 raise UsageError(f"{flag} is for training; -e evaluates the models in --load")
+        # The checkpoint holds the model (backbone, margin) and -e does not train.
+        for flag, given in (("--pretrained", getattr(args, "pretrained", False)),
+                            ("--backbone-args", getattr(args, "backbone_args", None)),
+                            ("--margin-type", getattr(args, "margin_type", None)),
+                            ("--schedule", getattr(args, "schedule", None)),
+                            ("--warmup", getattr(args, "warmup", None))):
+            if given:
+                raise UsageError(f"{flag} is for training; -e reads the model from the "
+                                 f"checkpoint in --load")
     else:
         if args.load:
             raise UsageError("--load is for evaluation (-e); training writes --save")
