@@ -104,7 +104,9 @@ def _backbone_choice(args: argparse.Namespace, input_size: int, width: int) -> t
         if name != DEFAULT_BACKBONE and args.width is not None:
             raise UsageError(f"--width sets sphere20's channels; backbone {name!r} has its own")
         if name != DEFAULT_BACKBONE or args.pretrained or backbone_args:
-            build_backbone(name, input_size, width, 2, pretrained=args.pretrained,
+            # A resumed run loads its own weights: nothing to download.
+            build_backbone(name, input_size, width, 2,
+                           pretrained=args.pretrained and not args.resume,
                            backbone_args=backbone_args)
     except PretrainedUnavailable:
         raise
