@@ -47,7 +47,8 @@ _MARGINS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
 }
 
 
-def apply_margin(cos: Tensor, onehot: Tensor, margin: float, margin_type: str = "cosface") -> Tensor:
+def apply_margin(cos: Tensor, onehot: Tensor, margin: float,
+                 margin_type: str = "cosface") -> Tensor:
     """Apply the ``margin_type`` margin at the target class of ``cos`` ``(..., C)``.
 
     ``onehot`` is a 0/1 mask broadcastable to ``cos``. Returns a tensor of ``cos``'s shape.

@@ -36,3 +36,11 @@ def test_cli_mps_without_an_apple_gpu_is_one_line(monkeypatch, run_cli, tmp_path
                    "8", "--num", "2", "--device", "mps") == 2
     one_line_error(capsys, "--device mps", "not available")
     assert not (tmp_path / "data").exists()
+
+
+def test_mps_keeps_float64_work_on_the_cpu():
+    from utils.runtime import accumulator_dtype, metrics_device
+
+    mps, cpu = torch.device("mps"), torch.device("cpu")
+    assert metrics_device(mps) == cpu and accumulator_dtype(mps) == torch.float32
+    assert metrics_device(cpu) == cpu and accumulator_dtype(cpu) == torch.float64

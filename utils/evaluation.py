@@ -12,6 +12,7 @@ from data.datasets import report_broken
 from models import OPQN
 
 from .retrieval import evaluate_adc
+from .runtime import metrics_device
 
 
 def _sync(device: torch.device) -> None:
@@ -83,7 +84,9 @@ def evaluate_model(model: OPQN, gallery_loader: DataLoader, query_loader: DataLo
     tables, query_labels = encode_queries(model, query_loader, device, progress)
     _sync(device)
     encoded = time.perf_counter()
-    result = evaluate_adc(tables, codes, query_labels, gallery_labels, k=k, ties=ties)
+    where = metrics_device(device)  # the CPU for MPS: the metrics need float64
+    result = evaluate_adc(tables.to(where), codes.to(where), query_labels.to(where),
+                          gallery_labels.to(where), k=k, ties=ties)
     _sync(device)
     result["encode_seconds"] = encoded - start
     result["search_seconds"] = time.perf_counter() - encoded

@@ -50,6 +50,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
                       f"mps)")
 
 
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for running sums, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def metrics_device(device: torch.device) -> torch.device:
+    """Where retrieval metrics run: the model's device, but the CPU for MPS (the metrics
+    need float64, which MPS lacks)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)

@@ -22,7 +22,7 @@ from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
                          restore_rng_state, save_checkpoint)
 from .evaluation import evaluate_model
 from .logger import get_logger
-from .runtime import DistInfo
+from .runtime import DistInfo, accumulator_dtype
 from .schedules import build_scheduler
 
 
@@ -184,7 +184,8 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
                              shuffle=True, generator=generator, sampler=sampler, drop_last=True)
         train_module.train()
         start = time.perf_counter()
-        total = torch.zeros(4, device=device, dtype=torch.float64)  # loss, ce_x, ce_s, entropy
+        # loss, ce_x, ce_s, entropy
+        total = torch.zeros(4, device=device, dtype=accumulator_dtype(device))
         seen = 0
         batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
                        disable=not (settings.progress and dist_info.is_main))
@@ -204,7 +205,7 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
             optimizer.step()
             n = labels.shape[0]
             total += n * torch.stack([loss.detach(), parts["ce_x"], parts["ce_s"],
-                                      parts["entropy"]]).double()
+                                      parts["entropy"]]).to(total.dtype)
             seen += n
             if step % 20 == 0:
                 batches.set_postfix(loss=f"{total[0].item() / seen:.4f}")
