@@ -128,7 +128,8 @@ def measure_backbone(args: argparse.Namespace, config: OPQNConfig,
     params = count_parameters(net) / 1e6
     gflop = 3 * forward_gflop  # per training image
     print(f"backbone {config.backbone}: {forward_gflop:.3f} GFLOP per image (forward), "
-          f"{params:.2f} M parameters, input {config.input_size}, D {config.feature_dim}")
+          f"{params:.2f} M parameters, input {config.input_size}, final map "
+          f"{'x'.join(map(str, net.map_shape))}, D {config.feature_dim}")
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"input {args.input_size}, width {args.width}, batch {args.batch}, "
           f"{gflop:.2f} GFLOP per training image")

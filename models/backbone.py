@@ -65,6 +65,7 @@ class FaceResNet20(nn.Module):
         side = input_size
         for stride in strides:
             side = (side + 2 - 3) // stride + 1
+        self.map_shape = (channels[-1], side, side)  # (C, h, w) of the final feature map
         flat = channels[-1] * side * side
         self.head = nn.Sequential(
             nn.Flatten(),
