@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="facescrub",
                    help=f"dataset under --data-dir: {', '.join(PRESETS)}, or any folder with "
                         f"train/ and test/ (default facescrub)")
-    p.add_argument("--margin", type=float, default=0.5, help="additive cosine margin (0.5)")
+    p.add_argument("--margin", type=float, default=0.5, help="margin m at the target class "
+                   "(0.5): cos - m with the default cosface, radians with --margin-type arcface")
     p.add_argument("--miu", type=float, default=0.1, help="weight of the entropy term (0.1)")
     # Beyond the original flags.
     p.add_argument("--data-dir", default="./data", help="datasets root (default ./data)")

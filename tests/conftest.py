@@ -69,3 +69,22 @@ def run_cli(tmp_path, monkeypatch):
             return int(exc.code)
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def restore_opqn_logger():
+    """CLI runs call setup_logging, which stops the ``opqn`` logger propagating; put it back
+    after every test so that caplog in a later test still sees its records (test order
+    must not matter)."""
+    import logging
+
+    logger = logging.getLogger("opqn")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for handler in list(logger.handlers):
+        if handler not in saved[0]:
+            logger.removeHandler(handler)
+            handler.close()
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
