@@ -124,3 +124,27 @@ def test_flop_counter_matches_the_analytic_count():
     sphere = FaceResNet20(32, 32, 4)
     assert count_parameters(sphere) == sum(p.numel() for p in sphere.parameters())
     assert count_flops(sphere) < count_flops(FaceResNet20(32, 112, 4))
+
+
+USAGE_ERRORS = {
+    "unknown-backbone": (["--backbone", "resnet_nope"], ["--backbone resnet_nope",
+                                                         "unknown backbone"]),
+    "width-with-timm": (["--backbone", "resnet18", "--width", "8"], ["--width", "sphere20"]),
+    "bad-backbone-arg": (["--backbone", "resnet18", "--backbone-args", "output_stride"],
+                         ["KEY=VALUE"]),
+    "warmup-with-step": (["--warmup", "2"], ["--warmup", "--schedule cosine"]),
+    "warmup-too-long": (["--schedule", "cosine", "--warmup", "3", "--epochs", "3"],
+                        ["--warmup 3", "3 epochs"]),
+    "margin-type-with-e": (["-e", "--load", "a.tar", "--margin-type", "arcface"],
+                           ["--margin-type is for training"]),
+    "bad-margin-type": (["--margin-type", "sphereface"], ["--margin-type", "sphereface"]),
+}
+
+
+@pytest.mark.parametrize("extra, fragments", list(USAGE_ERRORS.values()), ids=list(USAGE_ERRORS))
+def test_usage_errors_are_one_line_before_any_work(extra, fragments, run_cli, tmp_path, capsys):
+    argv = ["--dataset", "synthface", "--data-dir", str(tmp_path / "data"), "--no-progress"]
+    codes = [] if "-e" in extra else CODES
+    assert run_cli(*argv, *codes, *extra) == 2
+    one_line_error(capsys, *fragments)
+    assert not list(tmp_path.iterdir())  # no data generated, nothing written
