@@ -1,5 +1,6 @@
-"""The OPQN training loop: SGD with step decay (or cosine, utils.schedules), monitoring every few epochs, and atomic
-checkpoints of the last epoch and of the lowest training loss (as the paper kept)."""
+"""The OPQN training loop: SGD with step decay (or cosine, utils.schedules), monitoring every
+few epochs, and atomic checkpoints of the last epoch and of the lowest training loss (as the
+paper kept)."""
 from __future__ import annotations
 
 import math
