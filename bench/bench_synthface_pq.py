@@ -109,6 +109,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-per-identity", type=int, default=DEFAULT_TRAIN_PER_IDENTITY)
     ap.add_argument("--cross-identities", type=int, default=DEFAULT_CROSS_IDENTITIES)
     args = ap.parse_args(argv)
+    # faiss trains each sub-quantizer's k-means on the database: it needs at least
+    # 2**nbits training vectors, so check before generating anything.
+    need = max(2 ** nbits for _m, nbits in PQ_CONFIGS)
+    have = args.identities * args.train_per_identity
+    if have < need:
+        ap.exit(2, f"{ap.prog}: error: faiss PQ training at {max(b for _m, b in PQ_CONFIGS)} "
+                   f"bits per sub-quantizer needs at least {need} training images, but "
+                   f"--identities {args.identities} x --train-per-identity "
+                   f"{args.train_per_identity} gives {have}: use --identities "
+                   f"{-(-need // max(1, args.train_per_identity))} or more\n")
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir if args.data_dir is not None else Path(tmp)
