@@ -717,7 +717,8 @@ def ensure_synthface(
     Writes ``train``/``test`` (identities ``id0000``...) and the disjoint
     ``cross_train``/``cross_test`` (identities ``xid0000``...) folders and a
     ``synthface.json`` with the generation parameters.  If the folder exists with the
-    same parameters nothing happens; if the parameters differ it is regenerated.  The
+    same parameters nothing happens; if the parameters differ it is regenerated (the
+    command line goes through :func:`use_synthface`, which never does that unasked).  The
     data is written to a temporary folder beside it and renamed into place, so a crash
     never leaves a half-written dataset.  ``workers`` (default: up to 2) only affects
     speed, never the output.  Returns the dataset root.

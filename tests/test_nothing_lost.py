@@ -231,6 +231,20 @@ def test_pixel_pq_bench_checks_faiss_minimum_first(tmp_path):
     assert list(tmp_path.iterdir()) == []  # checked before generating anything
 
 
+def test_pixel_pq_bench_never_replaces_a_users_synthface(tmp_path):
+    from data.synthface import ensure_synthface
+
+    ensure_synthface(tmp_path, num_identities=3, train_per_identity=2, cross_identities=2,
+                     progress=False)
+    before = snapshot(tmp_path)
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "bench_synthface_pq.py"),
+                          "--data-dir", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "3 identities x 2 training images" in out.stderr
+    assert snapshot(tmp_path) == before
+
+
 def test_plot_legend_names_checkpoint_method_and_map():
     from utils.reporting import curve_label
 
