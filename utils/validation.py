@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from data.datasets import IMAGE_EXTENSIONS
 
@@ -196,7 +197,7 @@ def _gib(size: float) -> str:
 
 
 def check_quantizer_memory(spec: CodeSpec, feature_dim: int, limit_bytes: int, where: str,
-                           feature_dim_for=None) -> None:
+                           feature_dim_for: Callable[[int, int], int] | None = None) -> None:
     """Refuse a code configuration whose V_m and codebooks cannot fit in ``limit_bytes``.
 
     ``feature_dim_for(M, K)`` gives D for another K (to suggest the largest K that fits);
