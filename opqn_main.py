@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--cross-dataset", action="store_true",
                    help="cross-dataset protocol: train a 112x112 model on vggface2/cross_train; "
                         "with -e, evaluate it on --dataset's unseen identities")
-    p.add_argument("--bs", type=int, help="batch size (default 256; 64 for synthface)")
+    p.add_argument("--bs", type=int, help="batch size (default 256; 64 for synthface); "
+                   "training drops an epoch's last partial batch, so the training split must "
+                   "hold at least one batch")
     p.add_argument("--save", nargs="+", metavar="NAME",
                    help="checkpoint name(s) under --checkpoint-dir, one per model "
                         "(default: <dataset>_<bits>bits.tar)")
@@ -58,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Beyond the original flags.
     p.add_argument("--data-dir", default="./data", help="datasets root (default ./data)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the paper's value: "
-                   "200 for 32x32 datasets, 160 for VGGFace2)")
+                   "200 for 32x32 datasets, lr halved every 35; 160 for VGGFace2, halved "
+                   "every 20; synthface: 45, halved every 15)")
     p.add_argument("--device", default="auto", help=f"{'|'.join(DEVICE_CHOICES)}|cuda:N "
                    "(default auto: CUDA when present, else MPS on Apple GPUs, else CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -69,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", default="log", help="training logs (default log/)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run named by --save from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let training replace existing checkpoints of --save (without it, or "
+                        "--resume, an existing checkpoint is an error)")
     p.add_argument("--width", type=int, help="backbone width: 64 is the paper's network, 16 "
                    "the narrow CPU variant (default: 64; 16 for synthface)")
     p.add_argument("--feature-dim", type=int, help="feature dimension D (default: 512, or 516 "
@@ -85,11 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "each split (<split>.cache-35/ or .cache-120/), rebuilt when the split "
                         "changes (default: on for synthface, off otherwise)")
     p.add_argument("--export-faiss", nargs="+", metavar="PATH",
-                   help="with -e: write each model's gallery as a faiss IndexPQ file")
+                   help="with -e: write each model's gallery as a faiss IndexPQ file (a bare "
+                        "name goes under --out), with its id->image list <stem>.ids.csv beside")
     p.add_argument("--synthface-identities", type=int,
-                   help="synthface only: number of identities to generate")
+                   help="synthface only: number of identities to generate (default 100; the "
+                        "disjoint -c set gets half as many, 60 by default)")
     p.add_argument("--synthface-images", type=int,
-                   help="synthface only: training images per identity")
+                   help="synthface only: training images per identity (default 30; 5 test)")
+    p.add_argument("--regenerate-synthface", action="store_true",
+                   help="replace an existing synthface whose size differs from the "
+                        "--synthface-* flags (never done otherwise; not with -e)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     # Backbone, margin and schedule choices beyond the paper (defaults: the paper's).
     p.add_argument("--backbone", metavar="NAME", help="face backbone: sphere20 (the paper's "
@@ -116,6 +127,21 @@ def _one_line(exc: BaseException) -> str:
     """The first line of an exception's message (e.g. load_state_dict errors span many)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def _resume_hint(exc: BaseException, argv: list[str] | None) -> str:
+    """How to continue an interrupted training run (empty when there is nothing to add)."""
+    resumable = getattr(exc, "resumable", None)  # set by utils.training.TrainingInterrupted
+    if resumable is None:
+        return ""
+    if not resumable:
+        return "; no epoch had finished, so rerun the same command to start again"
+    import shlex
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return f"; continue with: {shlex.join(['python', PROG, *args])}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2 if "not found" in str(exc) else 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"{PROG}: interrupted{_resume_hint(exc, argv)}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
         if os.environ.get("OPQN_DEBUG"):

@@ -33,7 +33,9 @@ from data.synthface import (  # noqa: E402
     DEFAULT_NUM_IDENTITIES,
     DEFAULT_TEST_PER_IDENTITY,
     DEFAULT_TRAIN_PER_IDENTITY,
+    describe_synthface,
     ensure_synthface,
+    synthface_meta,
 )
 
 # The project's 32x32 normalisation (SPEC, section 2).
@@ -109,7 +111,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-per-identity", type=int, default=DEFAULT_TRAIN_PER_IDENTITY)
     ap.add_argument("--cross-identities", type=int, default=DEFAULT_CROSS_IDENTITIES)
     args = ap.parse_args(argv)
+    # faiss trains each sub-quantizer's k-means on the database: it needs at least
+    # 2**nbits training vectors, so check before generating anything.
+    need = max(2 ** nbits for _m, nbits in PQ_CONFIGS)
+    have = args.identities * args.train_per_identity
+    if have < need:
+        ap.exit(2, f"{ap.prog}: error: faiss PQ training at {max(b for _m, b in PQ_CONFIGS)} "
+                   f"bits per sub-quantizer needs at least {need} training images, but "
+                   f"--identities {args.identities} x --train-per-identity "
+                   f"{args.train_per_identity} gives {have}: use --identities "
+                   f"{-(-need // max(1, args.train_per_identity))} or more\n")
 
+    existing = synthface_meta(args.data_dir) if args.data_dir is not None else None
+    wanted = {"seed": args.seed, "num_identities": args.identities,
+              "train_per_identity": args.train_per_identity,
+              "cross_identities": args.cross_identities, "difficulty": float(args.difficulty)}
+    if existing is not None and any(existing.get(k) != v for k, v in wanted.items()):
+        # ensure_synthface would replace it: never destroy a dataset the user has trained on.
+        ap.exit(2, f"{ap.prog}: error: {args.data_dir}/synthface holds another synthface "
+                   f"({describe_synthface(existing)}, seed {existing.get('seed')}); give "
+                   f"matching --identities/--train-per-identity/--seed, or another "
+                   f"--data-dir\n")
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir if args.data_dir is not None else Path(tmp)
         t0 = time.perf_counter()

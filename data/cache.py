@@ -49,6 +49,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from .transforms import STORED_SIZE
+
 log = logging.getLogger("opqn")
 
 CACHE_VERSION = 1
@@ -397,13 +399,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--workers", type=int, default=None)
     args = p.parse_args(argv)
+    # The sizes the loaders read (data.transforms.STORED_SIZE): any other would never be used.
+    sizes = sorted(STORED_SIZE.values())
+    if args.size not in sizes:
+        p.exit(2, f"{p.prog}: error: --size {args.size}: the training pipeline reads "
+                  f"caches of size {' or '.join(map(str, sizes))} (35 for 32x32 models, 120 "
+                  f"for 112x112)\n")
+    if args.workers is not None and args.workers < 1:
+        p.exit(2, f"{p.prog}: error: --workers must be positive, got {args.workers}\n")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         cache = open_cache(args.split_dir, args.size, args.rebuild, workers=args.workers)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{cache}: {len(cache.failed)} file(s) left out")
+    print(f"cache {cache.root}: {len(cache)} images of {len(cache.classes)} identities at "
+          f"{cache.size}x{cache.size} from {cache.split_dir}, {len(cache.failed)} "
+          f"unreadable file(s) left out")
     return 0
 
 

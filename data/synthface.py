@@ -54,6 +54,10 @@ __all__ = [
     "sample_variation",
     "render_face",
     "ensure_synthface",
+    "synthface_meta",
+    "use_synthface",
+    "SynthfaceMismatch",
+    "describe_synthface",
     "GENERATOR_VERSION",
     "DEFAULT_NUM_IDENTITIES",
     "DEFAULT_TRAIN_PER_IDENTITY",
@@ -682,6 +686,20 @@ def _read_meta(root: Path) -> dict | None:
         return None
 
 
+def synthface_meta(data_dir: str | Path) -> dict | None:
+    """The generation parameters of ``<data_dir>/synthface`` (its ``synthface.json``:
+    ``num_identities``, ``train_per_identity``, ``test_per_identity``, ``cross_identities``,
+    ``seed``, ...), or None when there is no readable SynthFace there."""
+    meta = _read_meta(Path(data_dir) / "synthface")
+    return meta if isinstance(meta, dict) and meta.get("generator") == "synthface" else None
+
+
+def describe_synthface(meta: dict) -> str:
+    """``"20 identities x 10 training images"``: the size a user chose with the CLI flags."""
+    return (f"{meta['num_identities']} identities x {meta['train_per_identity']} training "
+            f"images")
+
+
 def ensure_synthface(
     data_dir: str | Path,
     seed: int = 0,
@@ -699,7 +717,8 @@ def ensure_synthface(
     Writes ``train``/``test`` (identities ``id0000``...) and the disjoint
     ``cross_train``/``cross_test`` (identities ``xid0000``...) folders and a
     ``synthface.json`` with the generation parameters.  If the folder exists with the
-    same parameters nothing happens; if the parameters differ it is regenerated.  The
+    same parameters nothing happens; if the parameters differ it is regenerated (the
+    command line goes through :func:`use_synthface`, which never does that unasked).  The
     data is written to a temporary folder beside it and renamed into place, so a crash
     never leaves a half-written dataset.  ``workers`` (default: up to 2) only affects
     speed, never the output.  Returns the dataset root.
@@ -759,6 +778,56 @@ def ensure_synthface(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+class SynthfaceMismatch(ValueError):
+    """The SynthFace on disk is not the one asked for; the message names both sizes."""
+
+
+def cross_identities_for(num_identities: int | None) -> int:
+    """Size of the disjoint ``cross_*`` set: 60 by default, else half the main set (>= 2)."""
+    if num_identities is None:
+        return DEFAULT_CROSS_IDENTITIES
+    return max(2, num_identities // 2)
+
+
+def use_synthface(data_dir: str | Path, num_identities: int | None = None,
+                  train_per_identity: int | None = None, regenerate: bool = False,
+                  progress: bool = True) -> tuple[Path, str]:
+    """The command line's policy: generate SynthFace only when it is absent (or when asked).
+
+    * No dataset yet: generate it at the size asked for (defaults for what is not given).
+    * A dataset exists: use it as it is. A size given explicitly that differs from it raises
+      :class:`SynthfaceMismatch` naming both sizes, unless ``regenerate`` is set, in which
+      case it is rebuilt at the size asked for. Nothing is ever regenerated silently, so
+      evaluating a model never changes the data it was trained on.
+
+    Returns ``(root, what happened)`` for the log.
+    """
+    root = Path(data_dir) / "synthface"
+    meta = synthface_meta(data_dir)
+    asked = {"num_identities": num_identities, "train_per_identity": train_per_identity}
+    if root.exists() and meta is None:
+        raise SynthfaceMismatch(f"{root} exists but holds no readable synthface.json; move it "
+                                f"away or choose another --data-dir")
+    if meta is not None and not regenerate:
+        differs = [key for key, value in asked.items()
+                   if value is not None and value != meta.get(key)]
+        if differs:
+            wanted = {**meta, **{k: v for k, v in asked.items() if v is not None}}
+            raise SynthfaceMismatch(
+                f"the --synthface-* flags ask for {describe_synthface(wanted)}, but {root} "
+                f"holds {describe_synthface(meta)}; leave the flags out to use it, or add "
+                f"--regenerate-synthface to replace it")
+        return root, f"synthface: using {root} ({describe_synthface(meta)})"
+    size = {"num_identities": num_identities or DEFAULT_NUM_IDENTITIES,
+            "train_per_identity": train_per_identity or DEFAULT_TRAIN_PER_IDENTITY}
+    same = meta is not None and all(meta.get(k) == v for k, v in size.items()) and \
+        meta.get("cross_identities") == cross_identities_for(num_identities)
+    verb = "kept (already that size)" if same else "regenerated" if meta else "generated"
+    ensure_synthface(data_dir, cross_identities=cross_identities_for(num_identities),
+                     progress=progress, **size)
+    return root, f"synthface: {verb} {root} ({describe_synthface(size)})"
 
 
 def _swap_into_place(tmp: Path, root: Path, meta: dict) -> None:

@@ -30,6 +30,23 @@ class ResidualUnit(nn.Module):
         return x + self.body(x)
 
 
+def check_input_shape(images: Tensor, input_size: int) -> None:
+    """Refuse images of the wrong shape with a message saying what is expected.
+
+    Without it a wrong size only fails deep inside the head (``running_mean should contain
+    8192 elements``), and unnormalised input is not caught at all, hence the pointer to
+    ``utils.inference.encode_images``, which applies the model's own transform.
+    """
+    if (not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3
+            or images.shape[2] != input_size or images.shape[3] != input_size):
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(
+            f"expected a batch of normalised images of shape (B, 3, {input_size}, "
+            f"{input_size}) for this {input_size}x{input_size} model, got {got}; "
+            f"utils.inference.encode_images(model, images) takes image paths or PIL images "
+            f"and applies the model's own evaluation transform")
+
+
 class FaceResNet20(nn.Module):
     """SphereFace-style ResNet-20 producing a ``(B, feature_dim)`` feature.
 
@@ -86,5 +103,6 @@ class FaceResNet20(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, S, S)`` images -> ``(B, feature_dim)`` features."""
+        check_input_shape(images, self.input_size)
         return self.head(self.stages(images))
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .backbone import FaceResNet20
+from .backbone import FaceResNet20, check_input_shape
 
 DEFAULT_BACKBONE = "sphere20"
 
@@ -99,6 +99,7 @@ class TimmFaceBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, S, S)`` images -> ``(B, feature_dim)`` features."""
+        check_input_shape(images, self.input_size)
         return self.head(self.feature_map(images))
 
 

@@ -133,5 +133,18 @@ def test_export_faiss_index_matches_search_adc(tiny_data_dir, run_cli, tmp_path)
     assert run_cli(*args, "--len", "12", "--num", "2", "--epochs", "1", "--eval-every", "0",
                    "--save", "f.tar") == 0
     assert run_cli("-e", *args, "--load", "f.tar", "--export-faiss", "gallery.faiss") == 0
-    index = faiss.read_index(str(tmp_path / "gallery.faiss"))
+    assert not (tmp_path / "gallery.faiss").exists()  # a bare name goes under --out
+    index = faiss.read_index(str(tmp_path / "results" / "gallery.faiss"))
     assert index.ntotal == 6 * 6
+    # The id list beside it names the image of every faiss id, in gallery order.
+    import csv
+
+    with open(tmp_path / "results" / "gallery.ids.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["id"]) for row in rows] == list(range(36))
+    from data.datasets import FaceFolder
+
+    gallery = FaceFolder(tiny_data_dir / "synthface" / "train")
+    names = {index: name for name, index in gallery.class_to_idx.items()}
+    assert [(row["path"], row["identity"]) for row in rows] == \
+        [(path, names[label]) for path, label in gallery.samples]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import platform
 from datetime import datetime
@@ -17,11 +18,12 @@ from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, Pretraine
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .evaluation import evaluate_model
 from .logger import get_logger, setup_logging
-from .reporting import plot_pr_curves, summary_line, write_result
-from .runtime import DistInfo, cleanup_distributed, init_distributed
+from .reporting import curve_label, plot_pr_curves, summary_line, write_result
+from .runtime import DistInfo, cleanup_distributed, init_distributed, memory_budget
 from .schedules import describe_schedule
-from .training import TrainSettings, load_model, train
-from .validation import CodeSpec, UsageError, check_feature_dim, check_split_dir
+from .training import TrainingInterrupted, TrainSettings, load_model, train
+from .validation import (CodeSpec, UsageError, check_batch_fits, check_feature_dim,
+                         check_no_overwrite, check_quantizer_memory, check_split_dir)
 
 REQUIRED_KEYS = ("config", "backbone", "quantizer")
 RESUME_KEYS = REQUIRED_KEYS + ("class_weights", "epoch", "best_loss", "best_epoch", "history",
@@ -37,15 +39,18 @@ def _prepare_folders(args: argparse.Namespace, cross_train: bool) -> tuple[Path,
     """Generate synthface if needed, then check that the split folders exist."""
     uses_synthface = args.dataset == "synthface"
     if uses_synthface:
-        from data.synthface import ensure_synthface
+        from data.synthface import SynthfaceMismatch, use_synthface
 
-        options = {}
-        if args.synthface_identities is not None:
-            options["num_identities"] = args.synthface_identities
-            options["cross_identities"] = max(2, args.synthface_identities // 2)
-        if args.synthface_images is not None:
-            options["train_per_identity"] = args.synthface_images
-        ensure_synthface(args.data_dir, progress=not args.no_progress, **options)
+        # Generated only when absent or asked for: never silently over the data a model
+        # was trained on (-e refuses --regenerate-synthface in check_options).
+        try:
+            _root, what = use_synthface(
+                args.data_dir, args.synthface_identities, args.synthface_images,
+                regenerate=getattr(args, "regenerate_synthface", False),
+                progress=not args.no_progress)
+        except SynthfaceMismatch as exc:
+            raise UsageError(str(exc)) from None
+        get_logger().info(what)
     train_dir, test_dir = split_dirs(args.data_dir, args.dataset, cross_train)
     check_split_dir(train_dir, "training" if not cross_train else "cross-training")
     check_split_dir(test_dir, "test")
@@ -79,7 +84,7 @@ def _result_metadata(config: OPQNConfig, args: argparse.Namespace, device: torch
 
 def _evaluate_and_report(model, config: OPQNConfig, splits: RetrievalSplits,
                          args: argparse.Namespace, device: torch.device, k: int, stem: str,
-                         extra: dict) -> tuple[dict, tuple]:
+                         extra: dict, title: str | None = None) -> tuple[dict, tuple]:
     workers = loader_workers(args)
     batch = args.bs or 256  # inference only: the batch size does not change the codes
     gallery = make_loader(splits.gallery, batch, workers, device)
@@ -87,7 +92,7 @@ def _evaluate_and_report(model, config: OPQNConfig, splits: RetrievalSplits,
     result, codes, labels = evaluate_model(model, gallery, queries, device, k=k, ties=args.ties,
                                            progress=not args.no_progress)
     result = {**_result_metadata(config, args, device), **extra, **result}
-    json_path, png_path = write_result(result, args.out, stem)
+    json_path, png_path = write_result(result, args.out, stem, title=title)
     log = get_logger()
     log.info(summary_line({**result, "name": stem}))
     log.info("results: %s, %s", json_path, png_path)
@@ -135,28 +140,39 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
     source = args.dataset if not args.cross_dataset else (
         "synthface" if args.dataset == "synthface" else "vggface2")
     jobs = []
+    budget, budget_source = memory_budget(device)
     for spec in specs:  # validate every model before any work
         feature_dim = args.feature_dim or choose_feature_dim(
             spec.num_books, spec.num_words, preset.input_size)
         check_feature_dim(feature_dim, spec.num_books, spec.num_words)
+        check_quantizer_memory(
+            spec, feature_dim, budget, budget_source,
+            lambda m, k: args.feature_dim or choose_feature_dim(m, k, preset.input_size))
         prefix = f"cross_{source}" if args.cross_dataset else source
         name = spec.name or f"{prefix}_{spec.bits}bits.tar"
         # A bare name goes to --checkpoint-dir, as the original's ./checkpoint/NAME.
         best = Path(name) if Path(name).parent.parts else Path(args.checkpoint_dir) / name
         last = best.with_name(f"{best.stem}.last{best.suffix or '.tar'}")
-        if args.resume and not last.is_file():
-            raise UsageError(f"--resume: no last checkpoint to resume from: {last}")
-        if args.resume:
-            _check_resumable(spec, {"feature_dim": feature_dim, "width": width,
-                                    "input_size": preset.input_size, "backbone": backbone,
-                                    "backbone_args": backbone_args,
-                                    "margin_type": margin_type}, last,
-                             {"schedule": schedule, "warmup": warmup, "epochs": epochs})
+        if any(best == job[2] for job in jobs):
+            raise UsageError(f"two models of this run would both be saved as {best}: give "
+                             f"each one its own --save name")
+        check_no_overwrite(best, last, args.resume and last.is_file(),
+                           getattr(args, "overwrite", False))
         jobs.append((spec, feature_dim, best, last))
+    resuming = [job for job in jobs if job[3].is_file()] if args.resume else []
+    if args.resume and not resuming:
+        raise UsageError(f"--resume: no last checkpoint to resume from: {jobs[0][3]}")
+    for spec, feature_dim, _best, last in resuming:
+        _check_resumable(spec, {"feature_dim": feature_dim, "width": width,
+                                "input_size": preset.input_size, "backbone": backbone,
+                                "backbone_args": backbone_args,
+                                "margin_type": margin_type}, last,
+                         {"schedule": schedule, "warmup": warmup, "epochs": epochs})
 
     dist_info = init_distributed(args.device)
     try:
         # Rank 0 generates data and builds caches first; the others then only read them.
+        setup_logging(None, dist_info.is_main)
         if dist_info.distributed and not dist_info.is_main:
             torch.distributed.barrier()
         train_dir, test_dir = _prepare_folders(args, cross_train=args.cross_dataset)
@@ -165,12 +181,17 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
                               progress=not args.no_progress and dist_info.is_main)
         if dist_info.distributed and dist_info.is_main:
             torch.distributed.barrier()
-        for spec, feature_dim, best, last in jobs:
-            _train_one(args, spec, feature_dim, best, last, splits, preset, width, epochs,
-                       source, device, dist_info,
-                       {"backbone": backbone, "backbone_args": backbone_args,
-                        "pretrained": bool(args.pretrained), "margin_type": margin_type},
-                       (schedule, warmup))
+        check_batch_fits(len(splits.train), args.bs, preset.batch_size, train_dir)
+        model_choice = {"backbone": backbone, "backbone_args": backbone_args,
+                        "pretrained": bool(args.pretrained), "margin_type": margin_type}
+        try:
+            for spec, feature_dim, best, last in jobs:
+                # Under --resume a model of a multi-model run that never started starts now.
+                _train_one(args, spec, feature_dim, best, last, splits, preset, width, epochs,
+                           source, device, dist_info, model_choice, (schedule, warmup),
+                           resume=args.resume and last.is_file())
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(any(job[3].is_file() for job in jobs)) from None
     finally:
         cleanup_distributed()
 
@@ -178,8 +199,8 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
 def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
                splits: RetrievalSplits, preset, width: int, epochs: int, source: str,
                device: torch.device, dist_info: DistInfo, model_choice: dict,
-               schedule: tuple[str, int] = ("step", 0)) -> None:
-    stamp = datetime.now().strftime("%m%d%H%M%S")
+               schedule: tuple[str, int] = ("step", 0), resume: bool | None = None) -> None:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     settings_batch = args.bs or preset.batch_size
     log = setup_logging(Path(args.log_dir) / f"{best.stem}_{stamp}.txt", dist_info.is_main)
     config = OPQNConfig(
@@ -191,8 +212,8 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
         epochs=epochs, lr=args.lr, lr_step=preset.lr_step, batch_size=settings_batch,
         workers=loader_workers(args),
         seed=args.seed, eval_every=args.eval_every, best_path=best, last_path=last,
-        resume=args.resume, progress=not args.no_progress, schedule=schedule[0],
-        warmup=schedule[1])
+        resume=args.resume if resume is None else resume, progress=not args.no_progress,
+        schedule=schedule[0], warmup=schedule[1])
     log.info("[config] dataset %s%s: %d identities, %d training images, %d test images",
              source, " (cross-dataset training)" if args.cross_dataset else "",
              splits.num_classes, len(splits.train), len(splits.queries))
@@ -216,8 +237,10 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
     model = load_model(checkpoint, device)
     extra = {"checkpoint": str(best), "checkpoint_epoch": int(checkpoint["epoch"]),
              "ties": args.ties}
+    split = " (cross_train/cross_test)" if args.cross_dataset else ""
     _evaluate_and_report(model, config, splits, args, device, args.topk or preset.top_k,
-                         best.stem, extra)
+                         best.stem, extra, title=f"{best.stem} on {source}{split}: "
+                                                 f"precision-recall")
 
 
 def _reconcile(spec: CodeSpec, config: dict, path: Path) -> None:
@@ -315,24 +338,62 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
         model = model.to(device)
         log.info("evaluating %s (%d-bit, %dx%d) on %s", path, config.bits, config.num_books,
                  config.num_words, args.dataset)
-        stem = path.stem if (path.stem.startswith(args.dataset) and not args.cross_dataset) \
-            else f"{path.stem}_on_{args.dataset}{'_cross' if args.cross_dataset else ''}"
+        # Its own name, never the training-time result's <stem>.json (see README).
+        stem = f"{path.stem}_on_{args.dataset}{'_cross' if args.cross_dataset else ''}"
         extra = {"checkpoint": str(path), "checkpoint_epoch": int(checkpoint.get("epoch", 0)),
                  "ties": args.ties, "identity_overlap": overlap}
+        title = (f"cross-dataset: {path.stem} on {args.dataset} (unseen identities)"
+                 if args.cross_dataset else f"{path.stem} on {args.dataset}: precision-recall")
         result, (codes, _labels) = _evaluate_and_report(model, config, splits, args, device, k,
-                                                        stem, extra)
-        curves.append((f"{config.bits}-bit ({config.num_books}x{config.num_words})",
+                                                        stem, extra, title=title)
+        curves.append((curve_label({**checkpoint["config"], **result}, path.stem),
                        result["pr_curve"]))
         if args.export_faiss:
-            from .faiss_index import build_faiss_index, save_faiss_index
-
-            index_path = Path(args.export_faiss[index])
-            save_faiss_index(build_faiss_index(model.quantizer.codebooks.cpu(), codes.cpu()),
-                             index_path)
-            log.info("faiss IndexPQ with %d gallery codes written to %s", codes.shape[0],
-                     index_path)
+            _export_faiss(model, codes, splits.gallery,
+                          export_path(args.export_faiss[index], args.out))
     if len(curves) > 1:
         name = f"{args.dataset}{'_cross' if args.cross_dataset else ''}_pr_curves.png"
-        path = plot_pr_curves(curves, Path(args.out) / name,
-                              title=f"{args.dataset}: precision-recall")
+        title = (f"cross-dataset on {args.dataset} (unseen identities): {len(curves)} models"
+                 if args.cross_dataset else f"{args.dataset}: precision-recall of "
+                                            f"{len(curves)} models")
+        path = plot_pr_curves(curves, Path(args.out) / name, title=title)
         log.info("PR curves of all models: %s", path)
+
+
+def export_path(value: str, out_dir: str) -> Path:
+    """--export-faiss: a bare file name goes under --out; a path is taken as given."""
+    path = Path(value)
+    return path if path.parent.parts else Path(out_dir) / path
+
+
+def gallery_paths(gallery) -> list[tuple[str, str]]:
+    """``(image file, identity)`` of each gallery row, in encoding order (unreadable files
+    left out, as the encoder leaves them out)."""
+    names = {index: name for name, index in gallery.class_to_idx.items()}
+    cache = getattr(gallery, "cache", None)
+    if cache is not None:  # CachedImageDataset: failed files were never in the cache
+        return [(path, names[int(label)]) for path, label in zip(cache.paths, gallery.targets)]
+    broken = getattr(gallery, "broken", set())
+    return [(path, names[label]) for path, label in gallery.samples if path not in broken]
+
+
+def _export_faiss(model: OPQN, codes: torch.Tensor, gallery, index_path: Path) -> None:
+    """The faiss IndexPQ of the gallery codes, and ``<stem>.ids.csv`` beside it: the image
+    of each faiss id, without which the ids mean nothing."""
+    from .faiss_index import build_faiss_index, save_faiss_index
+
+    paths = gallery_paths(gallery)
+    if len(paths) != codes.shape[0]:
+        raise RuntimeError(f"{codes.shape[0]} gallery codes but {len(paths)} gallery files: "
+                           f"cannot write the id list of {index_path}")
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    save_faiss_index(build_faiss_index(model.quantizer.codebooks.cpu(), codes.cpu()),
+                     index_path)
+    ids_path = index_path.with_name(f"{index_path.stem}.ids.csv")
+    with open(ids_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "path", "identity"])
+        for i, (file, identity) in enumerate(paths):
+            writer.writerow([i, file, identity])
+    get_logger().info("faiss IndexPQ with %d gallery codes written to %s (ids: %s)",
+                      codes.shape[0], index_path, ids_path)

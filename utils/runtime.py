@@ -61,6 +61,24 @@ def metrics_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
+def memory_budget(device: torch.device) -> tuple[int, str]:
+    """Bytes a model's parameters may take before building it, and where that comes from.
+
+    Half of the physical memory (the rest is for the backbone, activations and data), and
+    of the GPU's memory on CUDA: the codebooks are built on the CPU, then moved.
+    """
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: assume a modest machine
+        ram = 16 * 2**30
+    budget, where = ram // 2, f"half of this machine's {ram / 2**30:.1f} GiB of memory"
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        if total // 2 < budget:
+            budget, where = total // 2, f"half of {device}'s {total / 2**30:.1f} GiB"
+    return budget, where
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)

@@ -31,6 +31,14 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; ``resumable``: a last checkpoint exists to ``--resume`` from."""
+
+    def __init__(self, resumable: bool) -> None:
+        super().__init__("interrupted")
+        self.resumable = resumable
+
+
 @dataclass
 class TrainSettings:
     """Optimisation and bookkeeping settings of one training run."""

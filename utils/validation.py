@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from data.datasets import IMAGE_EXTENSIONS
 
@@ -125,10 +126,22 @@ def check_options(args) -> None:
                         ("--warmup", getattr(args, "warmup", None))):
         if value is not None and value < 0:
             raise UsageError(f"{flag} must be zero or positive, got {value}")
+    overwrite = getattr(args, "overwrite", False)
+    regenerate = getattr(args, "regenerate_synthface", False)
+    if regenerate and args.dataset != "synthface":
+        raise UsageError(f"--regenerate-synthface is for --dataset synthface, not "
+                         f"{args.dataset}")
+    if overwrite and args.resume:
+        raise UsageError("--overwrite and --resume contradict each other: --resume continues "
+                         "the existing checkpoint, --overwrite replaces it")
     if args.evaluate:
         if not args.load:
             raise UsageError("-e/--evaluate needs --load with one checkpoint per model")
-        for flag, given in (("--save", args.save), ("--resume", args.resume)):
+        if regenerate:
+            raise UsageError("--regenerate-synthface is for training: -e never regenerates "
+                             "the data a model is evaluated on")
+        for flag, given in (("--save", args.save), ("--resume", args.resume),
+                            ("--overwrite", overwrite)):
             if given:
                 raise UsageError(f"{flag} is for training; -e evaluates the models in --load")
         # The checkpoint holds the model (backbone, margin) and -e does not train.
@@ -175,3 +188,77 @@ def check_split_dir(path: Path, role: str) -> None:
         if entry.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in entry.iterdir()):
             return
     raise UsageError(f"{role} folder has no identity folders with images: {path} ({layout})")
+
+
+def quantizer_memory_bytes(feature_dim: int, num_books: int, num_words: int) -> int:
+    """Bytes that building and training the quantization head take, from (D, M, K) alone.
+
+    V_m: ``M x d x K`` float32 weights plus their gradient and SGD momentum (3 copies); the
+    codebooks: ``M x d x K`` float64 while they are built, then float32; the ``d x d`` float64
+    DCT matrix they are built from. Nothing else grows with K as fast.
+    """
+    word_dim = feature_dim // num_books
+    books = num_books * word_dim * num_words
+    return books * (3 * 4 + 8 + 4) + word_dim * word_dim * 8
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2 ** 30:.1f} GiB"
+
+
+def check_quantizer_memory(spec: CodeSpec, feature_dim: int, limit_bytes: int, where: str,
+                           feature_dim_for: Callable[[int, int], int] | None = None) -> None:
+    """Refuse a code configuration whose V_m and codebooks cannot fit in ``limit_bytes``.
+
+    ``feature_dim_for(M, K)`` gives D for another K (to suggest the largest K that fits);
+    ``where`` names the memory the limit is taken from, for the message.
+    """
+    need = quantizer_memory_bytes(feature_dim, spec.num_books, spec.num_words)
+    if need <= limit_bytes:
+        return
+    fits = None
+    words = 2
+    while words < spec.num_words:
+        dim = feature_dim_for(spec.num_books, words) if feature_dim_for else feature_dim
+        if dim // spec.num_books < words or \
+                quantizer_memory_bytes(dim, spec.num_books, words) > limit_bytes:
+            break
+        fits, words = words, words * 2
+    hint = (f"with --num {spec.num_books} use --words {fits} or fewer (--len "
+            f"{spec.num_books * int(math.log2(fits))})" if fits else "use fewer codewords")
+    raise UsageError(
+        f"--len {spec.bits} --num {spec.num_books} --words {spec.num_words} (D = {feature_dim}, "
+        f"d = {feature_dim // spec.num_books}) needs about {_gib(need)} for V_m (with its "
+        f"gradient and momentum) and the codebooks alone, more than the {_gib(limit_bytes)} "
+        f"allowed ({where}); {hint}")
+
+
+def check_no_overwrite(best: Path, last: Path, resume: bool, overwrite: bool) -> None:
+    """Training must not replace an existing checkpoint unless told to.
+
+    ``--resume`` continues it (its ``.last`` file), ``--overwrite`` replaces it; without
+    either an existing file of the model is an error naming it.
+    """
+    if resume or overwrite:
+        return
+    for path in (best, last):
+        if path.exists():
+            raise UsageError(f"checkpoint {path} already exists and training would overwrite "
+                             f"it: add --resume to continue that run, --overwrite to replace "
+                             f"it, or choose another --save name")
+
+
+def check_batch_fits(num_images: int, batch: int | None, default_batch: int,
+                     split: Path) -> None:
+    """Every training batch is full (an epoch's last partial batch is dropped, so that
+    batch statistics never rest on a handful of images), so the split must hold at least
+    one batch, and batch normalisation needs at least 2 images per batch."""
+    size = batch or default_batch
+    flag = f"--bs {size}" if batch else f"the default batch of {size} (--bs)"
+    if size < 2:
+        raise UsageError(f"--bs {size}: batch normalisation needs at least 2 images per batch")
+    if num_images < size:
+        hint = (f"give --bs {num_images} or less" if num_images >= 2
+                else "it needs at least 2 images")
+        raise UsageError(f"the training split {split} has {num_images} images, fewer than "
+                         f"one batch with {flag}: {hint}")
