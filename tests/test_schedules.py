@@ -1,4 +1,4 @@
-"""--schedule cosine: decays to lr 0 at the end of the last epoch, and resumes exactly."""
+"""--schedule cosine: decays to lr 0 at the last epoch, and resumes exactly."""
 import math
 
 import pytest
@@ -27,10 +27,10 @@ def _lrs(schedule: str, epochs: int, warmup: int = 0, lr_step: int = 2) -> tuple
 def test_cosine_warms_up_then_decays_to_zero_at_the_last_epoch():
     used, final = _lrs("cosine", 8, warmup=2)
     assert used[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])  # linear warmup, then the peak
-    assert all(a > b > 0 for a, b in zip(used[2:], used[3:]))  # strictly decreasing, positive
-    assert used[3] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 6)))
-    assert final == 0.0  # what the optimizer holds once the last epoch is done
-    assert cosine_factor(8, 8, 2) == 0.0
+    assert all(a > b for a, b in zip(used[2:], used[3:]))  # strictly decreasing
+    assert used[3] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 5)))
+    assert used[-1] == 0.0 and final == 0.0  # the last epoch runs at lr 0
+    assert cosine_factor(7, 8, 2) == 0.0
 
 
 def test_step_schedule_is_still_the_paper_halving():
@@ -67,7 +67,7 @@ def test_cosine_run_reaches_zero_and_resume_reproduces_it(splits, tmp_path, monk
     training.train(config, _settings(full, epochs), splits, device)
     reference = load_checkpoint(full / "m.last.tar")
     lrs = [record["lr"] for record in reference["history"]]
-    assert lrs[0] < lrs[1] and lrs[1] > lrs[2] > 0  # warmup, peak, decay
+    assert lrs[0] < lrs[1] and lrs[1] > lrs[2] == 0.0  # warmup, peak, 0 at the last epoch
     assert reference["optimizer"]["param_groups"][0]["lr"] == 0.0  # 0 after the last epoch
 
     # Stop after epoch 2's checkpoint is written, as a crash would, then resume.

@@ -19,15 +19,14 @@ def cosine_factor(epoch: int, epochs: int, warmup: int = 0) -> float:
     """Multiplier of the base lr during epoch ``epoch`` (0-based) of ``epochs``.
 
     * Warmup epochs ``e < warmup`` ramp linearly: ``(e + 1) / (warmup + 1)``.
-    * Then ``½·(1 + cos(π·(e − warmup) / (epochs − warmup)))``: 1 at the first epoch after
-      the warmup, falling towards 0, and exactly 0 once ``epoch == epochs``, the value
-      the optimizer holds after the last epoch (as torch's CosineAnnealingLR with
-      ``T_max = epochs``). The last epoch itself still trains with a small positive lr
-      rather than wasting an epoch at lr 0.
+    * Then ``½·(1 + cos(π·(e − warmup) / (epochs − 1 − warmup)))``: 1 at the first epoch
+      after the warmup, falling to exactly 0 at the last epoch (``e == epochs − 1``), which
+      therefore only refreshes the BatchNorm statistics: "decays to 0 over ``--epochs``"
+      taken literally, so the logged lr of the last epoch is 0.
     """
     if epoch < warmup:
         return (epoch + 1) / (warmup + 1)
-    span = max(1, epochs - warmup)
+    span = max(1, epochs - 1 - warmup)
     progress = min(1.0, (epoch - warmup) / span)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
