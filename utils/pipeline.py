@@ -202,7 +202,13 @@ def _checked_model(checkpoint: dict, path: Path) -> OPQN:
 
 def _check_resumable(spec: CodeSpec, expected: dict, path: Path) -> None:
     """--resume must continue the same model: its last checkpoint is complete and agrees."""
-    checkpoint = load_checkpoint(path, map_location="cpu", required_keys=RESUME_KEYS)
+    checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
+    # A converted authors' file has no training state: resuming it starts a new class head.
+    needed = RESUME_KEYS if "converted_from" not in checkpoint else REQUIRED_KEYS + ("epoch",)
+    missing = [key for key in needed if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks required keys: {', '.join(missing)}",
+                              path)
     config = _checked_config(checkpoint, path)
     _reconcile(spec, config, path)
     for key, value in expected.items():
