@@ -257,6 +257,12 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
                  "ties": args.ties, "identity_overlap": overlap}
         result, (codes, _labels) = _evaluate_and_report(model, config, splits, args, device, k,
                                                         stem, extra)
+        from .search import write_examples
+
+        examples = write_examples(model, splits.gallery, splits.queries, codes, args, device,
+                                  stem)
+        if examples is not None:
+            log.info("retrieval examples: %s", examples)
         curves.append((f"{config.bits}-bit ({config.num_books}x{config.num_words})",
                        result["pr_curve"]))
         if args.export_faiss:
