@@ -12,6 +12,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.training import load_model
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("input_size,width,books,words,word_dim", [

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import TINY_SYNTHFACE, one_line_error
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 COMMON = ["--workers", "0", "--no-progress", "--bs", "12"]
 
 
