@@ -119,6 +119,13 @@ def test_evaluate_authors_file_with_no_other_flag(tiny_data_dir, run_cli, tmp_pa
     assert code == 0, err
     assert sum("converted the authors'" in line for line in out.splitlines()) == 1
     assert (tmp_path / "results" / "theirs_on_synthface.json").is_file()
+    # The examples grid beside the PR curve: 8 queries drawn at a fixed seed, k + 1 columns.
+    from PIL import Image
+
+    from utils.gallery_view import grid_layout
+
+    with Image.open(tmp_path / "results" / "theirs_on_synthface_examples.png") as png:
+        assert png.size == grid_layout(8, 10 + 1)
 
     # A contradicting --len is still caught against the inferred configuration.
     assert run_cli("-e", "--dataset", "synthface", "--load", "theirs.tar", "--len", "16",
