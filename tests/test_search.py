@@ -205,3 +205,19 @@ def test_index_holds_uint8_codes_and_paths_only(tmp_path):
     loaded = load_index(tmp_path / "i.tar")
     assert loaded.codes.dtype == torch.uint8 and torch.equal(loaded.codes, codes)
     assert loaded.paths == paths and loaded.identity(0) == "id00000"
+
+
+def test_gallery_without_identity_folders(trained, run_cli, tmp_path):
+    """Identities unknown: results carry no identity and no hit/miss verdict."""
+    _model, gallery, test_dir = trained
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in sorted(gallery.rglob("*.png"))[::6]:
+        shutil.copy(path, flat / path.name)
+    query = str(next((test_dir / sorted(os.listdir(test_dir))[0]).iterdir()))
+    assert _search(run_cli, trained[0], flat, "--query", query, "--topk", "3") == 0
+    result = json.loads((tmp_path / "results" / "search.json").read_text())
+    assert result["gallery_size"] == 6
+    (row,) = result["queries"]
+    assert row["identity"] is None and len(row["results"]) == 3
+    assert all(r["identity"] is None and r["correct"] is None for r in row["results"])

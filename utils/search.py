@@ -205,7 +205,11 @@ def write_examples(model: OPQN, gallery: Dataset, queries: Dataset, codes: Tenso
         return None
     pick = torch.randperm(len(query_items), generator=torch.Generator().manual_seed(seed))
     chosen = [query_items[i] for i in sorted(pick[:count].tolist())]
-    tables, kept = _encoder(model, args, device, "query")([p for p, _ in chosen])
+    try:
+        tables, kept = _encoder(model, args, device, "query")([p for p, _ in chosen])
+    except UsageError as exc:  # the evaluation itself succeeded: only the picture is lost
+        log.warning("no examples grid: %s", exc)
+        return None
     index = GalleryIndex(Path("."), [p for p, _ in items], codes, "", "")
     topk = args.topk or DEFAULT_TOPK
     scores, positions = rank(tables, index, topk)
