@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthface dataset, generated once per test session."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -68,4 +69,26 @@ def run_cli(tmp_path, monkeypatch):
         except SystemExit as exc:  # argparse errors
             return int(exc.code)
 
-    return run
+    with opqn_logger_restored():
+        yield run
+
+
+@contextlib.contextmanager
+def opqn_logger_restored():
+    """The CLI's setup_logging stops the "opqn" logger from propagating; restore it so that
+    later tests' caplog still sees its records."""
+    import logging
+
+    logger = logging.getLogger("opqn")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    try:
+        yield
+    finally:
+        for handler in list(logger.handlers):
+            if handler not in saved[0]:
+                logger.removeHandler(handler)
+                handler.close()
+        for handler in saved[0]:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        logger.propagate, logger.level = saved[1], saved[2]

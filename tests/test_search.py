@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_SYNTHFACE, one_line_error
+from conftest import TINY_SYNTHFACE, one_line_error, opqn_logger_restored
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COMMON = ["--workers", "0", "--no-progress", "--bs", "12"]
@@ -20,11 +20,12 @@ def trained(tiny_data_dir, tmp_path_factory):
     import opqn_main
 
     root = tmp_path_factory.mktemp("search")
-    code = opqn_main.main(["--dataset", "synthface", "--data-dir", str(tiny_data_dir),
-                           *TINY_SYNTHFACE, *COMMON, "--len", "12", "--num", "2", "--words",
-                           "64", "--epochs", "2", "--eval-every", "0", "--seed", "3",
-                           "--save", str(root / "tiny.tar"), "--log-dir", str(root / "log"),
-                           "--out", str(root / "train_results")])
+    with opqn_logger_restored():
+        code = opqn_main.main([
+            "--dataset", "synthface", "--data-dir", str(tiny_data_dir), *TINY_SYNTHFACE,
+            *COMMON, "--len", "12", "--num", "2", "--words", "64", "--epochs", "2",
+            "--eval-every", "0", "--seed", "3", "--save", str(root / "tiny.tar"),
+            "--log-dir", str(root / "log"), "--out", str(root / "train_results")])
     assert code == 0
     gallery = root / "gallery"
     shutil.copytree(tiny_data_dir / "synthface" / "train", gallery)

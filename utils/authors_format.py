@@ -21,7 +21,9 @@ the batch mean absorbs any constant per-channel bias, so fine-tuning is unaffect
 
 The configuration follows from the shapes alone: the width from ``layer1.0``'s
 out-channels, the input size from ``bn``'s width (``8·width·7·7`` for 112,
-``8·width·4·4`` for 32), ``D`` from ``fc`` and ``M, d, K`` from ``mlp``. The class weights
+``8·width·4·4`` for 32), ``D`` from ``fc`` and ``M, d, K`` from ``mlp``. (Their narrow
+variant, 16-32-64-128 channels, always has strides 1, 2, 2, 2, so it exists at 32x32 only;
+it maps onto ``--width 16``.) The class weights
 were not saved, so a converted checkpoint has none: resuming from it starts a new class
 head (and a new optimizer) at epoch 0.
 """
