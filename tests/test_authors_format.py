@@ -1,5 +1,4 @@
 """The authors' released checkpoint format (SPEC §4): loaded as is, converted, resumed."""
-import subprocess
 import sys
 
 import pytest
@@ -7,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from authors_model import save_authors_checkpoint
-from conftest import REPO, TINY_SYNTHFACE, one_line_error
+from conftest import TINY_SYNTHFACE, one_line_error
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.training import load_model
 
@@ -151,9 +150,14 @@ def test_resume_from_converted_file_starts_a_new_head(tiny_data_dir, run_cli, tm
     assert trained["config"]["num_classes"] == 6
 
 
-def test_converter_cli_runs_as_module(tmp_path):
+def test_converter_runs_as_a_module(tmp_path, monkeypatch, capsys):
+    """`python -m utils.convert_authors IN OUT` (run in-process: no second interpreter)."""
+    import runpy
+
     save_authors_checkpoint(tmp_path / "t.tar", 32, 16, 2, 16, 256)
-    done = subprocess.run([sys.executable, "-m", "utils.convert_authors", str(tmp_path / "t.tar"),
-                           str(tmp_path / "o.tar")], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "o.tar").is_file()
+    monkeypatch.setattr(sys, "argv", ["convert_authors", str(tmp_path / "t.tar"),
+                                      str(tmp_path / "o.tar")])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("utils.convert_authors", run_name="__main__", alter_sys=True)
+    assert done.value.code == 0, capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "o.tar")["config"]["bits"] == 8
