@@ -157,6 +157,7 @@ def test_converter_runs_as_a_module(tmp_path, monkeypatch, capsys):
     save_authors_checkpoint(tmp_path / "t.tar", 32, 16, 2, 16, 256)
     monkeypatch.setattr(sys, "argv", ["convert_authors", str(tmp_path / "t.tar"),
                                       str(tmp_path / "o.tar")])
+    monkeypatch.delitem(sys.modules, "utils.convert_authors", raising=False)
     with pytest.raises(SystemExit) as done:
         runpy.run_module("utils.convert_authors", run_name="__main__", alter_sys=True)
     assert done.value.code == 0, capsys.readouterr().err
