@@ -116,6 +116,7 @@ def run_search(args: argparse.Namespace, device: torch.device) -> dict:
     ckpt = checkpoint_path(args.load[0], args.checkpoint_dir)
     model = _checked_model(load_checkpoint(ckpt, map_location="cpu",
                                            required_keys=REQUIRED_KEYS), ckpt).to(device)
+    train_dir = test_dir = None  # --dataset's splits, only when a default needs them
     if args.gallery is None or args.query is None:
         train_dir, test_dir = _prepare_folders(args, cross_train=False)
     gallery = scan_gallery(Path(args.gallery) if args.gallery else train_dir)
