@@ -3,6 +3,7 @@
 Train:     python opqn_main.py --dataset facescrub --len 36 --num 6 --words 64
 Evaluate:  python opqn_main.py -e --dataset facescrub --load m1.tar m2.tar --len 16 24 --num 2 4
 Cross:     add -c (train on vggface2/cross_train; evaluate on unseen identities)
+Search:    python opqn_main.py --search --load m.tar --gallery DIR --query a.jpg b.jpg --topk 10
 """
 from __future__ import annotations
 
@@ -120,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "cosine = decay to 0 over --epochs")
     p.add_argument("--warmup", type=int, metavar="EPOCHS",
                    help="--schedule cosine: linear warmup epochs before the decay (default 0)")
+    # Search mode (utils.search).
+    p.add_argument("--search", action="store_true",
+                   help="rank a gallery for query photos with the model of --load; writes "
+                        "search.json, search.png and search.html under --out")
+    p.add_argument("--gallery", metavar="DIR", help="with --search: folder of gallery images "
+                   "(<identity>/ sub-folders optional; default: --dataset's train split)")
+    p.add_argument("--query", nargs="+", metavar="PATH", help="with --search: query image "
+                   "files and/or folders (default: --dataset's test split)")
+    p.add_argument("--index", metavar="FILE", help="with --search: the gallery index to reuse "
+                   "or build (default: <out>/<model>_<gallery>.index.tar)")
+    p.add_argument("--rebuild-index", action="store_true",
+                   help="with --search: encode the gallery again even if the index is current")
+    p.add_argument("--grid-rows", type=int, default=20,
+                   help="with --search: queries drawn in search.png (default 20)")
     return p
 
 
@@ -151,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         from utils.runtime import resolve_device  # torch import deferred past --help
 
         device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-        if args.evaluate:
+        if args.search:
+            from utils.search import run_search
+
+            run_search(args, device)
+        elif args.evaluate:
             specs = code_specs(args.len, args.num, args.words, args.load, "--load", False)
             if args.export_faiss and len(args.export_faiss) != len(specs):
                 raise UsageError(f"--export-faiss needs one path per model: got "

@@ -169,3 +169,42 @@ def report_broken(dataset: Dataset, broken: Sequence[BrokenImage]) -> None:
             known.add(item.path)
             log.warning("skipping unreadable image %s (%s)", item.path, item.reason)
 
+
+
+class ImageList(Dataset):
+    """Images given as a list of files, for search: ``__getitem__`` returns
+    ``(image, position in the list)``, or a :class:`BrokenImage` for a file that fails to
+    decode (skipped and reported like in :class:`FaceFolder`). The positions returned by a
+    loader tell which files were readable.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable | None = None) -> None:
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+        self.broken: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        if path in self.broken:
+            return BrokenImage(path, "unreadable")
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except Exception as exc:  # reported by path; the other images go on
+            return BrokenImage(path, f"{type(exc).__name__}: {exc}")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, index
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Every image file under ``root`` (recursively), sorted by relative path."""
+    found = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and ".cache-" not in d)
+        found += [Path(dirpath) / f for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())

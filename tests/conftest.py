@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthface dataset, generated once per test session."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -68,23 +69,31 @@ def run_cli(tmp_path, monkeypatch):
         except SystemExit as exc:  # argparse errors
             return int(exc.code)
 
-    return run
+    with opqn_logger_restored():
+        yield run
+
+
+@contextlib.contextmanager
+def opqn_logger_restored():
+    """The CLI's setup_logging stops the "opqn" logger from propagating; restore it so that
+    later tests' caplog still sees its records (test order must not matter)."""
+    import logging
+
+    logger = logging.getLogger("opqn")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    try:
+        yield
+    finally:
+        for handler in list(logger.handlers):
+            if handler not in saved[0]:
+                logger.removeHandler(handler)
+                handler.close()
+        logger.handlers[:] = saved[0]
+        logger.propagate, logger.level = saved[1], saved[2]
 
 
 @pytest.fixture(autouse=True)
 def restore_opqn_logger():
-    """CLI runs call setup_logging, which stops the ``opqn`` logger propagating; put it back
-    after every test so that caplog in a later test still sees its records (test order
-    must not matter)."""
-    import logging
-
-    logger = logging.getLogger("opqn")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    for handler in list(logger.handlers):
-        if handler not in saved[0]:
-            logger.removeHandler(handler)
-            handler.close()
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
+    """Every test, not only those using run_cli, leaves the logger as it found it."""
+    with opqn_logger_restored():
+        yield

@@ -17,6 +17,7 @@ surfaces as one ``CheckpointError`` whose one-line message names the file and th
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import pickletools
@@ -340,8 +341,24 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint is not a dict: {path} (holds a {type(obj).__name__})", path)
     if require_format:
         fmt = obj.get("format")
+        if fmt is None:
+            # The authors' released files (SPEC §4) are converted on the fly.
+            from .authors_format import AUTHORS_FORMAT, convert_authors_checkpoint, is_authors_format
+
+            if is_authors_format(obj):
+                obj = convert_authors_checkpoint(obj, path)
+                logging.getLogger("opqn").info("%s: converted the %s to this project's format "
+                                               "(stage conv biases folded into BatchNorm)",
+                                               path, AUTHORS_FORMAT)
+                fmt, obj["format"], obj["format_version"] = (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT,
+                                                             CHECKPOINT_FORMAT_VERSION)
         if not (isinstance(fmt, str) and fmt == CHECKPOINT_FORMAT):  # may be anything, e.g. a tensor
-            raise CheckpointError(f"{path} is not an OPQN checkpoint (no format={CHECKPOINT_FORMAT!r} marker)", path)
+            keys = ", ".join(repr(k) if not isinstance(k, str) else k for k in list(obj)[:12])
+            more = f" (+{len(obj) - 12} more)" if len(obj) > 12 else ""
+            raise CheckpointError(
+                f"{path} is not an OPQN checkpoint: it fits neither this project's format (no "
+                f"format={CHECKPOINT_FORMAT!r} marker) nor the authors' ('backbone' state_dict + "
+                f"'mlp' tensor); its keys: {keys or 'none'}{more}", path)
         version = obj.get("format_version")
         if type(version) is not int or not 1 <= version <= CHECKPOINT_FORMAT_VERSION:
             raise CheckpointError(

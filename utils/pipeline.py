@@ -277,7 +277,13 @@ def _checked_model(checkpoint: dict, path: Path) -> OPQN:
 def _check_resumable(spec: CodeSpec, expected: dict, path: Path,
                      expected_schedule: dict | None = None) -> None:
     """--resume must continue the same model: its last checkpoint is complete and agrees."""
-    checkpoint = load_checkpoint(path, map_location="cpu", required_keys=RESUME_KEYS)
+    checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
+    # A converted authors' file has no training state: resuming it starts a new class head.
+    needed = RESUME_KEYS if "converted_from" not in checkpoint else REQUIRED_KEYS + ("epoch",)
+    missing = [key for key in needed if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks required keys: {', '.join(missing)}",
+                              path)
     config = _checked_config(checkpoint, path)
     _reconcile(spec, config, path)
     # Fields absent from older checkpoints take their defaults (sphere20, cosface).
@@ -346,6 +352,12 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
                  if args.cross_dataset else f"{path.stem} on {args.dataset}: precision-recall")
         result, (codes, _labels) = _evaluate_and_report(model, config, splits, args, device, k,
                                                         stem, extra, title=title)
+        from .search import write_examples
+
+        examples = write_examples(model, splits.gallery, splits.queries, codes, args, device,
+                                  stem)
+        if examples is not None:
+            log.info("retrieval examples: %s", examples)
         curves.append((curve_label({**checkpoint["config"], **result}, path.stem),
                        result["pr_curve"]))
         if args.export_faiss:

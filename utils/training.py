@@ -162,10 +162,14 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
         ckpt = load_checkpoint(settings.last_path, map_location=device)
         model.backbone.load_state_dict(ckpt["backbone"])
         model.quantizer.load_state_dict(ckpt["quantizer"])
-        criterion.load_state_dict(ckpt["class_weights"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        restore_rng_state(ckpt["rng"])
+        if "class_weights" in ckpt:
+            criterion.load_state_dict(ckpt["class_weights"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            restore_rng_state(ckpt["rng"])
+        else:  # e.g. converted from the authors' format, which saved no class weights
+            log.info("%s has no class weights (%s): starting a new class head and optimizer",
+                     settings.last_path, ckpt.get("converted_from", "no training state"))
         state = TrainState(int(ckpt["epoch"]), float(ckpt["best_loss"]),
                            int(ckpt["best_epoch"]), list(ckpt["history"]))
         log.info("resumed from epoch %d (%s)", state.epoch, settings.last_path)

@@ -134,6 +134,22 @@ def check_options(args) -> None:
     if overwrite and args.resume:
         raise UsageError("--overwrite and --resume contradict each other: --resume continues "
                          "the existing checkpoint, --overwrite replaces it")
+    search_flags = (("--gallery", args.gallery), ("--query", args.query),
+                    ("--index", args.index), ("--rebuild-index", args.rebuild_index))
+    if args.search:
+        if args.evaluate:
+            raise UsageError("--search and -e/--evaluate are separate modes: give one")
+        if not args.load or len(args.load) != 1:
+            raise UsageError("--search needs --load with exactly one checkpoint")
+        _check_positive("--grid-rows", args.grid_rows)
+        for flag, given in (("--save", args.save), ("--resume", args.resume),
+                            ("--export-faiss", args.export_faiss)):
+            if given:
+                raise UsageError(f"{flag} does not apply to --search")
+        return
+    for flag, given in search_flags:
+        if given:
+            raise UsageError(f"{flag} works with --search")
     if args.evaluate:
         if not args.load:
             raise UsageError("-e/--evaluate needs --load with one checkpoint per model")

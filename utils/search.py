@@ -1,0 +1,221 @@
+"""``--search``: photos in, ranked gallery out, with a picture of it.
+
+The gallery (a folder of images, an ``<identity>/`` layout optional; by default
+``--dataset``'s train split) is encoded once into a saved index (:mod:`utils.gallery_index`)
+and reused while the model and the gallery files are unchanged. Each query (files, folders,
+or ``--dataset``'s test split) is scored against the whole gallery by the model's asymmetric
+query tables with the top-k search :func:`utils.retrieval.search_adc`.
+
+Codes and tables come from :func:`utils.evaluation.encode_gallery` and
+:func:`utils.evaluation.encode_queries`, the same functions the evaluation uses, so a search
+ranks exactly as ``-e`` scores.
+
+Outputs under ``--out``: ``search.json`` (every query's ranked paths, identities, scores),
+``search.png`` (the retrieval grid of the first ``--grid-rows`` queries) and
+``search.html`` (the grid of up to ``HTML_ROWS`` queries, images embedded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from data.datasets import FaceFolder, ImageList, list_images
+from data.loaders import make_loader
+from data.transforms import build_transform
+from models import OPQN
+
+from . import evaluation
+from .checkpoint import checkpoint_path, load_checkpoint
+from .gallery_index import GalleryIndex, open_or_build, scan_gallery
+from .gallery_view import GridRow, Hit, draw_grid, write_html
+from .logger import get_logger, setup_logging
+from .reporting import _atomic_write_text
+from .retrieval import search_adc
+from .validation import UsageError
+
+DEFAULT_TOPK = 10
+HTML_ROWS = 200
+EXAMPLE_QUERIES = 8
+EXAMPLE_SEED = 0
+
+
+def default_index_path(out_dir: str | Path, checkpoint: Path, gallery_root: Path) -> Path:
+    """``<out>/<checkpoint stem>_<gallery parent>_<gallery name>.index.tar``."""
+    tail = "_".join(p for p in gallery_root.resolve().parts[-2:] if p not in ("/", ""))
+    tail = re.sub(r"[^\w.-]+", "_", tail)
+    return Path(out_dir) / f"{checkpoint.stem}_{tail}.index.tar"
+
+
+def collect_queries(entries: list[str]) -> tuple[list[Path], list[str]]:
+    """Query files from files and folders; returns (files, paths that do not exist)."""
+    files, missing = [], []
+    for entry in entries:
+        path = Path(entry)
+        if path.is_dir():
+            files += list_images(path)
+        elif path.exists():
+            files.append(path)
+        else:
+            missing.append(entry)
+    return files, missing
+
+
+def _encoder(model: OPQN, args: argparse.Namespace, device: torch.device, which: str):
+    """paths -> (codes or tables, positions of the readable paths), via utils.evaluation."""
+    from .pipeline import loader_workers
+
+    transform = build_transform(model.config.input_size, train=False)
+    fn = evaluation.encode_gallery if which == "gallery" else evaluation.encode_queries
+
+    def encode(paths: list[str]) -> tuple[Tensor, Tensor]:
+        loader = make_loader(ImageList(paths, transform), args.bs or 256, loader_workers(args),
+                             device)
+        try:
+            return fn(model, loader, device, progress=not args.no_progress)
+        except RuntimeError as exc:
+            if "no readable images" in str(exc):
+                raise UsageError(f"none of the {len(paths)} {which} images could be read")
+            raise
+    return encode
+
+
+def rank(tables: Tensor, index: GalleryIndex, topk: int) -> tuple[Tensor, Tensor]:
+    """Top-k ``(scores, positions)`` ``(Q, k')`` of each query, ``k' = min(topk, N)``."""
+    codes = index.codes.to(tables.device)
+    return search_adc(tables, codes, min(topk, len(index)))
+
+
+def ranked_rows(query_paths: list[str], query_identities: list[str | None], scores: Tensor,
+                positions: Tensor, gallery_paths: list[str],
+                gallery_identities: list[str | None]) -> list[GridRow]:
+    """Rows of hits; ``correct`` is set where the query's identity is known."""
+    rows = []
+    for q, (qpath, qid) in enumerate(zip(query_paths, query_identities)):
+        hits = []
+        for score, pos in zip(scores[q].tolist(), positions[q].tolist()):
+            if pos < 0:
+                continue
+            gid = gallery_identities[pos]
+            hits.append(Hit(gallery_paths[pos], gid, float(score),
+                            None if qid is None else gid == qid))
+        rows.append(GridRow(qpath, qid, hits))
+    return rows
+
+
+def run_search(args: argparse.Namespace, device: torch.device) -> dict:
+    """The whole ``--search`` command; returns the JSON written to ``search.json``."""
+    from .pipeline import REQUIRED_KEYS, _checked_model, _prepare_folders
+
+    log = setup_logging(None)
+    ckpt = checkpoint_path(args.load[0], args.checkpoint_dir)
+    model = _checked_model(load_checkpoint(ckpt, map_location="cpu",
+                                           required_keys=REQUIRED_KEYS), ckpt).to(device)
+    train_dir = test_dir = None  # --dataset's splits, only when a default needs them
+    if args.gallery is None or args.query is None:
+        train_dir, test_dir = _prepare_folders(args, cross_train=False)
+    gallery = scan_gallery(Path(args.gallery) if args.gallery else train_dir)
+    query_files, missing = collect_queries(args.query or [str(test_dir)])
+    for entry in missing:
+        log.warning("query not found: %s", entry)
+    if not query_files:
+        raise UsageError(f"no query images in --query {' '.join(args.query or [str(test_dir)])}")
+
+    out = Path(args.out)
+    explicit = args.index is not None
+    index_path = Path(args.index) if explicit else default_index_path(out, ckpt, gallery.root)
+    index, status = open_or_build(model, gallery, index_path, explicit,
+                                  _encoder(model, args, device, "gallery"),
+                                  rebuild=args.rebuild_index)
+    log.info("gallery index %s: %s (%d images%s)", status, index_path, len(index),
+             f", {len(index.skipped)} unreadable" if index.skipped else "")
+
+    tables, kept = _encoder(model, args, device, "query")([str(p) for p in query_files])
+    kept_list = kept.cpu().tolist()
+    readable = set(kept_list)
+    unreadable = [str(p) for i, p in enumerate(query_files) if i not in readable] + missing
+    topk = args.topk or DEFAULT_TOPK
+    scores, positions = rank(tables, index, topk)
+
+    identities = index.identities()
+    gallery_ids = [index.identity(i) for i in range(len(index))]
+    gallery_abs = [str(gallery.root / p) for p in index.paths]
+    qpaths = [str(query_files[i]) for i in kept_list]
+    qids = [query_files[i].parent.name if query_files[i].parent.name in identities else None
+            for i in kept_list]
+    rows = ranked_rows(qpaths, qids, scores, positions, gallery_abs, gallery_ids)
+
+    result = {
+        "checkpoint": str(ckpt),
+        "bits": model.config.bits, "num_books": model.config.num_books,
+        "num_words": model.config.num_words,
+        "gallery": str(gallery.root), "gallery_size": len(index),
+        "gallery_unreadable": [str(gallery.root / p) for p in index.skipped],
+        "index": str(index_path), "index_status": status,
+        "topk": topk, "score": "sum_m P_m[code_m] (asymmetric, higher is closer)",
+        "queries": [{"path": row.query_path, "identity": row.query_identity,
+                     "results": [{"rank": i + 1, "path": h.path, "identity": h.identity,
+                                  "score": h.score, "correct": h.correct}
+                                 for i, h in enumerate(row.hits)]} for row in rows],
+        "unreadable_queries": unreadable,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "search.json"
+    _atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    shown = rows[: args.grid_rows]
+    title = f"{ckpt.stem}: top-{topk} of {len(index)} gallery images"
+    png = draw_grid(shown, topk, out / "search.png", title)
+    page = write_html(rows[:HTML_ROWS], topk, out / "search.html", title)
+    if len(rows) > len(shown):
+        log.info("search.png shows the first %d of %d queries (--grid-rows); search.html %d; "
+                 "search.json all", len(shown), len(rows), min(len(rows), HTML_ROWS))
+    if unreadable:
+        log.warning("%d query image(s) could not be read: %s", len(unreadable),
+                    ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""))
+    log.info("search: %d queries against %d gallery images: %s, %s, %s", len(rows), len(index),
+             json_path, png, page)
+    return result
+
+
+def readable_items(dataset: Dataset) -> list[tuple[str, str]] | None:
+    """``(path, identity)`` of a split's items in encoding order, readable ones only
+    (``FaceFolder`` or the cached dataset); None for other datasets."""
+    inverse = {label: name for name, label in getattr(dataset, "class_to_idx", {}).items()}
+    if isinstance(dataset, FaceFolder):
+        return [(p, inverse[label]) for p, label in dataset.samples if p not in dataset.broken]
+    cache = getattr(dataset, "cache", None)
+    if cache is not None and hasattr(cache, "paths"):
+        return [(p, inverse[label]) for p, label in zip(cache.paths, dataset.targets)]
+    return None
+
+
+def write_examples(model: OPQN, gallery: Dataset, queries: Dataset, codes: Tensor,
+                   args: argparse.Namespace, device: torch.device, stem: str,
+                   count: int = EXAMPLE_QUERIES, seed: int = EXAMPLE_SEED) -> Path | None:
+    """``<out>/<stem>_examples.png``: the grid of ``count`` test queries drawn at a fixed
+    seed, ranked against the evaluated gallery ``codes`` ``(N, M)``."""
+    log = get_logger()
+    items, query_items = readable_items(gallery), readable_items(queries)
+    if items is None or query_items is None or len(items) != codes.shape[0] or not query_items:
+        log.warning("no examples grid: gallery files and codes do not line up")
+        return None
+    pick = torch.randperm(len(query_items), generator=torch.Generator().manual_seed(seed))
+    chosen = [query_items[i] for i in sorted(pick[:count].tolist())]
+    try:
+        tables, kept = _encoder(model, args, device, "query")([p for p, _ in chosen])
+    except UsageError as exc:  # the evaluation itself succeeded: only the picture is lost
+        log.warning("no examples grid: %s", exc)
+        return None
+    index = GalleryIndex(Path("."), [p for p, _ in items], codes, "", "")
+    topk = args.topk or DEFAULT_TOPK
+    scores, positions = rank(tables, index, topk)
+    kept_list = kept.cpu().tolist()
+    rows = ranked_rows([chosen[i][0] for i in kept_list], [chosen[i][1] for i in kept_list],
+                       scores, positions, index.paths, [ident for _, ident in items])
+    return draw_grid(rows, topk, Path(args.out) / f"{stem}_examples.png",
+                     f"{stem}: {len(rows)} test queries (seed {seed}), top-{topk}")
