@@ -13,7 +13,8 @@ import sys
 from data.datasets import PRESETS
 from utils.checkpoint import CheckpointError
 from utils.runtime import DEVICE_CHOICES, DeviceError
-from utils.validation import UsageError, check_options, code_specs
+from utils.validation import (HASHING_METHODS, METHODS, UsageError, check_options, code_specs,
+                              hashing_specs)
 
 PROG = "opqn_main.py"
 
@@ -28,7 +29,8 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="PyTorch implementation of Orthonormal Product "
                       "Quantization Network (OPQN) for scalable face image retrieval.")
-    p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default 0.1)")
+    p.add_argument("--lr", type=float, help="initial learning rate (default 0.1; the method's "
+                   "own for dpq 0.01 and dcdh 0.005 with Adam, 0.01 with SGD)")
     p.add_argument("-e", "--evaluate", action="store_true",
                    help="evaluate the models given by --load instead of training")
     p.add_argument("-c", "--cross-dataset", action="store_true",
@@ -89,7 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthface-images", type=int,
                    help="synthface only: training images per identity")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_method_flags(p)
     return p
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method", "the compared methods (training; -e reads the method "
+                             "from each checkpoint)")
+    g.add_argument("--method", choices=METHODS, help="opqn (default), l2q (OPQN with learned "
+                   "codewords), dpq, gpq, or dcdh (binary hashing: --len bits, no --num/--words)")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), help="default: sgd; adam (amsgrad) "
+                   "for dcdh on 32x32 datasets")
+    g.add_argument("--dpq-alpha", type=float, default=0.25,
+                   help="dpq: weight of the joint centre loss (0.25)")
+    g.add_argument("--gpq-alpha", type=float, default=20.0,
+                   help="gpq: soft-assignment temperature alpha (20)")
+    g.add_argument("--gpq-beta", type=float, default=4.0,
+                   help="gpq: cosine-classifier scale beta (4)")
+    g.add_argument("--gpq-lambda-ce", type=float, default=0.1,
+                   help="gpq: weight lambda_2 of the classification loss (0.1)")
+    g.add_argument("--gpq-lambda-entropy", type=float, default=0.0,
+                   help="gpq: weight lambda_1 of the subspace minimax entropy (0 = off; the "
+                        "paper's 0.1 is for unlabelled data)")
+    g.add_argument("--dcdh-sigma", type=float, default=0.25,
+                   help="dcdh: Gaussian similarity width sigma (0.25)")
+    g.add_argument("--dcdh-eta", type=float, default=0.01,
+                   help="dcdh: quantization weight eta (0.01)")
+    g.add_argument("--dcdh-center-weight", type=float, default=0.1,
+                   help="dcdh: weight of the centre separation term (0.1)")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -114,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_evaluation(args, specs, device)
         else:
-            specs = code_specs(args.len, args.num, args.words, args.save, "--save", True)
+            specs = (hashing_specs(args.len, args.save) if args.method in HASHING_METHODS
+                     else code_specs(args.len, args.num, args.words, args.save, "--save", True))
             from utils.pipeline import run_training
 
             run_training(args, specs, device)

@@ -1,4 +1,33 @@
-"""The OPQN loss."""
+"""The losses, one module per method, behind :func:`build_loss` keyed by method name.
+
+Every loss is called as ``criterion(*head(features), labels) -> (loss, parts)``, where
+``parts`` is a dict of detached scalars whose keys are fixed per loss.
+"""
+from .dcdh_loss import DCDHLoss
+from .dpq_loss import DPQLoss
+from .gpq_loss import GPQLoss
 from .opqn_loss import OPQNLoss, assignment_entropy, margin_cosine_logits
 
-__all__ = ["OPQNLoss", "assignment_entropy", "margin_cosine_logits"]
+
+def build_loss(config):
+    """The loss of ``config.method`` (an :class:`models.OPQNConfig`).
+
+    ``l2q`` uses OPQN's loss itself (same module), so it inherits every change to it.
+    """
+    method = getattr(config, "method", "opqn")
+    if method in ("opqn", "l2q"):
+        return OPQNLoss(config.num_classes, config.num_books, config.word_dim, config.margin,
+                        config.scale, config.miu)
+    if method == "dpq":
+        return DPQLoss(config.num_classes, config.feature_dim, config.dpq_alpha)
+    if method == "gpq":
+        return GPQLoss(config.num_classes, config.num_books, config.feature_dim,
+                       config.gpq_beta, config.gpq_lambda_ce, config.gpq_lambda_entropy)
+    if method == "dcdh":
+        return DCDHLoss(config.num_classes, config.feature_dim, config.dcdh_sigma,
+                        config.dcdh_eta, config.dcdh_center_weight)
+    raise ValueError(f"unknown method {method!r}")
+
+
+__all__ = ["OPQNLoss", "DPQLoss", "GPQLoss", "DCDHLoss", "build_loss", "assignment_entropy",
+           "margin_cosine_logits"]

@@ -16,10 +16,12 @@ from models import OPQN, OPQNConfig, choose_feature_dim
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .evaluation import evaluate_model
 from .logger import get_logger, setup_logging
+from .methods import default_lr, default_optimizer
 from .reporting import plot_pr_curves, summary_line, write_result
 from .runtime import DistInfo, cleanup_distributed, init_distributed
 from .training import TrainSettings, load_model, train
-from .validation import CodeSpec, UsageError, check_feature_dim, check_split_dir
+from .validation import (HASHING_METHODS, CodeSpec, UsageError, check_feature_dim,
+                         check_split_dir)
 
 REQUIRED_KEYS = ("config", "backbone", "quantizer")
 RESUME_KEYS = REQUIRED_KEYS + ("class_weights", "epoch", "best_loss", "best_epoch", "history",
@@ -56,6 +58,7 @@ def _use_cache(args: argparse.Namespace, preset) -> bool:
 
 def _result_metadata(config: OPQNConfig, args: argparse.Namespace, device: torch.device) -> dict:
     return {
+        "method": config.method,
         "dataset": args.dataset,
         "cross_dataset": bool(args.cross_dataset),
         "train_dataset": config.dataset,
@@ -92,15 +95,19 @@ def _evaluate_and_report(model, config: OPQNConfig, splits: RetrievalSplits,
 def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.device) -> None:
     """Train one model per spec, each followed by a full evaluation of its saved model."""
     preset = dataset_preset(args.dataset, cross=args.cross_dataset)
+    method = args.method or "opqn"
     width = args.width or preset.width
     epochs = args.epochs or preset.epochs
     source = args.dataset if not args.cross_dataset else (
         "synthface" if args.dataset == "synthface" else "vggface2")
     jobs = []
     for spec in specs:  # validate every model before any work
-        feature_dim = args.feature_dim or choose_feature_dim(
-            spec.num_books, spec.num_words, preset.input_size)
-        check_feature_dim(feature_dim, spec.num_books, spec.num_words)
+        if method in HASHING_METHODS:  # the feature is the L-bit hash layer itself
+            feature_dim = spec.bits
+        else:
+            feature_dim = args.feature_dim or choose_feature_dim(
+                spec.num_books, spec.num_words, preset.input_size)
+        check_feature_dim(feature_dim, spec.num_books, spec.num_words, method)
         prefix = f"cross_{source}" if args.cross_dataset else source
         name = spec.name or f"{prefix}_{spec.bits}bits.tar"
         # A bare name goes to --checkpoint-dir, as the original's ./checkpoint/NAME.
@@ -110,7 +117,7 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
             raise UsageError(f"--resume: no last checkpoint to resume from: {last}")
         if args.resume:
             _check_resumable(spec, {"feature_dim": feature_dim, "width": width,
-                                    "input_size": preset.input_size}, last)
+                                    "input_size": preset.input_size, "method": method}, last)
         jobs.append((spec, feature_dim, best, last))
 
     dist_info = init_distributed(args.device)
@@ -140,21 +147,26 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
     config = OPQNConfig(
         num_books=spec.num_books, num_words=spec.num_words, feature_dim=feature_dim,
         num_classes=splits.num_classes, input_size=preset.input_size, width=width,
-        margin=args.margin, scale=args.scale or preset.scale, miu=args.miu, dataset=source)
+        margin=args.margin, scale=args.scale or preset.scale, miu=args.miu, dataset=source,
+        **_method_fields(args))
+    optimizer = args.optimizer or default_optimizer(config.method, preset.input_size)
+    lr = args.lr or default_lr(config.method, optimizer)
     settings = TrainSettings(
-        epochs=epochs, lr=args.lr, lr_step=preset.lr_step, batch_size=settings_batch,
+        epochs=epochs, lr=lr, optimizer=optimizer, lr_step=preset.lr_step,
+        batch_size=settings_batch,
         workers=loader_workers(args),
         seed=args.seed, eval_every=args.eval_every, best_path=best, last_path=last,
         resume=args.resume, progress=not args.no_progress)
     log.info("[config] dataset %s%s: %d identities, %d training images, %d test images",
              source, " (cross-dataset training)" if args.cross_dataset else "",
              splits.num_classes, len(splits.train), len(splits.queries))
+    log.info("[config] method %s%s", config.method, _method_detail(config))
     log.info("[config] %d-bit code: %d codebooks x %d words, D=%d (d=%d), input %dx%d, "
              "width %d, margin %.3f, scale %.1f, miu %.4f", config.bits, config.num_books,
              config.num_words, config.feature_dim, config.word_dim, config.input_size,
              config.input_size, config.width, config.margin, config.scale, config.miu)
-    log.info("[config] %d epochs, lr %.4g halved every %d, batch %d, seed %d, device %s%s",
-             epochs, args.lr, preset.lr_step, settings_batch, args.seed, device,
+    log.info("[config] %d epochs, %s lr %.4g halved every %d, batch %d, seed %d, device %s%s",
+             epochs, optimizer, lr, preset.lr_step, settings_batch, args.seed, device,
              f", {dist_info.world_size} processes" if dist_info.distributed else "")
     state = train(config, settings, splits, device, dist_info)
     if not dist_info.is_main:
@@ -167,6 +179,26 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
              "ties": args.ties}
     _evaluate_and_report(model, config, splits, args, device, args.topk or preset.top_k,
                          best.stem, extra)
+
+
+_METHOD_FIELDS = {"dpq": ("dpq_alpha",),
+                  "gpq": ("gpq_alpha", "gpq_beta", "gpq_lambda_ce", "gpq_lambda_entropy"),
+                  "dcdh": ("dcdh_sigma", "dcdh_eta", "dcdh_center_weight")}
+
+
+def _method_fields(args: argparse.Namespace) -> dict:
+    """The config fields of --method and its hyper-parameter flags."""
+    method = args.method or "opqn"
+    fields = {"method": method}
+    for name in _METHOD_FIELDS.get(method, ()):
+        fields[name] = getattr(args, name)
+    return fields
+
+
+def _method_detail(config: OPQNConfig) -> str:
+    names = _METHOD_FIELDS.get(config.method, ())
+    return (" (" + ", ".join(f"{n} {getattr(config, n):g}" for n in names) + ")") if names \
+        else ""
 
 
 def _reconcile(spec: CodeSpec, config: dict, path: Path) -> None:
@@ -219,9 +251,18 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
     for spec in specs:  # every checkpoint is checked before any work
         path = checkpoint_path(spec.name, args.checkpoint_dir)
         checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
-        _reconcile(spec, _checked_config(checkpoint, path), path)
+        config = _checked_config(checkpoint, path)
+        _reconcile(spec, config, path)
+        stored_method = config.get("method", "opqn")
+        if args.method and args.method != stored_method:
+            raise UsageError(f"--method {args.method} contradicts checkpoint {path}, which holds "
+                             f"a {stored_method} model (-e reads the method from the checkpoint)")
         # Built on the CPU now, so that weights that do not fit fail before any work.
-        loaded.append((path, checkpoint, _checked_model(checkpoint, path)))
+        model = _checked_model(checkpoint, path)
+        if args.export_faiss and model.quantizer.faiss_metric is None:
+            raise UsageError(f"--export-faiss: faiss cannot express the {stored_method} score "
+                             f"of {path}")
+        loaded.append((path, checkpoint, model))
     preset = dataset_preset(args.dataset)
     k = args.topk or preset.top_k
     train_dir, test_dir = _prepare_folders(args, cross_train=False)
@@ -243,24 +284,25 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
             log.warning("warning: %d gallery identities were also training identities of %s; "
                         "the cross-dataset protocol needs disjoint identities", overlap, path)
         model = model.to(device)
-        log.info("evaluating %s (%d-bit, %dx%d) on %s", path, config.bits, config.num_books,
-                 config.num_words, args.dataset)
+        log.info("evaluating %s (%s, %d-bit, %dx%d) on %s", path, config.method, config.bits,
+                 config.num_books, config.num_words, args.dataset)
         stem = path.stem if (path.stem.startswith(args.dataset) and not args.cross_dataset) \
             else f"{path.stem}_on_{args.dataset}{'_cross' if args.cross_dataset else ''}"
         extra = {"checkpoint": str(path), "checkpoint_epoch": int(checkpoint.get("epoch", 0)),
                  "ties": args.ties, "identity_overlap": overlap}
         result, (codes, _labels) = _evaluate_and_report(model, config, splits, args, device, k,
                                                         stem, extra)
-        curves.append((f"{config.bits}-bit ({config.num_books}x{config.num_words})",
-                       result["pr_curve"]))
+        shape = (f"{config.bits}-bit" if config.method in HASHING_METHODS
+                 else f"{config.bits}-bit ({config.num_books}x{config.num_words})")
+        curves.append((f"{config.method} {shape}", result["pr_curve"]))
         if args.export_faiss:
-            from .faiss_index import build_faiss_index, save_faiss_index
+            from .faiss_index import build_head_index, save_faiss_index
 
             index_path = Path(args.export_faiss[index])
-            save_faiss_index(build_faiss_index(model.quantizer.codebooks.cpu(), codes.cpu()),
-                             index_path)
-            log.info("faiss IndexPQ with %d gallery codes written to %s", codes.shape[0],
-                     index_path)
+            faiss_index = build_head_index(model.quantizer, codes.cpu())
+            save_faiss_index(faiss_index, index_path)
+            log.info("faiss %s with %d gallery codes written to %s",
+                     type(faiss_index).__name__, codes.shape[0], index_path)
     if len(curves) > 1:
         name = f"{args.dataset}{'_cross' if args.cross_dataset else ''}_pr_curves.png"
         path = plot_pr_curves(curves, Path(args.out) / name,

@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 def summary_line(result: dict) -> str:
     """One line with the headline numbers of an evaluation."""
     name = result.get("name") or result.get("dataset", "")
-    return (f"[{name}] {result['bits']}-bit ({result['num_books']}x{result['num_words']}) "
+    method = result.get("method", "opqn")
+    return (f"[{name}] {method} {result['bits']}-bit ({result['num_books']}x{result['num_words']}) "
             f"mAP {100 * result['mAP']:.2f}%  P@{result['k']} "
             f"{100 * result['precision_at_k']:.2f}%  R@{result['k']} "
             f"{100 * result['recall_at_k']:.2f}%  queries {result['num_queries']} "
@@ -50,7 +51,7 @@ def write_result(result: dict, out_dir: str | Path, stem: str) -> tuple[Path, Pa
     json_path = out / f"{stem}.json"
     png_path = out / f"{stem}_pr.png"
     _atomic_write_text(json_path, json.dumps(_jsonable(result), indent=2) + "\n")
-    label = f"OPQN {result['bits']}-bit"
+    label = f"{result.get('method', 'opqn')} {result['bits']}-bit"
     plot_pr_curves([(label, result["pr_curve"])], png_path,
                    title=f"{result.get('dataset', '')}: precision-recall")
     return json_path, png_path
