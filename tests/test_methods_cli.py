@@ -145,3 +145,17 @@ def test_learned_codewords_allow_k_above_d(tiny_data_dir, tmp_path):
                  "--eval-every", "0", "--save", "k.tar") == 0
     result = json.loads((tmp_path / "results" / "k.json").read_text())
     assert (result["method"], result["feature_dim"], result["num_words"]) == ("l2q", 64, 64)
+
+
+def test_resume_keeps_the_method_and_its_optimizer(trained, tiny_data_dir):
+    """dcdh trains with Adam at 32x32: --resume continues it (runs last: it extends dcdh.tar)."""
+    from utils.checkpoint import load_checkpoint
+
+    assert _main(trained, *FLAGS, "--data-dir", str(tiny_data_dir), "--epochs", "3",
+                 "--eval-every", "0", "--method", "dcdh", "--len", "36", "--save", "dcdh.tar",
+                 "--resume") == 0
+    ckpt = load_checkpoint(trained / "checkpoint" / "dcdh.last.tar")
+    assert ckpt["epoch"] == 3 and ckpt["config"]["method"] == "dcdh"
+    assert ckpt["train_settings"]["optimizer"] == "adam"
+    assert ckpt["train_settings"]["lr"] == 0.005
+    assert "exp_avg_sq" in str(ckpt["optimizer"]["state"][0].keys())
