@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--cross", action="store_true", help="also run the -c protocol")
     p.add_argument("--only-cross", action="store_true", help="run only the -c protocol")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-done", action="store_true",
+                   help="reuse the methods an earlier run with the same flags finished "
+                        "(delete a method's results/<name>.json to redo it)")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
@@ -103,15 +106,18 @@ def run_protocol(args: argparse.Namespace, extra: list[str], cross: bool) -> dic
                  *_code_flags(method, args.len, args.num), "--save", name, *common, *epochs]
         if cross:
             train.insert(2, "-c")
-        start = time.perf_counter()
-        _run(train, log_path)
-        wall = time.perf_counter() - start
         stem = Path(name).stem
-        if cross:  # evaluate on the unseen identities of --dataset
-            evaluate = [sys.executable, str(REPO / "opqn_main.py"), "-e", "-c", "--load",
-                        str(work / "checkpoint" / name), *common]
-            _run(evaluate, log_path)
+        if cross:
             stem = f"{stem}_on_{args.dataset}_cross"
+        done = (work / "results" / f"{stem}.json").is_file()
+        start = time.perf_counter()
+        if not (args.skip_done and done):
+            _run(train, log_path)
+            if cross:  # evaluate on the unseen identities of --dataset
+                evaluate = [sys.executable, str(REPO / "opqn_main.py"), "-e", "-c", "--load",
+                            str(work / "checkpoint" / name), *common]
+                _run(evaluate, log_path)
+        wall = time.perf_counter() - start
         result = json.loads((work / "results" / f"{stem}.json").read_text(encoding="utf-8"))
         history = _history(work / "checkpoint" / name)
         seconds = [h["seconds"] for h in history]
