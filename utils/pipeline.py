@@ -237,6 +237,7 @@ def _check_resumable(spec: CodeSpec, expected: dict, path: Path) -> None:
     checkpoint = load_checkpoint(path, map_location="cpu", required_keys=RESUME_KEYS)
     config = _checked_config(checkpoint, path)
     _reconcile(spec, config, path)
+    config = {"method": "opqn", **config}  # written before --method existed: OPQN
     for key, value in expected.items():
         if config.get(key) != value:
             raise UsageError(f"--resume: {key} {value} of this run contradicts checkpoint "
