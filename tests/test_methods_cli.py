@@ -147,6 +147,15 @@ def test_learned_codewords_allow_k_above_d(tiny_data_dir, tmp_path):
     assert (result["method"], result["feature_dim"], result["num_words"]) == ("l2q", 64, 64)
 
 
+def test_resume_refuses_another_method(trained, tiny_data_dir, capsys):
+    capsys.readouterr()
+    code = _main(trained, *FLAGS, "--data-dir", str(tiny_data_dir), "--epochs", "3",
+                 "--method", "gpq", "--len", "36", "--num", "6", "--save", "dpq.tar",
+                 "--resume")
+    assert code == 2
+    one_line_error(capsys, "--resume", "method gpq", "dpq")
+
+
 def test_resume_keeps_the_method_and_its_optimizer(trained, tiny_data_dir):
     """dcdh trains with Adam at 32x32: --resume continues it (runs last: it extends dcdh.tar)."""
     from utils.checkpoint import load_checkpoint
