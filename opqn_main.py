@@ -3,6 +3,7 @@
 Train:     python opqn_main.py --dataset facescrub --len 36 --num 6 --words 64
 Evaluate:  python opqn_main.py -e --dataset facescrub --load m1.tar m2.tar --len 16 24 --num 2 4
 Cross:     add -c (train on vggface2/cross_train; evaluate on unseen identities)
+Methods:   --method l2q|dpq|gpq|dcdh trains a compared method (dcdh: --len only)
 """
 from __future__ import annotations
 
