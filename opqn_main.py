@@ -4,6 +4,7 @@ Train:     python opqn_main.py --dataset facescrub --len 36 --num 6 --words 64
 Evaluate:  python opqn_main.py -e --dataset facescrub --load m1.tar m2.tar --len 16 24 --num 2 4
 Cross:     add -c (train on vggface2/cross_train; evaluate on unseen identities)
 Search:    python opqn_main.py --search --load m.tar --gallery DIR --query a.jpg b.jpg --topk 10
+Methods:   --method l2q|dpq|gpq|dcdh trains a compared method (dcdh: --len only)
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from data.datasets import PRESETS
 from models.registry import BackboneError
 from utils.checkpoint import CheckpointError
 from utils.runtime import DEVICE_CHOICES, DeviceError
-from utils.validation import UsageError, check_options, code_specs
+from utils.validation import (HASHING_METHODS, METHODS, UsageError, check_options, code_specs,
+                              hashing_specs)
 
 PROG = "opqn_main.py"
 
@@ -30,7 +32,8 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="PyTorch implementation of Orthonormal Product "
                       "Quantization Network (OPQN) for scalable face image retrieval.")
-    p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default 0.1)")
+    p.add_argument("--lr", type=float, help="initial learning rate (default 0.1; the method's "
+                   "own for dpq 0.01 and dcdh 0.005 with Adam, 0.01 with SGD)")
     p.add_argument("-e", "--evaluate", action="store_true",
                    help="evaluate the models given by --load instead of training")
     p.add_argument("-c", "--cross-dataset", action="store_true",
@@ -135,7 +138,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --search: encode the gallery again even if the index is current")
     p.add_argument("--grid-rows", type=int, default=20,
                    help="with --search: queries drawn in search.png (default 20)")
+    _add_method_flags(p)
     return p
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method", "the compared methods (training; -e reads the method "
+                             "from each checkpoint)")
+    g.add_argument("--method", choices=METHODS, help="opqn (default), l2q (OPQN with learned "
+                   "codewords), dpq, gpq, or dcdh (binary hashing: --len bits, no --num/--words)")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), help="default: sgd; adam (amsgrad) "
+                   "for dcdh on 32x32 datasets")
+    g.add_argument("--dpq-alpha", type=float, default=0.25,
+                   help="dpq: weight of the joint centre loss (0.25)")
+    g.add_argument("--gpq-alpha", type=float, default=20.0,
+                   help="gpq: soft-assignment temperature alpha (20)")
+    g.add_argument("--gpq-beta", type=float, default=4.0,
+                   help="gpq: cosine-classifier scale beta (4)")
+    g.add_argument("--gpq-lambda-ce", type=float, default=0.1,
+                   help="gpq: weight lambda_2 of the classification loss (0.1)")
+    g.add_argument("--gpq-lambda-entropy", type=float, default=0.0,
+                   help="gpq: weight lambda_1 of the subspace minimax entropy (0 = off; the "
+                        "paper's 0.1 is for unlabelled data)")
+    g.add_argument("--dcdh-sigma", type=float, default=0.25,
+                   help="dcdh: Gaussian similarity width sigma (0.25)")
+    g.add_argument("--dcdh-eta", type=float, default=0.01,
+                   help="dcdh: quantization weight eta (0.01)")
+    g.add_argument("--dcdh-center-weight", type=float, default=0.1,
+                   help="dcdh: weight of the centre separation term (0.1)")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -179,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_evaluation(args, specs, device)
         else:
-            specs = code_specs(args.len, args.num, args.words, args.save, "--save", True)
+            specs = (hashing_specs(args.len, args.save) if args.method in HASHING_METHODS
+                     else code_specs(args.len, args.num, args.words, args.save, "--save", True))
             from utils.pipeline import run_training
 
             run_training(args, specs, device)

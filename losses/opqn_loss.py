@@ -49,6 +49,8 @@ class OPQNLoss(nn.Module):
             (additive angular margin), applied to x_m and s_m alike.
     """
 
+    PARTS = ("ce_x", "ce_s", "entropy")  # keys of the parts dict returned by forward
+
     def __init__(self, num_classes: int, num_books: int, word_dim: int, margin: float = 0.5,
                  scale: float = 20.0, miu: float = 0.1, margin_type: str = "cosface") -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""The complete OPQN network: backbone plus quantization head, and its configuration."""
+"""The complete network: backbone plus the method's quantization head, and its configuration."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .quantizer import OrthoPQ
+from .heads import build_head
 from .registry import DEFAULT_BACKBONE, build_backbone
 
 # 32x32 datasets use D = 512 in the paper (516 for M = 6 so that it divides).
@@ -48,6 +48,17 @@ class OPQNConfig:
     backbone_args: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs
     pretrained: bool = False  # provenance only: rebuilding never downloads weights
     margin_type: str = "cosface"
+    # The method (models.heads.METHODS); checkpoints written before it existed are OPQN.
+    method: str = "opqn"
+    # Method-specific hyper-parameters (ignored by the other methods).
+    dpq_alpha: float = 0.25  # DPQ: weight of the joint centre loss
+    gpq_alpha: float = 20.0  # GPQ: soft-assignment temperature
+    gpq_beta: float = 4.0  # GPQ: cosine-classifier scale
+    gpq_lambda_ce: float = 0.1  # GPQ: weight of the classification term (lambda_2)
+    gpq_lambda_entropy: float = 0.0  # GPQ: subspace minimax entropy (lambda_1; 0 = off)
+    dcdh_sigma: float = 0.25  # DCDH: Gaussian similarity width
+    dcdh_eta: float = 0.01  # DCDH: quantization weight
+    dcdh_center_weight: float = 0.1  # DCDH: weight of the centre separation term
 
     @property
     def bits(self) -> int:
@@ -83,7 +94,8 @@ class OPQN(nn.Module):
         self.backbone = build_backbone(config.backbone, config.input_size, config.width,
                                        config.feature_dim, pretrained=load_pretrained,
                                        backbone_args=config.backbone_args)
-        self.quantizer = OrthoPQ(config.feature_dim, config.num_books, config.num_words)
+        # The method's head (models.heads); OPQN's is models.quantizer.OrthoPQ.
+        self.quantizer = build_head(config)
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, S, S)`` -> features ``(B, D)``."""

@@ -1,25 +1,17 @@
 """The OPQN quantization head: fixed orthonormal codewords and trainable soft assignment."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .codebooks import orthonormal_codebooks
+from .heads.base import QuantHead, code_dtype
+
+__all__ = ["OrthoPQ", "code_dtype"]
 
 
-def code_dtype(num_words: int) -> torch.dtype:
-    """Smallest integer dtype that holds codes ``0..num_words-1`` (uint8 when K <= 256)."""
-    if num_words <= 256:
-        return torch.uint8
-    if num_words <= 2**15:
-        return torch.int16
-    return torch.int32
-
-
-class OrthoPQ(nn.Module):
+class OrthoPQ(QuantHead):
     """Product quantizer with fixed orthonormal codebooks ``C_m`` and trainable ``V_m``.
 
     ``x`` of shape ``(B, D)`` is split into ``M`` sub-vectors ``x_m`` of dimension
@@ -32,28 +24,16 @@ class OrthoPQ(nn.Module):
         assignment: ``(M, d, K)`` parameter, the matrices ``V_m``.
     """
 
+    method = "opqn"
+    faiss_metric = "ip"  # orthonormal codewords: the ADC score is an inner product
+
     def __init__(self, feature_dim: int, num_books: int, num_words: int) -> None:
-        super().__init__()
-        if num_books < 1 or feature_dim % num_books:
-            raise ValueError(
-                f"feature_dim={feature_dim} must be divisible by num_books={num_books}")
-        self.feature_dim = feature_dim
-        self.num_books = num_books
-        self.num_words = num_words
-        self.word_dim = feature_dim // num_books
+        super().__init__(feature_dim, num_books, num_words)
         self.register_buffer("codebooks",
                              orthonormal_codebooks(num_books, num_words, self.word_dim))
         self.assignment = nn.Parameter(torch.empty(num_books, self.word_dim, num_words))
         for book in self.assignment.data:
             nn.init.xavier_uniform_(book)
-
-    @property
-    def bits(self) -> int:
-        return int(self.num_books * math.log2(self.num_words))
-
-    def split(self, features: Tensor) -> Tensor:
-        """``(B, D)`` -> ``(B, M, d)`` sub-vectors."""
-        return features.reshape(features.shape[0], self.num_books, self.word_dim)
 
     def assignment_logits(self, sub: Tensor) -> Tensor:
         """``(B, M, d)`` sub-vectors -> ``(B, M, K)`` logits ``x_m^T V_m``."""
@@ -84,7 +64,7 @@ class OrthoPQ(nn.Module):
         return logits.argmax(dim=-1).to(code_dtype(self.num_words))
 
     @torch.no_grad()
-    def lookup_tables(self, features: Tensor) -> Tensor:
+    def query_tables(self, features: Tensor) -> Tensor:
         """Asymmetric query tables: ``(Q, D)`` -> ``(Q, M, K)`` float32 probabilities.
 
         ``P_m = softmax(q_m_hat^T V_m)`` with the sub-vector L2-normalised first. Training
@@ -110,3 +90,12 @@ class OrthoPQ(nn.Module):
         """
         soft = torch.einsum("mdk,qmk->qmd", self.codebooks.to(tables.dtype), tables)
         return soft.reshape(tables.shape[0], self.feature_dim)
+
+    def faiss_centroids(self) -> Tensor:
+        """The codewords ``(M, d, K)``: an inner-product IndexPQ over them scores like ADC."""
+        return self.codebooks
+
+    @torch.no_grad()
+    def faiss_queries(self, features: Tensor) -> Tensor:
+        """Soft-quantized query vectors ``(Q, D)`` (inner products = ADC scores)."""
+        return self.soft_quantize_tables(self.query_tables(features))

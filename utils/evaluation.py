@@ -65,7 +65,7 @@ def encode_queries(model: OPQN, loader: DataLoader, device: torch.device,
                    progress: bool = True) -> tuple[Tensor, Tensor]:
     """Lookup tables of the queries: ``(tables (Q, M, K) float32, labels (Q,))``."""
     feats, labels = extract_features(model, loader, device, "encode queries", progress)
-    return model.quantizer.lookup_tables(feats), labels
+    return model.quantizer.query_tables(feats), labels
 
 
 def evaluate_model(model: OPQN, gallery_loader: DataLoader, query_loader: DataLoader,

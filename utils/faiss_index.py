@@ -24,6 +24,8 @@ __all__ = [
     "load_faiss_index",
     "search_faiss",
     "pack_codes",
+    "build_head_index",
+    "search_head_index",
 ]
 
 
@@ -64,7 +66,8 @@ def pack_codes(codes: Tensor, nbits: int) -> np.ndarray:
     return np.ascontiguousarray(np.packbits(bits.reshape(n, m * nbits), axis=1, bitorder="little"))
 
 
-def build_faiss_index(codebooks: Tensor, codes: Tensor, chunk: int = 1 << 20):
+def build_faiss_index(codebooks: Tensor, codes: Tensor, chunk: int = 1 << 20,
+                      metric: str = "ip"):
     """An ``IndexPQ`` (inner product) whose centroids are the codewords, holding ``codes``.
 
     Args:
@@ -75,7 +78,8 @@ def build_faiss_index(codebooks: Tensor, codes: Tensor, chunk: int = 1 << 20):
 
     Returns:
         ``faiss.IndexPQ`` with ``d = M * d``, ``M`` sub-quantizers, ``nbits = log2 K``,
-        ``METRIC_INNER_PRODUCT`` and ``ntotal = N``; item ids are row indices of ``codes``.
+        ``METRIC_INNER_PRODUCT`` (``metric="ip"``) or ``METRIC_L2`` (``metric="l2"``) and
+        ``ntotal = N``; item ids are row indices of ``codes``.
     """
     faiss = _faiss()
     m, d, k, nbits = _check_codebooks(codebooks)
@@ -85,7 +89,8 @@ def build_faiss_index(codebooks: Tensor, codes: Tensor, chunk: int = 1 << 20):
         raise TypeError("codes must be an integer tensor")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
         raise ValueError(f"code values must lie in [0, {k})")
-    index = faiss.IndexPQ(m * d, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    faiss_metric = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}[metric]
+    index = faiss.IndexPQ(m * d, m, nbits, faiss_metric)
     # faiss stores centroids as (M, ksub, dsub).
     cent = codebooks.detach().to("cpu", torch.float32).permute(0, 2, 1).contiguous().numpy()
     faiss.copy_array_to_vector(cent.ravel(), index.pq.centroids)
@@ -129,13 +134,21 @@ def soft_quantized_queries(tables: Tensor, codebooks: Tensor) -> Tensor:
 
 
 def save_faiss_index(index, path: Union[str, os.PathLike]) -> None:
-    """Write ``index`` to ``path`` with ``faiss.write_index``."""
-    _faiss().write_index(index, os.fspath(path))
+    """Write ``index`` to ``path`` with ``faiss.write_index`` (binary indexes included)."""
+    faiss = _faiss()
+    if isinstance(index, faiss.IndexBinary):
+        faiss.write_index_binary(index, os.fspath(path))
+    else:
+        faiss.write_index(index, os.fspath(path))
 
 
 def load_faiss_index(path: Union[str, os.PathLike]):
     """Read an index written by ``save_faiss_index``."""
-    return _faiss().read_index(os.fspath(path))
+    faiss = _faiss()
+    try:
+        return faiss.read_index(os.fspath(path))
+    except RuntimeError:  # a binary index (dcdh)
+        return faiss.read_index_binary(os.fspath(path))
 
 
 def search_faiss(index, tables: Tensor, codebooks: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
@@ -154,3 +167,61 @@ def search_faiss(index, tables: Tensor, codebooks: Tensor, topk: int) -> Tuple[T
     x = soft_quantized_queries(tables, codebooks).detach().to("cpu", torch.float32).contiguous().numpy()
     dist, idx = index.search(x, topk)
     return torch.from_numpy(dist), torch.from_numpy(idx.astype(np.int64, copy=False))
+
+
+# --------------------------------------------------------------------------------------
+# Any method's head (models.heads): the index whose scores equal the ADC engine's.
+# --------------------------------------------------------------------------------------
+
+
+def _pack_bits(bits: Tensor) -> np.ndarray:
+    """``(N, L)`` 0/1 -> ``(N, ceil(L / 8))`` uint8, zero-padded (padding never differs)."""
+    b = bits.detach().cpu().numpy().astype(np.uint8, copy=False)
+    pad = (-b.shape[1]) % 8
+    if pad:
+        b = np.concatenate([b, np.zeros((b.shape[0], pad), dtype=np.uint8)], axis=1)
+    return np.ascontiguousarray(np.packbits(b, axis=1))
+
+
+def build_head_index(head, codes: Tensor):
+    """A faiss index of a gallery's ``codes`` ``(N, M)`` for a head's ``faiss_metric``.
+
+    * ``"ip"`` (opqn, gpq): ``IndexPQ`` with the inner-product metric over
+      ``head.faiss_centroids()``;
+    * ``"l2"`` (l2q, dpq): ``IndexPQ`` with the L2 metric: it returns
+      ``sum_m ||s_m - c_{m,code_m}||^2``, the negative of the engine's score;
+    * ``"hamming"`` (dcdh): ``IndexBinaryFlat`` over the bits, padded to whole bytes; it
+      returns Hamming distances, ``L`` minus the engine's score.
+
+    Raises ValueError for a head without a faiss equivalent (``faiss_metric`` None).
+    """
+    metric = getattr(head, "faiss_metric", None)
+    if metric in ("ip", "l2"):
+        return build_faiss_index(head.faiss_centroids().detach().cpu(), codes, metric=metric)
+    if metric == "hamming":
+        faiss = _faiss()
+        packed = _pack_bits(codes)
+        index = faiss.IndexBinaryFlat(packed.shape[1] * 8)
+        index.add(packed)
+        return index
+    raise ValueError(f"faiss cannot express the score of method {getattr(head, 'method', '?')}")
+
+
+def search_head_index(index, head, features: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    """Top-``k`` search of :func:`build_head_index`'s index with query ``features`` ``(Q, D)``.
+
+    Returns ``(scores, indices)`` on the CPU, ``(Q, topk)`` each, with ``scores`` converted to
+    the engine's scale (higher is better): L2 distances negated, Hamming distances
+    subtracted from ``L``.
+    """
+    queries = head.faiss_queries(features)
+    if head.faiss_metric == "hamming":
+        dist, idx = index.search(_pack_bits(queries), topk)
+        scores = head.num_books - torch.from_numpy(dist.astype(np.float32))
+    else:
+        x = queries.detach().to("cpu", torch.float32).contiguous().numpy()
+        dist, idx = index.search(x, topk)
+        scores = torch.from_numpy(dist)
+        if head.faiss_metric == "l2":
+            scores = -scores
+    return scores, torch.from_numpy(idx.astype(np.int64, copy=False))

@@ -18,12 +18,14 @@ from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, Pretraine
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .evaluation import evaluate_model
 from .logger import get_logger, setup_logging
+from .methods import default_lr, default_optimizer
 from .reporting import curve_label, plot_pr_curves, summary_line, write_result
 from .runtime import DistInfo, cleanup_distributed, init_distributed, memory_budget
 from .schedules import describe_schedule
 from .training import TrainingInterrupted, TrainSettings, load_model, train
-from .validation import (CodeSpec, UsageError, check_batch_fits, check_feature_dim,
-                         check_no_overwrite, check_quantizer_memory, check_split_dir)
+from .validation import (HASHING_METHODS, CodeSpec, UsageError, check_batch_fits,
+                         check_feature_dim, check_no_overwrite, check_quantizer_memory,
+                         check_split_dir)
 
 REQUIRED_KEYS = ("config", "backbone", "quantizer")
 RESUME_KEYS = REQUIRED_KEYS + ("class_weights", "epoch", "best_loss", "best_epoch", "history",
@@ -63,6 +65,7 @@ def _use_cache(args: argparse.Namespace, preset) -> bool:
 
 def _result_metadata(config: OPQNConfig, args: argparse.Namespace, device: torch.device) -> dict:
     return {
+        "method": config.method,
         "dataset": args.dataset,
         "cross_dataset": bool(args.cross_dataset),
         "train_dataset": config.dataset,
@@ -132,6 +135,7 @@ def _schedule_choice(args: argparse.Namespace, epochs: int) -> tuple[str, int]:
 def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.device) -> None:
     """Train one model per spec, each followed by a full evaluation of its saved model."""
     preset = dataset_preset(args.dataset, cross=args.cross_dataset)
+    method = args.method or "opqn"
     width = args.width or preset.width
     epochs = args.epochs or preset.epochs
     schedule, warmup = _schedule_choice(args, epochs)
@@ -142,9 +146,12 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
     jobs = []
     budget, budget_source = memory_budget(device)
     for spec in specs:  # validate every model before any work
-        feature_dim = args.feature_dim or choose_feature_dim(
-            spec.num_books, spec.num_words, preset.input_size)
-        check_feature_dim(feature_dim, spec.num_books, spec.num_words)
+        if method in HASHING_METHODS:  # the feature is the L-bit hash layer itself
+            feature_dim = spec.bits
+        else:
+            feature_dim = args.feature_dim or choose_feature_dim(
+                spec.num_books, spec.num_words, preset.input_size)
+        check_feature_dim(feature_dim, spec.num_books, spec.num_words, method)
         check_quantizer_memory(
             spec, feature_dim, budget, budget_source,
             lambda m, k: args.feature_dim or choose_feature_dim(m, k, preset.input_size))
@@ -164,8 +171,8 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
         raise UsageError(f"--resume: no last checkpoint to resume from: {jobs[0][3]}")
     for spec, feature_dim, _best, last in resuming:
         _check_resumable(spec, {"feature_dim": feature_dim, "width": width,
-                                "input_size": preset.input_size, "backbone": backbone,
-                                "backbone_args": backbone_args,
+                                "input_size": preset.input_size, "method": method,
+                                "backbone": backbone, "backbone_args": backbone_args,
                                 "margin_type": margin_type}, last,
                          {"schedule": schedule, "warmup": warmup, "epochs": epochs})
 
@@ -207,9 +214,12 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
         num_books=spec.num_books, num_words=spec.num_words, feature_dim=feature_dim,
         num_classes=splits.num_classes, input_size=preset.input_size, width=width,
         margin=args.margin, scale=args.scale or preset.scale, miu=args.miu, dataset=source,
-        **model_choice)
+        **model_choice, **_method_fields(args))
+    optimizer = args.optimizer or default_optimizer(config.method, preset.input_size)
+    lr = args.lr or default_lr(config.method, optimizer)
     settings = TrainSettings(
-        epochs=epochs, lr=args.lr, lr_step=preset.lr_step, batch_size=settings_batch,
+        epochs=epochs, lr=lr, optimizer=optimizer, lr_step=preset.lr_step,
+        batch_size=settings_batch,
         workers=loader_workers(args),
         seed=args.seed, eval_every=args.eval_every, best_path=best, last_path=last,
         resume=args.resume if resume is None else resume, progress=not args.no_progress,
@@ -217,15 +227,17 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
     log.info("[config] dataset %s%s: %d identities, %d training images, %d test images",
              source, " (cross-dataset training)" if args.cross_dataset else "",
              splits.num_classes, len(splits.train), len(splits.queries))
+    log.info("[config] method %s%s", config.method, _method_detail(config))
     log.info("[config] %d-bit code: %d codebooks x %d words, D=%d (d=%d), input %dx%d, "
              "width %d, margin %.3f, scale %.1f, miu %.4f", config.bits, config.num_books,
              config.num_words, config.feature_dim, config.word_dim, config.input_size,
              config.input_size, config.width, config.margin, config.scale, config.miu)
-    log.info("[config] backbone %s%s%s, %s margin", config.backbone,
+    log.info("[config] backbone %s%s%s, %s margin; method %s%s", config.backbone,
              f" {config.backbone_args}" if config.backbone_args else "",
-             " (timm pretrained)" if config.pretrained else "", config.margin_type)
-    log.info("[config] %d epochs, %s, batch %d, seed %d, device %s%s",
-             epochs, describe_schedule(schedule[0], args.lr, preset.lr_step, schedule[1]),
+             " (timm pretrained)" if config.pretrained else "", config.margin_type,
+             config.method, _method_detail(config))
+    log.info("[config] %d epochs, %s, %s, batch %d, seed %d, device %s%s",
+             epochs, optimizer, describe_schedule(schedule[0], lr, preset.lr_step, schedule[1]),
              settings_batch, args.seed, device,
              f", {dist_info.world_size} processes" if dist_info.distributed else "")
     state = train(config, settings, splits, device, dist_info)
@@ -241,6 +253,26 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
     _evaluate_and_report(model, config, splits, args, device, args.topk or preset.top_k,
                          best.stem, extra, title=f"{best.stem} on {source}{split}: "
                                                  f"precision-recall")
+
+
+_METHOD_FIELDS = {"dpq": ("dpq_alpha",),
+                  "gpq": ("gpq_alpha", "gpq_beta", "gpq_lambda_ce", "gpq_lambda_entropy"),
+                  "dcdh": ("dcdh_sigma", "dcdh_eta", "dcdh_center_weight")}
+
+
+def _method_fields(args: argparse.Namespace) -> dict:
+    """The config fields of --method and its hyper-parameter flags."""
+    method = args.method or "opqn"
+    fields = {"method": method}
+    for name in _METHOD_FIELDS.get(method, ()):
+        fields[name] = getattr(args, name)
+    return fields
+
+
+def _method_detail(config: OPQNConfig) -> str:
+    names = _METHOD_FIELDS.get(config.method, ())
+    return (" (" + ", ".join(f"{n} {getattr(config, n):g}" for n in names) + ")") if names \
+        else ""
 
 
 def _reconcile(spec: CodeSpec, config: dict, path: Path) -> None:
@@ -286,7 +318,7 @@ def _check_resumable(spec: CodeSpec, expected: dict, path: Path,
                               path)
     config = _checked_config(checkpoint, path)
     _reconcile(spec, config, path)
-    # Fields absent from older checkpoints take their defaults (sphere20, cosface).
+    # Fields absent from older checkpoints take their defaults (opqn, sphere20, cosface).
     defaults = OPQNConfig(1, 2, 2, 1).to_dict()
     for key, value in expected.items():
         stored = config.get(key, defaults.get(key))
@@ -314,13 +346,22 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
     for spec in specs:  # every checkpoint is checked before any work
         path = checkpoint_path(spec.name, args.checkpoint_dir)
         checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
-        _reconcile(spec, _checked_config(checkpoint, path), path)
-        stored_backbone = checkpoint["config"].get("backbone", DEFAULT_BACKBONE)
+        config = _checked_config(checkpoint, path)
+        _reconcile(spec, config, path)
+        stored_backbone = config.get("backbone", DEFAULT_BACKBONE)
         if args.backbone and args.backbone != stored_backbone:
             raise UsageError(f"--backbone {args.backbone} contradicts checkpoint {path}, which "
                              f"holds backbone {stored_backbone}")
+        stored_method = config.get("method", "opqn")
+        if args.method and args.method != stored_method:
+            raise UsageError(f"--method {args.method} contradicts checkpoint {path}, which holds "
+                             f"a {stored_method} model (-e reads the method from the checkpoint)")
         # Built on the CPU now, so that weights that do not fit fail before any work.
-        loaded.append((path, checkpoint, _checked_model(checkpoint, path)))
+        model = _checked_model(checkpoint, path)
+        if args.export_faiss and model.quantizer.faiss_metric is None:
+            raise UsageError(f"--export-faiss: faiss cannot express the {stored_method} score "
+                             f"of {path}")
+        loaded.append((path, checkpoint, model))
     preset = dataset_preset(args.dataset)
     k = args.topk or preset.top_k
     train_dir, test_dir = _prepare_folders(args, cross_train=False)
@@ -342,8 +383,8 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
             log.warning("warning: %d gallery identities were also training identities of %s; "
                         "the cross-dataset protocol needs disjoint identities", overlap, path)
         model = model.to(device)
-        log.info("evaluating %s (%d-bit, %dx%d) on %s", path, config.bits, config.num_books,
-                 config.num_words, args.dataset)
+        log.info("evaluating %s (%s, %d-bit, %dx%d) on %s", path, config.method, config.bits,
+                 config.num_books, config.num_words, args.dataset)
         # Its own name, never the training-time result's <stem>.json (see README).
         stem = f"{path.stem}_on_{args.dataset}{'_cross' if args.cross_dataset else ''}"
         extra = {"checkpoint": str(path), "checkpoint_epoch": int(checkpoint.get("epoch", 0)),
@@ -390,22 +431,23 @@ def gallery_paths(gallery) -> list[tuple[str, str]]:
 
 
 def _export_faiss(model: OPQN, codes: torch.Tensor, gallery, index_path: Path) -> None:
-    """The faiss IndexPQ of the gallery codes, and ``<stem>.ids.csv`` beside it: the image
-    of each faiss id, without which the ids mean nothing."""
-    from .faiss_index import build_faiss_index, save_faiss_index
+    """The faiss index of the gallery codes for the method's score (faiss_index.
+    build_head_index), and ``<stem>.ids.csv`` beside it: the image of each faiss id, without
+    which the ids mean nothing."""
+    from .faiss_index import build_head_index, save_faiss_index
 
     paths = gallery_paths(gallery)
     if len(paths) != codes.shape[0]:
         raise RuntimeError(f"{codes.shape[0]} gallery codes but {len(paths)} gallery files: "
                            f"cannot write the id list of {index_path}")
     index_path.parent.mkdir(parents=True, exist_ok=True)
-    save_faiss_index(build_faiss_index(model.quantizer.codebooks.cpu(), codes.cpu()),
-                     index_path)
+    faiss_index = build_head_index(model.quantizer, codes.cpu())
+    save_faiss_index(faiss_index, index_path)
     ids_path = index_path.with_name(f"{index_path.stem}.ids.csv")
     with open(ids_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "path", "identity"])
         for i, (file, identity) in enumerate(paths):
             writer.writerow([i, file, identity])
-    get_logger().info("faiss IndexPQ with %d gallery codes written to %s (ids: %s)",
-                      codes.shape[0], index_path, ids_path)
+    get_logger().info("faiss %s with %d gallery codes written to %s (ids: %s)",
+                      type(faiss_index).__name__, codes.shape[0], index_path, ids_path)

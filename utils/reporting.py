@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 def summary_line(result: dict) -> str:
     """One line with the headline numbers of an evaluation."""
     name = result.get("name") or result.get("dataset", "")
-    return (f"[{name}] {result['bits']}-bit ({result['num_books']}x{result['num_words']}) "
+    method = result.get("method", "opqn")
+    return (f"[{name}] {method} {result['bits']}-bit ({result['num_books']}x{result['num_words']}) "
             f"mAP {100 * result['mAP']:.2f}%  P@{result['k']} "
             f"{100 * result['precision_at_k']:.2f}%  R@{result['k']} "
             f"{100 * result['recall_at_k']:.2f}%  queries {result['num_queries']} "
@@ -48,9 +49,10 @@ def curve_label(result: dict, name: str) -> str:
     and mAP, e.g. ``synthface_36bits: OPQN 36-bit (6x64), mAP 89.10%``: two models of the
     same length stay apart."""
     method = str(result.get("method") or "OPQN")
+    # dcdh's "books" are its L bits of 2 words each: the bit count says it all.
+    code = "" if method == "dcdh" else f" ({result['num_books']}x{result['num_words']})"
     method = method.upper() if method.islower() else method
-    return (f"{name}: {method} {result['bits']}-bit ({result['num_books']}x"
-            f"{result['num_words']}), mAP {100 * result['mAP']:.2f}%")
+    return f"{name}: {method} {result['bits']}-bit{code}, mAP {100 * result['mAP']:.2f}%"
 
 
 def write_result(result: dict, out_dir: str | Path, stem: str,

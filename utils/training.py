@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from data.datasets import MONITOR_TOP_K, report_broken
 from data.loaders import RetrievalSplits, make_loader
-from losses import OPQNLoss
+from losses import build_loss
 from models import OPQN, OPQNConfig
 
 from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
@@ -52,6 +52,7 @@ class TrainSettings:
     batch_size: int = 256
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"  # "sgd" (momentum) or "adam" (amsgrad; DCDH on 32x32 sets)
     workers: int = 2
     seed: int = 0
     eval_every: int = 5
@@ -70,13 +71,14 @@ class TrainSettings:
 class OPQNTrainingModule(nn.Module):
     """Model and loss head in one module, so that DDP synchronises both."""
 
-    def __init__(self, model: OPQN, criterion: OPQNLoss) -> None:
+    def __init__(self, model: OPQN, criterion: nn.Module) -> None:
         super().__init__()
         self.model, self.criterion = model, criterion
 
     def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        sub, soft, probs = self.model.quantizer(self.model(images))
-        return self.criterion(sub, soft, probs, labels)
+        # The one call site of head and loss for every method: the head's training outputs
+        # go to the method's loss unchanged.
+        return self.criterion(*self.model.quantizer(self.model(images)), labels)
 
 
 @dataclass
@@ -87,12 +89,23 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
-def build_criterion(config: OPQNConfig) -> OPQNLoss:
-    return OPQNLoss(config.num_classes, config.num_books, config.word_dim, config.margin,
-                    config.scale, config.miu, config.margin_type)
+def build_criterion(config: OPQNConfig) -> nn.Module:
+    """The loss of the config's method (losses.build_loss)."""
+    return build_loss(config)
 
 
-def checkpoint_state(config: OPQNConfig, model: OPQN, criterion: OPQNLoss,
+def build_optimizer(params, settings: "TrainSettings") -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's), or Adam with amsgrad (DCDH's on 32x32 sets)."""
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                amsgrad=True)
+    if settings.optimizer != "sgd":
+        raise ValueError(f"unknown optimizer {settings.optimizer!r}")
+    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                           weight_decay=settings.weight_decay)
+
+
+def checkpoint_state(config: OPQNConfig, model: OPQN, criterion: nn.Module,
                      optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
                      settings: TrainSettings, classes: list[str]) -> dict:
     """Everything needed to evaluate or resume, as plain tensors and primitives."""
@@ -130,6 +143,10 @@ def load_model(checkpoint: dict, device: torch.device) -> OPQN:
     return model.to(device).eval()
 
 
+# Short names of loss parts in the epoch log line (OPQN's as before).
+_PART_LABELS = {"entropy": "H"}
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     # Every epoch draws from its own seed, so a resumed run repeats an uninterrupted one.
     return (seed * 1_000_003 + epoch * 7919) % 2**62
@@ -152,8 +169,7 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     module = OPQNTrainingModule(model, criterion)
-    optimizer = torch.optim.SGD(module.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
+    optimizer = build_optimizer(module.parameters(), settings)
     scheduler = build_scheduler(optimizer, settings.schedule, settings.epochs, settings.lr_step,
                                 settings.lr_decay, settings.warmup)
     state = TrainState()
@@ -197,8 +213,9 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
                              shuffle=True, generator=generator, sampler=sampler, drop_last=True)
         train_module.train()
         start = time.perf_counter()
-        # loss, ce_x, ce_s, entropy
-        total = torch.zeros(4, device=device, dtype=accumulator_dtype(device))
+        # The loss and its parts (each loss names them in PARTS), summed over the batches.
+        part_names = list(criterion.PARTS)
+        total = torch.zeros(1 + len(part_names), device=device, dtype=accumulator_dtype(device))
         seen = 0
         batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
                        disable=not (settings.progress and dist_info.is_main))
@@ -217,8 +234,8 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
             loss.backward()
             optimizer.step()
             n = labels.shape[0]
-            total += n * torch.stack([loss.detach(), parts["ce_x"], parts["ce_s"],
-                                      parts["entropy"]]).to(total.dtype)
+            total += n * torch.stack([loss.detach()] + [parts[p] for p in part_names]).to(
+                total.dtype)
             seen += n
             if step % 20 == 0:
                 batches.set_postfix(loss=f"{total[0].item() / seen:.4f}")
@@ -238,8 +255,9 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         state.epoch = epoch + 1
-        record = {"epoch": state.epoch, "loss": mean_loss, "ce_x": means[1], "ce_s": means[2],
-                  "entropy": means[3], "lr": lr, "seconds": time.perf_counter() - start}
+        record = {"epoch": state.epoch, "loss": mean_loss,
+                  **dict(zip(part_names, means[1:])),
+                  "lr": lr, "seconds": time.perf_counter() - start}
         improved = mean_loss < state.best_loss
         if improved:
             state.best_loss, state.best_epoch = mean_loss, state.epoch
@@ -255,8 +273,9 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
             record[f"monitor_precision_at_{settings.monitor_k}"] = result["precision_at_k"]
         state.history.append(record)
 
-        line = (f"epoch {state.epoch}/{settings.epochs}  loss {mean_loss:.4f} (ce_x {means[1]:.3f}"
-                f" ce_s {means[2]:.3f} H {means[3]:.3f})  lr {lr:.4g}  {record['seconds']:.1f}s")
+        detail = " ".join(f"{_PART_LABELS.get(p, p)} {v:.3f}" for p, v in zip(part_names, means[1:]))
+        line = (f"epoch {state.epoch}/{settings.epochs}  loss {mean_loss:.4f} ({detail})  "
+                f"lr {lr:.4g}  {record['seconds']:.1f}s")
         if "monitor_mAP" in record:
             line += (f"  [monitor] mAP {100 * record['monitor_mAP']:.2f}%  "
                      f"P@{settings.monitor_k} "

@@ -9,6 +9,14 @@ from typing import Callable
 from data.datasets import IMAGE_EXTENSIONS
 
 
+# The methods of --method (models.heads.METHODS; kept here too so --help needs no torch).
+METHODS = ("opqn", "l2q", "dpq", "gpq", "dcdh")
+# Binary hashing methods (models.heads.HASHING_METHODS): --len bits, no --num/--words.
+HASHING_METHODS = ("dcdh",)
+# Methods with fixed orthonormal codewords, hence K <= d (models.heads.ORTHONORMAL_METHODS).
+ORTHONORMAL_METHODS = ("opqn",)
+
+
 class UsageError(ValueError):
     """A bad command-line value; the message is one line naming the flag and the value."""
 
@@ -104,9 +112,44 @@ def code_specs(lengths: list[int] | None, books: list[int] | None, words: list[i
     return specs
 
 
+def hashing_specs(lengths: list[int] | None, names: list[str] | None) -> list[CodeSpec]:
+    """Models of a hashing method: ``--len L`` gives L books of 2 words (one bit each)."""
+    _check_list("--len", lengths)
+    if not lengths:
+        raise UsageError("give the code length: --len BITS (e.g. --len 36)")
+    if names and len(names) != len(lengths):
+        raise UsageError(f"--len/--save need one entry per model: --len has {len(lengths)}, "
+                         f"--save has {len(names)}")
+    return [CodeSpec(bits, bits, 2, names[i] if names else None)
+            for i, bits in enumerate(lengths)]
+
+
+def _check_method_options(args) -> None:
+    method = getattr(args, "method", None)
+    for flag in ("dpq_alpha", "gpq_alpha", "gpq_beta", "gpq_lambda_ce", "gpq_lambda_entropy",
+                 "dcdh_sigma", "dcdh_eta", "dcdh_center_weight"):
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        name = "--" + flag.replace("_", "-")
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(f"{name} must be a finite number >= 0, got {value}")
+    if args.evaluate:
+        if getattr(args, "optimizer", None):
+            raise UsageError("--optimizer is for training; -e evaluates the models in --load")
+        return
+    if method in HASHING_METHODS:
+        for flag, given in (("--num", args.num), ("--words", args.words),
+                            ("--feature-dim", args.feature_dim)):
+            if given:
+                raise UsageError(f"{flag} does not apply to --method {method}: a binary hash "
+                                 f"of --len L bits has L one-bit codebooks (give --len only)")
+
+
 def check_options(args) -> None:
     """Check the scalar flags of ``opqn_main.py`` (an argparse namespace)."""
     _check_positive("--lr", args.lr)
+    _check_method_options(args)
     _check_positive("--bs", args.bs)
     _check_positive("--epochs", args.epochs)
     for flag, value in (("--margin", args.margin), ("--miu", args.miu)):
@@ -176,17 +219,19 @@ def check_options(args) -> None:
             raise UsageError("--export-faiss works with -e")
 
 
-def check_feature_dim(feature_dim: int, num_books: int, num_words: int) -> None:
-    """D must split into M sub-vectors of dimension d >= K (orthonormal codewords)."""
+def check_feature_dim(feature_dim: int, num_books: int, num_words: int,
+                      method: str = "opqn") -> None:
+    """D must split into M sub-vectors; with orthonormal codewords (opqn) also d >= K."""
     if feature_dim <= 0 or feature_dim % num_books:
         raise UsageError(f"--feature-dim {feature_dim} must be a positive multiple of "
                          f"--num {num_books}")
     word_dim = feature_dim // num_books
-    if num_words > word_dim:
+    if num_words > word_dim and method in ORTHONORMAL_METHODS:
         raise UsageError(f"--words {num_words} exceeds the sub-vector dimension "
                          f"d = --feature-dim {feature_dim} / --num {num_books} = {word_dim}: at "
                          f"most {word_dim} orthonormal codewords fit (use --feature-dim "
-                         f"{num_books * num_words} or more)")
+                         f"{num_books * num_words} or more; --method l2q, dpq and gpq learn "
+                         f"their codewords and allow K > d)")
 
 
 def check_split_dir(path: Path, role: str) -> None:

@@ -1,0 +1,63 @@
+"""The DCDH loss (Zhang, Zhe, Chen & Yan, Pattern Recognition 2021).
+
+``L = dual class-wise loss + w_c * centre separation + eta * quantization``:
+
+* dual class-wise: ``-log( exp(-sigma/2 ||h - c_y||^2) / sum_j exp(-sigma/2 ||h - c_j||^2) )``
+  with learnable centres ``c_j`` (batch mean);
+* centre separation: mean over pairs ``i != j`` of ``softplus(L/2 * cos(c_i, c_j))``;
+* quantization: ``||h - B||^2 / batch`` with ``B = sign(Y W + eta h)`` and
+  ``W = pinv(Y^T Y) Y^T sign(h)`` from the batch's one-hot labels ``Y`` (no gradient through B).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def sign_pm(x: Tensor) -> Tensor:
+    """``sign`` with values in {-1, +1} (0 maps to +1, as the codes do)."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+def discrete_targets(h: Tensor, labels: Tensor, num_classes: int, eta: float) -> Tensor:
+    """``B = sign(Y W + eta h)``, ``W = pinv(Y^T Y) Y^T sign(h)``: ``(B, L)`` in {-1, +1}."""
+    y = F.one_hot(labels, num_classes).to(h.dtype)
+    w = torch.linalg.pinv(y.T @ y) @ y.T @ sign_pm(h)
+    return sign_pm(y @ w + eta * h)
+
+
+class DCDHLoss(nn.Module):
+    """Holds the class centres ``(classes, L)``."""
+
+    PARTS = ("class", "center", "quant")  # keys of the parts dict returned by forward
+
+    def __init__(self, num_classes: int, bits: int, sigma: float = 0.25, eta: float = 0.01,
+                 center_weight: float = 0.1) -> None:
+        super().__init__()
+        self.num_classes, self.bits = num_classes, bits
+        self.sigma, self.eta, self.center_weight = sigma, eta, center_weight
+        self.centers = nn.Parameter(torch.empty(num_classes, bits))
+        nn.init.xavier_uniform_(self.centers)
+
+    def forward(self, h: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """
+        Args:
+            h: ``(B, L)`` real-valued hash layer; labels: ``(B,)`` int64.
+        Returns:
+            The scalar loss and its parts ``{"class", "center", "quant"}``.
+        """
+        h = h.float()
+        logits = -0.5 * self.sigma * torch.cdist(h, self.centers).pow(2)
+        class_loss = F.cross_entropy(logits, labels)
+        c = F.normalize(self.centers, dim=1)
+        cos = c @ c.T
+        off = ~torch.eye(self.num_classes, dtype=torch.bool, device=h.device)
+        center = F.softplus(0.5 * self.bits * cos[off]).mean() if self.num_classes > 1 \
+            else torch.zeros((), device=h.device)
+        with torch.no_grad():
+            target = discrete_targets(h, labels, self.num_classes, self.eta)
+        quant = (h - target).pow(2).sum() / h.shape[0]
+        loss = class_loss + self.center_weight * center + self.eta * quant
+        return loss, {"class": class_loss.detach(), "center": center.detach(),
+                      "quant": quant.detach()}

@@ -1,0 +1,43 @@
+"""Quantization heads, one module per method, behind a registry keyed by method name."""
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import QuantHead, code_dtype
+from .dcdh import DCDHHead
+from .dpq import DPQHead
+from .gpq import GPQHead
+from .l2q import L2QHead
+
+METHODS = ("opqn", "l2q", "dpq", "gpq", "dcdh")
+# Methods whose codewords are orthonormal, hence K <= d.
+ORTHONORMAL_METHODS = ("opqn",)
+# Binary hashing methods: --len bits, no --num/--words.
+HASHING_METHODS = ("dcdh",)
+
+
+def _opqn(config) -> QuantHead:
+    from ..quantizer import OrthoPQ  # imports base from here: deferred to avoid a cycle
+
+    return OrthoPQ(config.feature_dim, config.num_books, config.num_words)
+
+
+HEADS: dict[str, Callable[..., QuantHead]] = {
+    "opqn": _opqn,
+    "l2q": lambda c: L2QHead(c.feature_dim, c.num_books, c.num_words),
+    "dpq": lambda c: DPQHead(c.feature_dim, c.num_books, c.num_words),
+    "gpq": lambda c: GPQHead(c.feature_dim, c.num_books, c.num_words, alpha=c.gpq_alpha),
+    "dcdh": lambda c: DCDHHead(c.feature_dim, c.num_books, c.num_words),
+}
+
+
+def build_head(config) -> QuantHead:
+    """The quantization head of ``config.method`` (an :class:`models.OPQNConfig`)."""
+    method = getattr(config, "method", "opqn")
+    if method not in HEADS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return HEADS[method](config)
+
+
+__all__ = ["QuantHead", "code_dtype", "METHODS", "ORTHONORMAL_METHODS", "HASHING_METHODS",
+           "HEADS", "build_head", "L2QHead", "DPQHead", "GPQHead", "DCDHHead"]

@@ -1,0 +1,218 @@
+"""The compared methods (--method): each head's ADC score equals a direct computation, the
+faiss export scores like the engine, the losses do what the papers say, and DCDH's
+tie-aware mAP equals the brute-force expectation over random tie orders."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import DCDHLoss, DPQLoss, GPQLoss, OPQNLoss, build_loss
+from losses.dcdh_loss import discrete_targets
+from models import OPQN, OPQNConfig
+from models.heads import METHODS, build_head
+from utils.metrics import average_precision
+from utils.retrieval import evaluate_adc, search_adc
+from utils import validation
+
+D, M, K = 24, 3, 16  # K > d = 8 on purpose: only opqn needs K <= d
+L = 10
+
+
+def make_head(method: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if method == "dcdh":
+        config = OPQNConfig(num_books=L, num_words=2, feature_dim=L, num_classes=4,
+                            method=method)
+    else:
+        config = OPQNConfig(num_books=M, num_words=8 if method == "opqn" else K,
+                            feature_dim=D, num_classes=4, method=method)
+    return build_head(config)
+
+
+def engine_scores(tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """All (Q, N) scores as the ADC engine's search returns them, back in item order."""
+    scores, index = search_adc(tables, codes, codes.shape[0])
+    full = torch.empty_like(scores)
+    full.scatter_(1, index, scores)
+    return full
+
+
+def direct_scores(method: str, head, queries: torch.Tensor, items: torch.Tensor):
+    """The paper's score of every (query, item) pair, computed without the ADC tables."""
+    q_sub = queries.reshape(queries.shape[0], head.num_books, -1)
+    codes = head.encode(items).long()
+    if method == "dcdh":
+        hamming = ((queries >= 0)[:, None, :] != (items >= 0)[None, :, :]).sum(-1)
+        return (L - hamming).float()
+    if method == "gpq":
+        words = head.codewords.detach()  # (M, d, K); cosines are scale-free
+        chosen = torch.stack([words[m, :, codes[:, m]].T for m in range(M)], 1)  # (N, M, d)
+        cos = F.cosine_similarity(q_sub[:, None], chosen[None], dim=-1)  # (Q, N, M)
+        return cos.sum(-1)
+    books = head.codebooks.detach()
+    if method == "dpq":
+        probs = torch.softmax(torch.einsum("qmd,mdk->qmk", q_sub, head.assignment), -1)
+    else:  # opqn and l2q normalise the query first
+        probs = torch.softmax(torch.einsum("qmd,mdk->qmk", F.normalize(q_sub, dim=-1),
+                                           head.assignment), -1)
+    soft = torch.einsum("mdk,qmk->qmd", books, probs)  # (Q, M, d)
+    chosen = torch.stack([books[m, :, codes[:, m]].T for m in range(M)], 1)  # (N, M, d)
+    if method == "opqn":  # orthonormal words: inner product with the item's codewords
+        return torch.einsum("qmd,nmd->qn", soft, chosen)
+    return -((soft[:, None] - chosen[None]) ** 2).sum((-1, -2))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_engine_score_equals_direct_computation(method):
+    head = make_head(method).eval()
+    dim = L if method == "dcdh" else D
+    g = torch.Generator().manual_seed(1)
+    items, queries = torch.randn(40, dim, generator=g), torch.randn(5, dim, generator=g)
+    codes, tables = head.encode(items), head.query_tables(queries)
+    assert codes.dtype == torch.uint8 and codes.shape == (40, head.num_books)
+    assert tables.dtype == torch.float32
+    assert tables.shape == (5, head.num_books, head.num_words)
+    torch.testing.assert_close(engine_scores(tables, codes),
+                               direct_scores(method, head, queries, items),
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_query_side_normalisation_per_method():
+    """opqn, l2q and gpq score a query by direction only; dpq uses the raw sub-vector."""
+    q = torch.randn(3, D)
+    for method in ("opqn", "l2q", "gpq"):
+        head = make_head(method)
+        torch.testing.assert_close(head.query_tables(q), head.query_tables(4.0 * q))
+    dpq = make_head("dpq")
+    assert not torch.allclose(dpq.query_tables(q), dpq.query_tables(4.0 * q))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_faiss_scores_equal_the_engine(method):
+    pytest.importorskip("faiss")
+    from utils.faiss_index import build_head_index, search_head_index
+
+    head = make_head(method).eval()
+    dim = L if method == "dcdh" else D
+    g = torch.Generator().manual_seed(2)
+    items, queries = torch.randn(60, dim, generator=g), torch.randn(4, dim, generator=g)
+    codes = head.encode(items)
+    index = build_head_index(head, codes)
+    scores, ids = search_head_index(index, head, queries, 60)
+    full = engine_scores(head.query_tables(queries), codes)
+    torch.testing.assert_close(scores, torch.gather(full, 1, ids), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(scores, full.sort(1, descending=True).values, atol=1e-4,
+                               rtol=1e-5)
+
+
+def test_dcdh_tie_aware_map_equals_brute_force_over_tie_orders():
+    """Hamming ranks tie a lot: the exact expectation equals averaging every tie order."""
+    g = torch.Generator().manual_seed(3)
+    head = make_head("dcdh")
+    items = torch.randn(7, L, generator=g)
+    items[3:] = items[:4] * torch.tensor([1.0] * (L - 1) + [-1.0])  # near-duplicate codes
+    queries = torch.randn(2, L, generator=g)
+    item_labels = torch.tensor([0, 1, 0, 1, 0, 2, 1])
+    query_labels = torch.tensor([0, 1])
+    result = evaluate_adc(head.query_tables(queries), head.encode(items), query_labels,
+                          item_labels, ties="expected")
+    scores = direct_scores("dcdh", head, queries, items)
+    aps = []
+    for qi in range(2):
+        s, rel = scores[qi], (item_labels == query_labels[qi])
+        assert len(set(s.tolist())) < 7  # the case really has ties
+        total, count = 0.0, 0
+        for order in itertools.permutations(range(7)):
+            ranked = s[list(order)]
+            if bool((ranked[:-1] >= ranked[1:]).all()):  # a valid ranking of tied items
+                hits = rel[list(order)].double()
+                prec = hits.cumsum(0) / torch.arange(1, 8)
+                total += float((prec * hits).sum() / hits.sum())
+                count += 1
+        aps.append(total / count)
+        torch.testing.assert_close(average_precision(s[None], rel[None])[0].double(),
+                                   torch.tensor(aps[-1], dtype=torch.float64), atol=1e-6,
+                                   rtol=0)
+    assert result["mAP"] == pytest.approx(sum(aps) / 2, abs=1e-6)
+
+
+def test_dpq_hard_vector_is_the_argmax_codeword_with_straight_through_gradient():
+    head = make_head("dpq")
+    x = torch.randn(5, D, requires_grad=True)
+    soft, hard = head(x)
+    codes = head.encode(x.detach()).long()
+    words = torch.cat([head.codebooks[m, :, codes[:, m]].T for m in range(M)], 1)
+    torch.testing.assert_close(hard, words)
+    hard.sum().backward()  # the gradient reaches the assignment through the argmax
+    assert head.assignment.grad is not None and head.assignment.grad.abs().sum() > 0
+    loss_fn = DPQLoss(4, D, alpha=0.25)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    loss, parts = loss_fn(soft.detach(), hard.detach(), labels)
+    c = loss_fn.centers[labels]
+    centre = 0.5 * (((soft - c) ** 2).sum() + ((hard - c) ** 2).sum()) / 5
+    torch.testing.assert_close(parts["center"], centre.detach())
+    expected = (F.cross_entropy(loss_fn.classifier(soft), labels)
+                + F.cross_entropy(loss_fn.classifier(hard), labels) + 0.25 * centre)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_gpq_loss_terms():
+    head = make_head("gpq")
+    feature, desc = head(torch.randn(6, D))
+    # Intra-normalised: every sub-vector has unit norm.
+    torch.testing.assert_close(feature.reshape(6, M, -1).norm(dim=-1), torch.ones(6, M))
+    torch.testing.assert_close(desc.reshape(6, M, -1).norm(dim=-1), torch.ones(6, M))
+    labels = torch.tensor([0, 0, 1, 1, 2, 3])
+    loss_fn = GPQLoss(4, M, D, beta=4.0, lambda_ce=0.1)
+    loss, parts = loss_fn(feature, desc, labels)
+    logits = M * (feature / M ** 0.5) @ (desc / M ** 0.5).T
+    same = (labels[:, None] == labels[None]).float()
+    npair = -(same / same.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    npair = npair + 0.002 / 4 * 2 * M  # both vectors have squared norm M
+    torch.testing.assert_close(parts["npair"], npair.detach())
+    torch.testing.assert_close(loss, npair + 0.1 * parts["ce"])
+    assert parts["entropy"] == 0  # off by default: our protocols are fully labelled
+    on = GPQLoss(4, M, D, lambda_entropy=0.1)
+    assert on(feature, desc, labels)[1]["entropy"] < 0  # negative entropy
+
+
+def test_dcdh_loss_terms():
+    torch.manual_seed(0)
+    h = torch.randn(6, L)
+    labels = torch.tensor([0, 0, 1, 1, 1, 3])
+    target = discrete_targets(h, labels, 4, eta=0.01)
+    # Y W is each sample's class mean of sign(h); B its sign (ties broken by eta * h).
+    means = torch.stack([torch.sign(h[labels == c]).mean(0) for c in labels.tolist()])
+    direct = torch.sign(means + 0.01 * h)
+    direct[direct == 0] = 1
+    torch.testing.assert_close(target, direct)
+    loss_fn = DCDHLoss(4, L, sigma=0.25, eta=0.01, center_weight=0.1)
+    loss, parts = loss_fn(h, labels)
+    dist = ((h[:, None] - loss_fn.centers[None]) ** 2).sum(-1)
+    torch.testing.assert_close(parts["class"], F.cross_entropy(-0.125 * dist, labels).detach())
+    c = F.normalize(loss_fn.centers, dim=1)
+    pairs = [F.softplus(0.5 * L * (c[i] @ c[j])) for i in range(4) for j in range(4) if i != j]
+    torch.testing.assert_close(parts["center"], torch.stack(pairs).mean().detach())
+    torch.testing.assert_close(parts["quant"], ((h - direct) ** 2).sum() / 6)
+
+
+def test_l2q_shares_the_opqn_loss_and_learns_its_codewords():
+    config = OPQNConfig(num_books=M, num_words=K, feature_dim=D, num_classes=4, width=4,
+                        method="l2q")
+    assert type(build_loss(config)) is OPQNLoss
+    model = OPQN(config)
+    assert "codebooks" in dict(model.quantizer.named_parameters())
+    assert "codebooks" in dict(OPQN(OPQNConfig(M, 8, D, 4, width=4)).quantizer.named_buffers())
+
+
+def test_old_configs_load_as_opqn_and_methods_are_listed_once():
+    old = {"num_books": 2, "num_words": 16, "feature_dim": 64, "num_classes": 3}
+    assert OPQNConfig.from_dict(old).method == "opqn"
+    assert validation.METHODS == METHODS
+    with pytest.raises(validation.UsageError, match="l2q, dpq and gpq"):
+        validation.check_feature_dim(D, M, K, "opqn")
+    for method in ("l2q", "dpq", "gpq"):
+        validation.check_feature_dim(D, M, K, method)  # K > d is fine for learned words
