@@ -1,0 +1,122 @@
+"""The protocol of SPEC §2: presets, transforms, top-k, and the PR curve against brute force."""
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from data.datasets import CROSS_PRESET, MONITOR_TOP_K, PRESETS, dataset_preset
+from data.transforms import build_transform, normalization
+from utils.retrieval import evaluate_adc
+from utils.training import TrainSettings
+
+
+@pytest.mark.parametrize("name", ["facescrub", "youtube", "cfw"])
+def test_small_dataset_presets(name):
+    p = PRESETS[name]
+    assert (p.input_size, p.epochs, p.lr_step, p.scale, p.top_k, p.width, p.batch_size) == \
+        (32, 200, 35, 20.0, 5, 64, 256)
+
+
+def test_vggface2_and_cross_presets():
+    p = PRESETS["vggface2"]
+    assert (p.input_size, p.epochs, p.lr_step, p.scale, p.top_k, p.width, p.batch_size) == \
+        (112, 160, 20, 40.0, 10, 64, 256)
+    assert dataset_preset("facescrub", cross=True) == CROSS_PRESET == p
+    assert MONITOR_TOP_K == 50
+    # Any 112x112 run uses s = 40, also the built-in dataset's cross-dataset run.
+    cross_synth = dataset_preset("synthface", cross=True)
+    assert (cross_synth.input_size, cross_synth.scale) == (112, 40.0)
+    assert dataset_preset("some_folder").scale == 20.0
+
+
+def test_optimiser_defaults():
+    s = TrainSettings(epochs=1)
+    assert (s.lr, s.lr_decay, s.momentum, s.weight_decay, s.batch_size) == \
+        (0.1, 0.5, 0.9, 5e-4, 256)
+
+
+def test_cli_defaults():
+    from opqn_main import build_parser
+
+    args = build_parser().parse_args([])
+    assert (args.lr, args.margin, args.miu) == (0.1, 0.5, 0.1)
+
+
+def _steps(transform) -> list:
+    return list(transform.transforms)
+
+
+@pytest.mark.parametrize("size,stored,mean,std", [
+    (32, 35, (0.639, 0.479, 0.404), (0.216, 0.183, 0.171)),
+    (112, 120, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+def test_transforms(size, stored, mean, std):
+    assert normalization(size) == (mean, std)
+    for train in (True, False):
+        steps = _steps(build_transform(size, train=train))
+        kinds = [type(s) for s in steps]
+        middle = [v2.RandomCrop, v2.RandomHorizontalFlip] if train else [v2.CenterCrop]
+        assert kinds == [v2.ToImage, v2.Resize, *middle, v2.ToDtype, v2.Normalize]
+        assert list(steps[1].size) == [stored]  # the shorter side goes to `stored`
+        assert list(steps[2].size) == [size, size]
+        if train:
+            assert steps[3].p == 0.5
+        assert tuple(steps[-1].mean) == mean and tuple(steps[-1].std) == std
+        cached = [type(s) for s in _steps(build_transform(size, train=train, resized=True))]
+        assert cached == [v2.ToImage, *middle, v2.ToDtype, v2.Normalize]
+
+
+def _brute_force_pr(tables, codes, q_labels, db_labels, cutoffs, ties):
+    """Mean precision and recall at each cut-off, item by item, in float64.
+
+    ``stable``: ties broken by database index. ``expected``: an item of a tie group of
+    ``t`` items with ``a`` items strictly above it is in the top ``c`` with probability
+    ``clamp((c - a) / t, 0, 1)`` under a uniformly random order of the group.
+    """
+    n = codes.shape[0]
+    precision = torch.zeros(len(cutoffs), dtype=torch.float64)
+    recall = torch.zeros(len(cutoffs), dtype=torch.float64)
+    count = 0
+    for qi in range(tables.shape[0]):
+        scores = [sum(float(tables[qi, m, int(codes[i, m])]) for m in range(codes.shape[1]))
+                  for i in range(n)]
+        rel = [int(db_labels[i]) == int(q_labels[qi]) for i in range(n)]
+        nrel = sum(rel)
+        if nrel == 0:
+            continue
+        count += 1
+        for ci, c in enumerate(cutoffs):
+            if ties == "stable":
+                order = sorted(range(n), key=lambda i: (-scores[i], i))
+                hits = sum(rel[i] for i in order[:c])
+            else:
+                hits = 0.0
+                for i in range(n):
+                    above = sum(s > scores[i] for s in scores)
+                    tied = sum(s == scores[i] for s in scores)
+                    hits += rel[i] * min(max((c - above) / tied, 0.0), 1.0)
+            precision[ci] += hits / c
+            recall[ci] += hits / nrel
+    return precision / count, recall / count
+
+
+@pytest.mark.parametrize("ties", ["stable", "expected"])
+def test_pr_curve_matches_brute_force(ties):
+    g = torch.Generator().manual_seed(7)
+    m, k, n, q = 2, 4, 40, 5
+    # Few distinct codes, so many items tie; distinct codes have distinct scores.
+    distinct = torch.randint(0, k, (6, m), generator=g)
+    codes = distinct[torch.randint(0, 6, (n,), generator=g)].to(torch.uint8)
+    tables = torch.softmax(2 * torch.randn(q, m, k, generator=g), -1)
+    db_labels = torch.randint(0, 3, (n,), generator=g)
+    q_labels = torch.tensor([0, 1, 2, 1, 7])  # label 7 has no relevant item: left out
+    res = evaluate_adc(tables, codes, q_labels, db_labels, k=5, ties=ties, pr_points=12)
+    cutoffs = res["pr_curve"]["cutoffs"]
+    assert cutoffs[0] == 1 and cutoffs[-1] == n and len(cutoffs) > 5
+    precision, recall = _brute_force_pr(tables, codes, q_labels, db_labels, cutoffs, ties)
+    torch.testing.assert_close(torch.tensor(res["pr_curve"]["precision"], dtype=torch.float64),
+                               precision, rtol=0, atol=1e-9)
+    torch.testing.assert_close(torch.tensor(res["pr_curve"]["recall"], dtype=torch.float64),
+                               recall, rtol=0, atol=1e-9)
+    p5, r5 = _brute_force_pr(tables, codes, q_labels, db_labels, [5], ties)
+    assert res["precision_at_k"] == pytest.approx(p5.item(), abs=1e-9)
+    assert res["recall_at_k"] == pytest.approx(r5.item(), abs=1e-9)
+    assert res["skipped_queries"] == 1
