@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from torch import Tensor, nn
 
 from .backbone import FaceResNet20
-from .quantizer import OrthoPQ
+from .quantizer import OrthoPQ, code_bits
 
 # 32x32 datasets use D = 512 in the paper (516 for M = 6 so that it divides).
 SMALL_INPUT_FEATURE_DIM = 512
@@ -44,7 +44,7 @@ class OPQNConfig:
 
     @property
     def bits(self) -> int:
-        return int(self.num_books * math.log2(self.num_words))
+        return code_bits(self.num_books, self.num_words)
 
     @property
     def word_dim(self) -> int:

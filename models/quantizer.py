@@ -19,6 +19,11 @@ def code_dtype(num_words: int) -> torch.dtype:
     return torch.int32
 
 
+def code_bits(num_books: int, num_words: int) -> int:
+    """Code length L = M * log2(K) in bits."""
+    return int(num_books * math.log2(num_words))
+
+
 class OrthoPQ(nn.Module):
     """Product quantizer with fixed orthonormal codebooks ``C_m`` and trainable ``V_m``.
 
@@ -49,7 +54,7 @@ class OrthoPQ(nn.Module):
 
     @property
     def bits(self) -> int:
-        return int(self.num_books * math.log2(self.num_words))
+        return code_bits(self.num_books, self.num_words)
 
     def split(self, features: Tensor) -> Tensor:
         """``(B, D)`` -> ``(B, M, d)`` sub-vectors."""

@@ -4,7 +4,7 @@ import torch
 from torchvision.transforms import v2
 
 from data.datasets import CROSS_PRESET, MONITOR_TOP_K, PRESETS, dataset_preset
-from data.transforms import build_transform, normalization
+from data.transforms import ResizeCenterSquare, build_transform, normalization
 from utils.retrieval import evaluate_adc
 from utils.training import TrainSettings
 
@@ -54,8 +54,8 @@ def test_transforms(size, stored, mean, std):
         steps = _steps(build_transform(size, train=train))
         kinds = [type(s) for s in steps]
         middle = [v2.RandomCrop, v2.RandomHorizontalFlip] if train else [v2.CenterCrop]
-        assert kinds == [v2.ToImage, v2.Resize, *middle, v2.ToDtype, v2.Normalize]
-        assert list(steps[1].size) == [stored]  # the shorter side goes to `stored`
+        assert kinds == [ResizeCenterSquare, v2.ToImage, *middle, v2.ToDtype, v2.Normalize]
+        assert steps[0].size == stored  # the shorter side goes to `stored`
         assert list(steps[2].size) == [size, size]
         if train:
             assert steps[3].p == 0.5
@@ -120,3 +120,32 @@ def test_pr_curve_matches_brute_force(ties):
     assert res["precision_at_k"] == pytest.approx(p5.item(), abs=1e-9)
     assert res["recall_at_k"] == pytest.approx(r5.item(), abs=1e-9)
     assert res["skipped_queries"] == 1
+
+
+@pytest.mark.parametrize("size", [32, 112])
+def test_cache_and_files_give_equal_tensors_for_non_square_images(tmp_path, size):
+    import numpy as np
+    from PIL import Image
+
+    from data.cache import CachedImageDataset, open_cache
+    from data.datasets import FaceFolder
+
+    rng = np.random.default_rng(0)
+    for identity, (w, h) in enumerate([(50, 30), (27, 61), (40, 40)]):
+        folder = tmp_path / "train" / f"id{identity}"
+        folder.mkdir(parents=True)
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "a.png")
+    split = tmp_path / "train"
+    cache = open_cache(split, 35 if size == 32 else 120, progress=False)
+    for train in (False, True):
+        files = FaceFolder(split, build_transform(size, train=train))
+        cached = CachedImageDataset(cache, build_transform(size, train=train, resized=True))
+        assert len(files) == len(cached) == 3
+        for i in range(3):
+            torch.manual_seed(i)  # the same random crop and flip on both paths
+            from_file, label_f = files[i]
+            torch.manual_seed(i)
+            from_cache, label_c = cached[i]
+            assert from_file.shape == (3, size, size) and label_f == label_c
+            assert torch.equal(from_file, from_cache), (train, i)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from data.datasets import dataset_preset, split_dirs
+from data.folders import identity_folders
 from data.loaders import RetrievalSplits, build_splits, make_loader
 from models import OPQN, OPQNConfig, choose_feature_dim
 
@@ -18,11 +19,12 @@ from .evaluation import evaluate_model
 from .logger import get_logger, setup_logging
 from .reporting import plot_pr_curves, summary_line, write_result
 from .runtime import DistInfo, cleanup_distributed, init_distributed
-from .training import TrainSettings, load_model, train
-from .validation import CodeSpec, UsageError, check_feature_dim, check_split_dir
+from .training import CRITERION_KEY, TrainSettings, criterion_state, load_model, train
+from .validation import (CodeSpec, UsageError, check_feature_dim, check_identity_overlap,
+                         check_split_dir)
 
 REQUIRED_KEYS = ("config", "backbone", "quantizer")
-RESUME_KEYS = REQUIRED_KEYS + ("class_weights", "epoch", "best_loss", "best_epoch", "history",
+RESUME_KEYS = REQUIRED_KEYS + ("epoch", "best_loss", "best_epoch", "history",
                                "optimizer", "scheduler", "rng")
 
 
@@ -203,6 +205,8 @@ def _checked_model(checkpoint: dict, path: Path) -> OPQN:
 def _check_resumable(spec: CodeSpec, expected: dict, path: Path) -> None:
     """--resume must continue the same model: its last checkpoint is complete and agrees."""
     checkpoint = load_checkpoint(path, map_location="cpu", required_keys=RESUME_KEYS)
+    if criterion_state(checkpoint) is None:
+        raise CheckpointError(f"checkpoint {path} lacks required keys: {CRITERION_KEY}", path)
     config = _checked_config(checkpoint, path)
     _reconcile(spec, config, path)
     for key, value in expected.items():
@@ -225,6 +229,13 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
     preset = dataset_preset(args.dataset)
     k = args.topk or preset.top_k
     train_dir, test_dir = _prepare_folders(args, cross_train=False)
+    evaluated = set(identity_folders(train_dir)) | set(identity_folders(test_dir))
+    overlaps = []
+    for path, checkpoint, _model in loaded:  # the protocol is checked before any work
+        trained_on = checkpoint.get("classes", [])
+        overlaps.append(check_identity_overlap(
+            trained_on, evaluated, path, allow=not args.cross_dataset
+            or args.allow_identity_overlap))
     splits_by_size: dict[int, RetrievalSplits] = {}
     curves = []
     for index, (path, checkpoint, model) in enumerate(loaded):
@@ -237,11 +248,10 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
                 train_dir, test_dir, config.input_size, with_train=False,
                 cache=_use_cache(args, preset), progress=not args.no_progress)
         splits = splits_by_size[config.input_size]
-        trained_on = set(checkpoint.get("classes", []))
-        overlap = len(trained_on & set(splits.gallery.classes))
+        overlap = len(overlaps[index])
         if args.cross_dataset and overlap:
-            log.warning("warning: %d gallery identities were also training identities of %s; "
-                        "the cross-dataset protocol needs disjoint identities", overlap, path)
+            log.warning("warning: %d evaluated identities were also training identities of "
+                        "%s (--allow-identity-overlap)", overlap, path)
         model = model.to(device)
         log.info("evaluating %s (%d-bit, %dx%d) on %s", path, config.bits, config.num_books,
                  config.num_words, args.dataset)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -12,25 +11,22 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display is needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .atomic_io import atomic_path, atomic_write_text  # noqa: E402
+
 
 def summary_line(result: dict) -> str:
     """One line with the headline numbers of an evaluation."""
     name = result.get("name") or result.get("dataset", "")
+    if result["mAP"] is None:  # no query had a relevant gallery item
+        scores = f"mAP undefined ({result.get('undefined_reason', 'no relevant items')})"
+    else:
+        scores = (f"mAP {100 * result['mAP']:.2f}%  P@{result['k']} "
+                  f"{100 * result['precision_at_k']:.2f}%  R@{result['k']} "
+                  f"{100 * result['recall_at_k']:.2f}%")
     return (f"[{name}] {result['bits']}-bit ({result['num_books']}x{result['num_words']}) "
-            f"mAP {100 * result['mAP']:.2f}%  P@{result['k']} "
-            f"{100 * result['precision_at_k']:.2f}%  R@{result['k']} "
-            f"{100 * result['recall_at_k']:.2f}%  queries {result['num_queries']} "
+            f"{scores}  queries {result['num_queries']} "
             f"(skipped {result['skipped_queries']})  gallery {result['num_database']}  "
             f"encode {result['encode_seconds']:.1f}s  search {result['search_seconds']:.3f}s")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _jsonable(value):
@@ -49,7 +45,7 @@ def write_result(result: dict, out_dir: str | Path, stem: str) -> tuple[Path, Pa
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{stem}.json"
     png_path = out / f"{stem}_pr.png"
-    _atomic_write_text(json_path, json.dumps(_jsonable(result), indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(_jsonable(result), indent=2) + "\n")
     label = f"OPQN {result['bits']}-bit"
     plot_pr_curves([(label, result["pr_curve"])], png_path,
                    title=f"{result.get('dataset', '')}: precision-recall")
@@ -60,6 +56,8 @@ def plot_pr_curves(curves: Sequence[tuple[str, dict]], path: str | Path, title: 
     """Plot one or more ``(label, {"precision": [...], "recall": [...]})`` curves to a PNG."""
     fig, ax = plt.subplots(figsize=(5.2, 4.2), dpi=120)
     for label, curve in curves:
+        if any(v is None for v in curve["precision"]):
+            continue  # undefined: no query had a relevant item
         ax.plot(curve["recall"], curve["precision"], label=label, linewidth=1.6)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
@@ -71,11 +69,9 @@ def plot_pr_curves(curves: Sequence[tuple[str, dict]], path: str | Path, title: 
     ax.legend(loc="lower left")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

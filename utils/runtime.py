@@ -1,11 +1,9 @@
-"""Device choice, seeding and (optional) torchrun distributed setup."""
+"""Device choice and (optional) torchrun distributed setup."""
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -36,13 +34,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
         return torch.device("cuda", index)
     raise DeviceError(f"--device {name!r}: unknown device (choose auto, cpu, cuda or cuda:N)")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass

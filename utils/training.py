@@ -20,6 +20,7 @@ from models import OPQN, OPQNConfig
 
 from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
                          restore_rng_state, save_checkpoint)
+from .errors import first_line
 from .evaluation import evaluate_model
 from .logger import get_logger
 from .runtime import DistInfo
@@ -75,6 +76,19 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
+# The loss module's state_dict (the class weights W_m) is saved under "criterion";
+# checkpoints written before the rename hold it under "class_weights".
+CRITERION_KEY = "criterion"
+_LEGACY_CRITERION_KEY = "class_weights"
+
+
+def criterion_state(checkpoint: dict) -> dict | None:
+    """The loss module's state_dict of a checkpoint (old or new key), or None."""
+    if CRITERION_KEY in checkpoint:
+        return checkpoint[CRITERION_KEY]
+    return checkpoint.get(_LEGACY_CRITERION_KEY)
+
+
 def build_criterion(config: OPQNConfig) -> OPQNLoss:
     return OPQNLoss(config.num_classes, config.num_books, config.word_dim, config.margin,
                     config.scale, config.miu)
@@ -88,7 +102,7 @@ def checkpoint_state(config: OPQNConfig, model: OPQN, criterion: OPQNLoss,
         "config": config.to_dict(),
         "backbone": model.backbone.state_dict(),
         "quantizer": model.quantizer.state_dict(),
-        "class_weights": criterion.state_dict(),
+        CRITERION_KEY: criterion.state_dict(),
         "epoch": state.epoch,
         "best_loss": state.best_loss,
         "best_epoch": state.best_epoch,
@@ -109,12 +123,8 @@ def load_model(checkpoint: dict, device: torch.device) -> OPQN:
         model.backbone.load_state_dict(checkpoint["backbone"])
         model.quantizer.load_state_dict(checkpoint["quantizer"])
     except (KeyError, RuntimeError) as exc:
-        # load_state_dict's first line is only "Error(s) in loading state_dict for X:".
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = (lines[1] if len(lines) > 1 and lines[0].endswith(":")
-                  else lines[0] if lines else type(exc).__name__)
         raise CheckpointError(f"checkpoint weights do not match its configuration: "
-                              f"{detail[:300]}") from None
+                              f"{first_line(exc)}") from None
     return model.to(device).eval()
 
 
@@ -148,7 +158,7 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
         ckpt = load_checkpoint(settings.last_path, map_location=device)
         model.backbone.load_state_dict(ckpt["backbone"])
         model.quantizer.load_state_dict(ckpt["quantizer"])
-        criterion.load_state_dict(ckpt["class_weights"])
+        criterion.load_state_dict(criterion_state(ckpt))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         restore_rng_state(ckpt["rng"])
@@ -238,7 +248,7 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
 
         line = (f"epoch {state.epoch}/{settings.epochs}  loss {mean_loss:.4f} (ce_x {means[1]:.3f}"
                 f" ce_s {means[2]:.3f} H {means[3]:.3f})  lr {lr:.4g}  {record['seconds']:.1f}s")
-        if "monitor_mAP" in record:
+        if record.get("monitor_mAP") is not None:
             line += (f"  [monitor] mAP {100 * record['monitor_mAP']:.2f}%  "
                      f"P@{settings.monitor_k} "
                      f"{100 * record[f'monitor_precision_at_{settings.monitor_k}']:.2f}%")

@@ -4,8 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
-from data.datasets import IMAGE_EXTENSIONS
+from data.folders import IMAGE_EXTENSIONS
 
 
 class UsageError(ValueError):
@@ -165,3 +166,21 @@ def check_split_dir(path: Path, role: str) -> None:
         if entry.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in entry.iterdir()):
             return
     raise UsageError(f"{role} folder has no identity folders with images: {path} ({layout})")
+
+
+def check_identity_overlap(trained: Iterable[str], evaluated: Iterable[str], checkpoint: Path,
+                           allow: bool, shown: int = 5) -> list[str]:
+    """The identities a cross-dataset evaluation shares with the model's training set.
+
+    The cross-dataset protocol (SPEC §2) needs disjoint identities, so any overlap is a
+    usage error naming the first ``shown`` identities and the count, unless ``allow``
+    (--allow-identity-overlap). Returns the sorted overlap.
+    """
+    overlap = sorted(set(trained) & set(evaluated))
+    if overlap and not allow:
+        names = ", ".join(overlap[:shown]) + (", ..." if len(overlap) > shown else "")
+        raise UsageError(
+            f"-c: {len(overlap)} identities of the evaluation set were also training "
+            f"identities of {checkpoint} ({names}); the cross-dataset protocol needs disjoint "
+            f"identities (pass --allow-identity-overlap to evaluate anyway)")
+    return overlap
