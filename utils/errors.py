@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first meaningful line of an exception's message, at most ``limit`` characters.
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first meaningful line of an exception's message (cut to ``limit`` characters).
 
     Messages such as ``load_state_dict``'s span many lines and open with a bare header
     ("Error(s) in loading state_dict for X:"); then the line after the header is the one
@@ -13,4 +13,4 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     if not lines:
         return type(exc).__name__
     line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
-    return line[:limit]
+    return line if limit is None else line[:limit]

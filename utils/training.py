@@ -124,7 +124,7 @@ def load_model(checkpoint: dict, device: torch.device) -> OPQN:
         model.quantizer.load_state_dict(checkpoint["quantizer"])
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint weights do not match its configuration: "
-                              f"{first_line(exc)}") from None
+                              f"{first_line(exc, limit=300)}") from None
     return model.to(device).eval()
 
 
