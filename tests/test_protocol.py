@@ -1,4 +1,6 @@
 """The protocol of SPEC §2: presets, transforms, top-k, and the PR curve against brute force."""
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -149,3 +151,53 @@ def test_cache_and_files_give_equal_tensors_for_non_square_images(tmp_path, size
             from_cache, label_c = cached[i]
             assert from_file.shape == (3, size, size) and label_f == label_c
             assert torch.equal(from_file, from_cache), (train, i)
+
+
+def test_folder_scanning_is_sorted_and_the_same_for_files_and_cache(tmp_path):
+    from data.cache import scan_split
+    from data.datasets import find_images
+
+    # Nested folders created in an order that is not sorted; hidden entries are left out.
+    for rel in ("b/z/2.png", "b/a.jpg", "b/y/1.PNG", "a/c/x.bmp", "a/b.png", "b/.hidden.png",
+                ".trash/a.png", "a/notes.txt"):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    expected = ["a/b.png", "a/c/x.bmp", "b/a.jpg", "b/y/1.PNG", "b/z/2.png"]
+    classes, samples = find_images(tmp_path)
+    assert classes == ["a", "b"]
+    assert [str(p.relative_to(tmp_path).as_posix()) for p in map(Path, (s for s, _ in samples))] \
+        == expected
+    assert [name for _, name in samples] == ["a", "a", "b", "b", "b"]
+    cache_classes, files = scan_split(tmp_path)
+    assert cache_classes == classes and [f[0] for f in files] == expected
+    assert [f[1] for f in files] == [0, 0, 1, 1, 1]
+
+
+def test_undefined_metrics_are_null_with_the_reason_in_the_json(tmp_path):
+    import json
+
+    from utils.reporting import summary_line, write_result
+
+    tables = torch.softmax(torch.randn(3, 2, 4), -1)
+    codes = torch.randint(0, 4, (10, 2), dtype=torch.uint8)
+    res = evaluate_adc(tables, codes, torch.full((3,), 9), torch.zeros(10, dtype=torch.long))
+    res.update({"bits": 4, "num_books": 2, "num_words": 4, "encode_seconds": 0.0,
+                "search_seconds": 0.0, "dataset": "x"})
+    json_path, _png = write_result(res, tmp_path, "none")
+    saved = json.loads(json_path.read_text())
+    assert saved["mAP"] is None and saved["precision_at_k"] is None
+    assert "no query has a relevant database item" in saved["undefined_reason"]
+    assert "mAP undefined" in summary_line(res)
+
+
+def test_checkpoints_with_the_old_criterion_key_still_load():
+    from losses import OPQNLoss
+    from utils.training import CRITERION_KEY, criterion_state
+
+    state = OPQNLoss(3, 2, 4).state_dict()
+    assert CRITERION_KEY == "criterion"
+    assert criterion_state({"criterion": state}) is state
+    assert criterion_state({"class_weights": state}) is state  # before the rename
+    assert criterion_state({"backbone": {}}) is None
+    OPQNLoss(3, 2, 4).load_state_dict(criterion_state({"class_weights": state}))

@@ -66,7 +66,10 @@ def plot_pr_curves(curves: Sequence[tuple[str, dict]], path: str | Path, title: 
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
-    ax.legend(loc="lower left")
+    if ax.lines:
+        ax.legend(loc="lower left")
+    else:
+        ax.text(0.5, 0.5, "undefined: no query has a relevant item", ha="center")
     fig.tight_layout()
     path = Path(path)
     try:
