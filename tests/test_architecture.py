@@ -34,7 +34,9 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.fixture(scope="module", params=[32, 112])
+# Function scope: each test builds its own model, so that mutation tools that map tests to
+# the code they run see every test depend on the constructor.
+@pytest.fixture(params=[32, 112])
 def backbone(request):
     torch.manual_seed(0)
     return FaceResNet20(feature_dim=512, input_size=request.param, width=64).eval()
@@ -100,3 +102,21 @@ def test_residual_unit_adds_the_identity():
         last_bn.weight.zero_()
         last_bn.bias.zero_()
         torch.testing.assert_close(unit(x), x)
+
+
+def test_attributes_and_initialisation(backbone):
+    assert (backbone.feature_dim, backbone.width) == (512, 64)
+    # Kaiming normal, fan_out mode: std = sqrt(2 / (9 * out_channels)) for a 3x3 conv.
+    first = backbone.stages[0][0][0]
+    assert first.weight.std().item() == pytest.approx((2 / (9 * 64)) ** 0.5, rel=0.1)
+    linear = backbone.head[3]
+    assert torch.count_nonzero(linear.bias) == 0
+
+
+def test_argument_checks():
+    FaceResNet20(feature_dim=1, input_size=32, width=1)  # the smallest valid network
+    with pytest.raises(ValueError, match="input_size must be one of"):
+        FaceResNet20(feature_dim=8, input_size=64)
+    for width, dim in ((0, 8), (4, 0)):
+        with pytest.raises(ValueError, match="width and feature_dim must be positive"):
+            FaceResNet20(feature_dim=dim, width=width)

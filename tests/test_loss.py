@@ -103,6 +103,10 @@ def test_cosines_are_clamped_where_rounding_exceeds_one():
     labels = torch.arange(len(over))
     logits = margin_cosine_logits(sub, weights, labels, margin=0.0, scale=1.0)
     assert logits.max().item() <= 1.0 and logits.min().item() >= -1.0
+    # The opposite direction rounds below -1 for the same vectors: the lower clamp.
+    logits = margin_cosine_logits(sub, -weights, labels, margin=0.0, scale=1.0)
+    assert (-(unit * unit).sum(-1) < -1.0).any()
+    assert logits.min().item() >= -1.0
 
 
 def test_loss_value_by_hand_with_the_margin_subtracted_at_the_target():

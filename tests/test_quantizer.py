@@ -78,3 +78,17 @@ def test_full_model_runs_both_input_sizes():
         model = OPQN(cfg).eval()
         assert model(torch.randn(2, 3, size, size)).shape == (2, 64)
         assert cfg.bits == 2 * int(math.log2(16))
+
+
+def test_code_dtype_boundaries():
+    from models import code_dtype
+
+    assert code_dtype(256) == torch.uint8 and code_dtype(257) == torch.int16
+    assert code_dtype(2**15) == torch.int16 and code_dtype(2**15 + 1) == torch.int32
+
+
+def test_quantizer_argument_checks():
+    assert OrthoPQ(feature_dim=8, num_books=1, num_words=4).bits == 2
+    for dim, books in ((8, 0), (10, 4)):
+        with pytest.raises(ValueError, match="must be divisible by num_books"):
+            OrthoPQ(feature_dim=dim, num_books=books, num_words=2)
