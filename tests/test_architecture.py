@@ -120,3 +120,17 @@ def test_argument_checks():
     for width, dim in ((0, 8), (4, 0)):
         with pytest.raises(ValueError, match="width and feature_dim must be positive"):
             FaceResNet20(feature_dim=dim, width=width)
+
+
+def test_flop_count_agrees_with_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models import count_flops
+
+    for size in (32, 112):
+        model = FaceResNet20(feature_dim=64, input_size=size, width=8).train()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+        model.train()
+        assert count_flops(model) == counter.get_total_flops() > 0
+        assert model.training  # the training mode is restored
