@@ -72,7 +72,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from PIL import Image
 from tqdm import tqdm
 
-from .folders import IMAGE_EXTENSIONS, is_image_name  # noqa: F401 (re-exported)
+from .folders import IMAGE_EXTENSIONS, identity_folders, is_image_name  # noqa: F401
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "identity", "split", "sha256", "source")
 KNOWN_SPLIT_PAIRS: tuple[tuple[str, str], ...] = (("train", "test"), ("cross_train", "cross_test"))
@@ -308,7 +308,7 @@ def read_identity_list(source: str | os.PathLike[str]) -> list[str]:
     or from a folder (its sub-folder names, e.g. a prepared dataset's ``train/``)."""
     path = Path(source)
     if path.is_dir():
-        return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+        return identity_folders(path)
     if not path.is_file():
         raise PrepareError(f"--exclude-identities: no such file or folder: {path}")
     try:

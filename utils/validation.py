@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from data.folders import IMAGE_EXTENSIONS
+from data.folders import identity_folders, identity_images
 
 
 class UsageError(ValueError):
@@ -162,9 +162,9 @@ def check_split_dir(path: Path, role: str) -> None:
               f"{protocol})")
     if not path.is_dir():
         raise UsageError(f"{role} folder not found: {path} ({layout})")
-    for entry in path.iterdir():
-        if entry.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in entry.iterdir()):
-            return
+    # The loaders' own scan: nested images count, hidden folders do not.
+    if any(identity_images(path, name) for name in identity_folders(path)):
+        return
     raise UsageError(f"{role} folder has no identity folders with images: {path} ({layout})")
 
 
