@@ -48,7 +48,6 @@ def test_more_words_than_dimensions_is_refused():
 
 
 def test_smallest_sizes_and_argument_checks():
-
     assert dct_matrix(1).shape == (1, 1)
     assert orthonormal_codebooks(1, 1, 1).shape == (1, 1, 1)
     with pytest.raises(ValueError, match="DCT size must be positive"):
