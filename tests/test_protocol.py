@@ -201,3 +201,21 @@ def test_checkpoints_with_the_old_criterion_key_still_load():
     assert criterion_state({"class_weights": state}) is state  # before the rename
     assert criterion_state({"backbone": {}}) is None
     OPQNLoss(3, 2, 4).load_state_dict(criterion_state({"class_weights": state}))
+
+
+def test_evaluate_adc_edge_cases():
+    from utils.metrics import pr_cutoffs
+
+    tables = torch.softmax(torch.randn(2, 2, 4), -1)
+    one = evaluate_adc(tables, torch.zeros(1, 2, dtype=torch.uint8), torch.tensor([0, 1]),
+                       torch.tensor([0]), k=5)
+    assert one["mAP"] == 1.0 and one["num_database"] == 1 and one["skipped_queries"] == 1
+    with pytest.raises(ValueError, match="the database is empty"):
+        evaluate_adc(tables, torch.zeros(0, 2, dtype=torch.uint8), torch.tensor([0, 1]),
+                     torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="ties must be one of"):
+        evaluate_adc(tables, torch.zeros(3, 2, dtype=torch.uint8), torch.tensor([0, 1]),
+                     torch.zeros(3, dtype=torch.long), ties="random")
+    codes = torch.randint(0, 4, (1000, 2), dtype=torch.uint8)
+    res = evaluate_adc(tables, codes, torch.tensor([0, 1]), torch.randint(0, 3, (1000,)))
+    assert res["pr_curve"]["cutoffs"] == pr_cutoffs(1000, 100).tolist()  # 100 points default
