@@ -15,6 +15,7 @@ import sys
 from data.datasets import PRESETS
 from models.registry import BackboneError
 from utils.checkpoint import CheckpointError
+from utils.errors import first_line
 from utils.runtime import DEVICE_CHOICES, DeviceError
 from utils.validation import (HASHING_METHODS, METHODS, UsageError, check_options, code_specs,
                               hashing_specs)
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode and resize every image once into a uint8 memory map beside "
                         "each split (<split>.cache-35/ or .cache-120/), rebuilt when the split "
                         "changes (default: on for synthface, off otherwise)")
+    p.add_argument("--allow-identity-overlap", action="store_true",
+                   help="with -e -c: evaluate even if the evaluation set shares identities "
+                        "with the model's training set (the protocol needs them disjoint)")
     p.add_argument("--export-faiss", nargs="+", metavar="PATH",
                    help="with -e: write each model's gallery as a faiss IndexPQ file (a bare "
                         "name goes under --out), with its id->image list <stem>.ids.csv beside")
@@ -168,12 +172,6 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
                    help="dcdh: weight of the centre separation term (0.1)")
 
 
-def _one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (e.g. load_state_dict errors span many)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _resume_hint(exc: BaseException, argv: list[str] | None) -> str:
     """How to continue an interrupted training run (empty when there is nothing to add)."""
     resumable = getattr(exc, "resumable", None)  # set by utils.training.TrainingInterrupted
@@ -215,13 +213,13 @@ def main(argv: list[str] | None = None) -> int:
 
             run_training(args, specs, device)
     except (UsageError, DeviceError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {first_line(exc)}", file=sys.stderr)
         return 2
     except BackboneError as exc:  # e.g. --pretrained weights out of reach
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {first_line(exc)}", file=sys.stderr)
         return 1
     except CheckpointError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {first_line(exc)}", file=sys.stderr)
         return 2 if "not found" in str(exc) else 1
     except KeyboardInterrupt as exc:
         print(f"{PROG}: interrupted{_resume_hint(exc, argv)}", file=sys.stderr)
@@ -231,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from utils.training import TrainingDiverged
 
-        detail = _one_line(exc)
+        detail = first_line(exc)
         if not isinstance(exc, TrainingDiverged):
             detail = f"{type(exc).__name__}: {detail}"
         print(f"{PROG}: error: {detail} (set OPQN_DEBUG=1 for a traceback)", file=sys.stderr)

@@ -16,10 +16,10 @@ identity folders so that folder scanners never see it (``data/*/`` is git-ignore
 
 Each image is converted to RGB, its shorter side resized to ``S`` with PIL bilinear
 resampling (which antialiases when shrinking) and the centre ``S x S`` cropped, with the
-size and crop-offset arithmetic of torchvision's ``Resize(S)`` + ``CenterCrop(S)``; for
-square source images this equals ``data.transforms`` applied to the files. For non-square
-sources the file path keeps the whole ``S x W`` strip, so random crops there can reach
-pixels the cache has cropped away.
+size and crop-offset arithmetic of torchvision's ``Resize(S)`` + ``CenterCrop(S)``
+(:func:`data.transforms.resize_center_crop`). Reading the files applies the very same
+function first (``data.transforms.build_transform``), so the cache and the files give equal
+tensors, for non-square images too.
 
 The fingerprint hashes the format version, ``S``, the class names and every file's relative
 path, size and mtime; :func:`open_cache` rebuilds when it differs (a file added, removed or
@@ -49,40 +49,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from .folders import scan_identity_folders
 from .transforms import STORED_SIZE
+from .transforms import resize_center_crop  # noqa: F401 (re-exported)
 
 log = logging.getLogger("opqn")
 
 CACHE_VERSION = 1
-# Same list as data.datasets / torchvision ImageFolder, matched case-insensitively.
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp",
-)
 _RESIZE_METHOD = "rgb;pil-bilinear-shorter-side;center-crop-torchvision"
 _IMAGES = "images.u8"
 _LABELS = "labels.npy"
 _META = "meta.json"
-
-
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size`` (bilinear), then the centre ``size x size`` crop.
-
-    Reproduces torchvision ``Resize(size)`` followed by ``CenterCrop(size)`` on a PIL image:
-    the longer side becomes ``int(size * long / short)`` and the crop offset is
-    ``int(round((side - size) / 2))``. Returns an RGB image when given one.
-    """
-    w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    if (left, top, new_w, new_h) != (0, 0, size, size):
-        img = img.crop((left, top, left + size, top + size))
-    return img
 
 
 def decode_resized(path: str | os.PathLike[str], size: int) -> np.ndarray:
@@ -109,22 +86,11 @@ def scan_split(split_dir: str | os.PathLike[str]) -> tuple[list[str], list[FileR
     sorted by class then path, searching each class folder recursively like ImageFolder.
     """
     root = Path(split_dir)
-    with os.scandir(root) as it:
-        classes = sorted(e.name for e in it if e.is_dir())
+    classes, found = scan_identity_folders(root)
     files: list[FileRecord] = []
-    for label, name in enumerate(classes):
-        found: list[FileRecord] = []
-        stack = [(root / name, name)]
-        while stack:
-            folder, rel = stack.pop()
-            with os.scandir(folder) as it:
-                for e in it:
-                    if e.is_dir():
-                        stack.append((Path(e.path), f"{rel}/{e.name}"))
-                    elif e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file():
-                        st = e.stat()  # follows symlinks: the linked file's size and mtime
-                        found.append((f"{rel}/{e.name}", label, st.st_size, st.st_mtime_ns))
-        files.extend(sorted(found))
+    for rel, label in found:
+        st = os.stat(root / rel)  # follows symlinks: the linked file's size and mtime
+        files.append((rel, label, st.st_size, st.st_mtime_ns))
     return classes, files
 
 

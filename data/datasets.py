@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, default_collate
 
 log = logging.getLogger("opqn")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+from .folders import IMAGE_EXTENSIONS, scan_identity_folders  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -75,15 +75,11 @@ def split_dirs(data_dir: str | Path, name: str, cross_train: bool = False) -> tu
 
 
 def find_images(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Sorted identity names and ``(path, identity)`` pairs under ``root/<identity>/``."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    samples = []
-    for name in classes:
-        for dirpath, _dirs, files in os.walk(root / name):
-            for file in sorted(files):
-                if file.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append((os.path.join(dirpath, file), name))
-    return classes, samples
+    """Sorted identity names and ``(path, identity)`` pairs under ``root/<identity>/``, in
+    the deterministic order of :func:`data.folders.scan_identity_folders`."""
+    classes, files = scan_identity_folders(root)
+    return classes, [(os.path.join(root, *rel.split("/")), classes[label])
+                     for rel, label in files]
 
 
 class BrokenImage(NamedTuple):

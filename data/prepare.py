@@ -72,11 +72,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from PIL import Image
 from tqdm import tqdm
 
-# The extensions torchvision's ImageFolder accepts (case-insensitive): anything else would be
-# silently ignored by the loaders, so it is reported here instead.
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
-)
+from .folders import IMAGE_EXTENSIONS, identity_folders, is_image_name  # noqa: F401
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "identity", "split", "sha256", "source")
 KNOWN_SPLIT_PAIRS: tuple[tuple[str, str], ...] = (("train", "test"), ("cross_train", "cross_test"))
@@ -201,10 +197,6 @@ class SplitPlan:
 # ----------------------------------------------------------------------------- scanning
 
 
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 _NESTED = "nested folder; only direct files are read (see --recursive)"
 
 
@@ -232,7 +224,7 @@ def _scan_raw(raw_dir: Path, report: SplitReport, recursive: bool = False) -> di
                             report.ignored.append((rel, _NESTED))
                     elif not sub.is_file():
                         report.ignored.append((rel, "not a regular file"))
-                    elif _is_image_name(sub.name):
+                    elif is_image_name(sub.name):
                         files.append(rel)
                     else:
                         report.non_image.append(rel)
@@ -316,7 +308,7 @@ def read_identity_list(source: str | os.PathLike[str]) -> list[str]:
     or from a folder (its sub-folder names, e.g. a prepared dataset's ``train/``)."""
     path = Path(source)
     if path.is_dir():
-        return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+        return identity_folders(path)
     if not path.is_file():
         raise PrepareError(f"--exclude-identities: no such file or folder: {path}")
     try:

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .heads import build_head
+from .quantizer import code_bits
 from .registry import DEFAULT_BACKBONE, build_backbone
 
 # 32x32 datasets use D = 512 in the paper (516 for M = 6 so that it divides).
@@ -62,7 +63,7 @@ class OPQNConfig:
 
     @property
     def bits(self) -> int:
-        return int(self.num_books * math.log2(self.num_words))
+        return code_bits(self.num_books, self.num_words)
 
     @property
     def word_dim(self) -> int:

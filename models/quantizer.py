@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .codebooks import orthonormal_codebooks
-from .heads.base import QuantHead, code_dtype
+from .heads.base import QuantHead, code_bits, code_dtype
 
-__all__ = ["OrthoPQ", "code_dtype"]
+__all__ = ["OrthoPQ", "code_bits", "code_dtype"]
 
 
 class OrthoPQ(QuantHead):

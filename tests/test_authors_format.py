@@ -68,7 +68,8 @@ def test_converter_round_trip_and_errors(tmp_path, capsys):
     assert convert_authors.main([str(theirs), str(out)]) == 0
     assert "new class head" in capsys.readouterr().out
     converted = load_checkpoint(out)  # our format now: marker present, weights_only
-    assert converted["format"] == "opqn-checkpoint" and "class_weights" not in converted
+    assert converted["format"] == "opqn-checkpoint" and "criterion" not in converted \
+        and "class_weights" not in converted
     direct = load_model(load_checkpoint(theirs), CPU)
     again = load_model(converted, CPU)
     for a, b in zip(direct.state_dict().values(), again.state_dict().values()):
@@ -146,7 +147,7 @@ def test_resume_from_converted_file_starts_a_new_head(tiny_data_dir, run_cli, tm
     assert code == 0, err
     assert "starting a new class head" in out
     trained = load_checkpoint(tmp_path / "checkpoint" / "ft.last.tar")
-    assert trained["epoch"] == 1 and "class_weights" in trained
+    assert trained["epoch"] == 1 and "criterion" in trained
     assert trained["config"]["num_classes"] == 6
 
 

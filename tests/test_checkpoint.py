@@ -28,7 +28,6 @@ from utils.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
-    unwrap_model,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +73,7 @@ def test_realistic_state_round_trips_with_weights_only(tmp_path):
     model, opt, sched = _tiny_training_state()
     state = {
         "epoch": 7,
-        "model": unwrap_model(model).state_dict(),
+        "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "config": {"dataset": "facescrub", "len": 36, "num": 6, "words": 64, "margin": 0.5,
@@ -370,24 +369,6 @@ def test_sigkill_during_repeated_saves_never_leaves_a_broken_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def test_unwrap_model_strips_wrappers(tmp_path):
-    import torch.distributed as dist
-
-    inner = nn.Linear(3, 2)
-    assert unwrap_model(inner) is inner
-    assert unwrap_model(nn.DataParallel(inner)) is inner
-    compiled = torch.compile(nn.DataParallel(inner))  # wrapping only; nothing is compiled
-    assert unwrap_model(compiled) is inner
-    assert list(unwrap_model(compiled).state_dict()) == ["weight", "bias"]
-
-    # DDP needs a process group; a single-process gloo group on a file store is enough.
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        assert unwrap_model(nn.parallel.DistributedDataParallel(inner)) is inner
-    finally:
-        dist.destroy_process_group()
 
 
 def test_checkpoint_path_resolution(tmp_path, monkeypatch):

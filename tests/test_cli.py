@@ -148,3 +148,22 @@ def test_export_faiss_index_matches_search_adc(tiny_data_dir, run_cli, tmp_path)
     names = {index: name for name, index in gallery.class_to_idx.items()}
     assert [(row["path"], row["identity"]) for row in rows] == \
         [(path, names[label]) for path, label in gallery.samples]
+    # Encode the same gallery and queries with the saved model, then compare faiss's top-10
+    # (scores and ranking) with search_adc's over those codes.
+    from data.loaders import build_splits, make_loader
+    from test_faiss_index import assert_same_topk
+    from utils.checkpoint import load_checkpoint
+    from utils.evaluation import encode_gallery, encode_queries
+    from utils.faiss_index import search_faiss
+    from utils.training import load_model
+
+    cpu = torch.device("cpu")
+    model = load_model(load_checkpoint(tmp_path / "checkpoint" / "f.tar"), cpu)
+    data = tiny_data_dir / "synthface"
+    splits = build_splits(data / "train", data / "test", 32, with_train=False, cache=True,
+                          progress=False)
+    codes, _ = encode_gallery(model, make_loader(splits.gallery, 64, 0, cpu), cpu, False)
+    tables, _ = encode_queries(model, make_loader(splits.queries, 64, 0, cpu), cpu, False)
+    scores, ids = search_faiss(index, tables, model.quantizer.codebooks, 10)
+    assert (ids >= 0).all()
+    assert_same_topk(scores, ids, tables, codes)

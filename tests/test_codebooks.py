@@ -45,3 +45,14 @@ def test_books_differ_from_each_other():
 def test_more_words_than_dimensions_is_refused():
     with pytest.raises(ValueError, match="num_words=256 exceeds the sub-vector dimension word_dim=128"):
         orthonormal_codebooks(4, 256, 128)
+
+
+def test_smallest_sizes_and_argument_checks():
+    assert dct_matrix(1).shape == (1, 1)
+    assert orthonormal_codebooks(1, 1, 1).shape == (1, 1, 1)
+    with pytest.raises(ValueError, match="DCT size must be positive"):
+        dct_matrix(0)
+    with pytest.raises(ValueError, match="num_books must be positive"):
+        orthonormal_codebooks(0, 2, 4)
+    with pytest.raises(ValueError, match="num_words must be positive"):
+        orthonormal_codebooks(1, 0, 4)

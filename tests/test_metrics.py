@@ -155,7 +155,7 @@ def test_levels_layout():
     np.testing.assert_allclose(got.numpy(), [[0.5, 1.0, 2.0, 2 + 1 / 3, 3.0]])
 
 
-def test_no_relevant_gives_zero_not_nan():
+def test_no_relevant_gives_zero_not_nan_and_none_when_no_query_counts():
     scores = torch.rand(3, 10)
     rel = torch.zeros(3, 10, dtype=torch.bool)
     rel[1, 4] = True
@@ -167,8 +167,11 @@ def test_no_relevant_gives_zero_not_nan():
     assert math.isclose(res["mAP"], ap[1].item())
     rel[:] = False
     res = retrieval_metrics(scores, rel, k=3)
-    assert res["mAP"] == 0.0 and res["skipped_queries"] == 3
-    assert all(math.isfinite(x) for x in res["pr_curve"]["precision"])
+    # Undefined, not 0.0 (which reads like a real score); the reason is in the result.
+    assert res["mAP"] is None and res["skipped_queries"] == 3
+    assert res["precision_at_k"] is None and res["recall_at_k"] is None
+    assert all(x is None for x in res["pr_curve"]["precision"])
+    assert "no query has a relevant database item" in res["undefined_reason"]
 
 
 def test_ap_from_levels_padding():

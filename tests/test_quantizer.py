@@ -78,3 +78,33 @@ def test_full_model_runs_both_input_sizes():
         model = OPQN(cfg).eval()
         assert model(torch.randn(2, 3, size, size)).shape == (2, 64)
         assert cfg.bits == 2 * int(math.log2(16))
+
+
+def test_code_dtype_boundaries():
+    from models import code_dtype
+
+    assert code_dtype(256) == torch.uint8 and code_dtype(257) == torch.int16
+    assert code_dtype(2**15) == torch.int16 and code_dtype(2**15 + 1) == torch.int32
+
+
+def test_quantizer_argument_checks():
+    assert OrthoPQ(feature_dim=8, num_books=1, num_words=4).bits == 2
+    for dim, books in ((8, 0), (10, 4)):
+        with pytest.raises(ValueError, match="must be divisible by num_books"):
+            OrthoPQ(feature_dim=dim, num_books=books, num_words=2)
+
+
+def test_config_round_trip_and_model_wiring():
+    cfg = OPQNConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3, input_size=32,
+                     width=4)
+    data = cfg.to_dict()
+    assert data["bits"] == 8 and data["width"] == 4
+    assert OPQNConfig.from_dict({**data, "unknown": 1}) == cfg  # extra keys are ignored
+    model = OPQN(cfg)
+    assert model.config is cfg and model.backbone.width == 4
+    assert model.backbone.input_size == 32 and model.backbone.feature_dim == 64
+    assert (model.quantizer.num_books, model.quantizer.num_words) == (2, 16)
+
+
+def test_feature_dimension_at_112_is_m_times_k_even_when_small():
+    assert choose_feature_dim(2, 16, 112) == 32 and choose_feature_dim(2, 16, 32) == 512

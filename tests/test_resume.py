@@ -27,7 +27,7 @@ COMMON = ["--dataset", "synthface", *TINY_SYNTHFACE, "--len", "12", "--num", "2"
 # One torch thread: faster on two shared cores, and the same reductions in every process.
 ENV = {**{k: v for k, v in os.environ.items() if k != "OPQN_DEBUG"},
        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-RESUME_KEYS = ("config", "backbone", "quantizer", "class_weights", "epoch", "optimizer",
+RESUME_KEYS = ("config", "backbone", "quantizer", "criterion", "epoch", "optimizer",
                "scheduler", "rng", "best_loss")
 
 
@@ -121,7 +121,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_data_dir, tmp_path
             [h[key] for h in want["history"]], rel=1e-6), key
     assert (got["best_epoch"], got["best_loss"]) == (want["best_epoch"],
                                                      pytest.approx(want["best_loss"], rel=1e-6))
-    for part in ("backbone", "quantizer", "class_weights"):
+    for part in ("backbone", "quantizer", "criterion"):
         for name, tensor in want[part].items():
             torch.testing.assert_close(got[part][name], tensor, rtol=1e-5, atol=1e-6,
                                        msg=f"{part}.{name}")
@@ -138,7 +138,7 @@ def test_training_checkpoint_loads_with_weights_only(trained_run):
             assert key in checkpoint, key
         config = checkpoint["config"]
         assert (config["bits"], config["num_books"], config["num_words"]) == (12, 2, 64)
-        for part in ("backbone", "quantizer", "class_weights"):
+        for part in ("backbone", "quantizer", "criterion"):
             assert checkpoint[part] and all(isinstance(t, torch.Tensor)
                                             for t in checkpoint[part].values())
         assert {"state", "param_groups"} <= set(checkpoint["optimizer"])

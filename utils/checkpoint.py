@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .atomic_io import atomic_path
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_FORMAT_VERSION",
@@ -42,7 +44,6 @@ __all__ = [
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
-    "unwrap_model",
 ]
 
 CHECKPOINT_FORMAT = "opqn-checkpoint"
@@ -106,29 +107,14 @@ def _check_plain(obj: Any, key_path: str, active: set[int]) -> None:
     )
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Flush a directory entry (the rename) to disk; a no-op where unsupported."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """Atomically write ``state`` to ``path`` so that it loads with ``weights_only=True``.
 
     ``state`` must be a dict holding, recursively, only dict/list/tuple/str/int/float/bool/
-    None/torch.Tensor values (use :func:`capture_rng_state` for RNG states and
-    :func:`unwrap_model` before ``state_dict()``). The keys ``"format"`` and
+    None/torch.Tensor values (use :func:`capture_rng_state` for RNG states). The keys ``"format"`` and
     ``"format_version"`` are added to the written copy; ``state`` itself is not modified.
 
-    The data goes to ``.<name>.tmp-<pid>`` next to ``path``, is flushed and fsynced, then
+    The data goes to ``.<stem>.tmp-<pid><suffix>`` next to ``path`` (:mod:`utils.atomic_io`), is flushed and fsynced, then
     renamed over ``path`` with ``os.replace``, and the directory is fsynced. On any error
     the temporary file is removed and an existing checkpoint at ``path`` is left untouched.
     Parent directories are created.
@@ -147,22 +133,8 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     payload["format_version"] = CHECKPOINT_FORMAT_VERSION
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as the target: os.replace is only atomic within one filesystem.
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:  # includes KeyboardInterrupt: never leave the temp file behind
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
     return path
 
 
@@ -444,25 +416,6 @@ def restore_rng_state(state: dict) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DataParallel / DistributedDataParallel / torch.compile wrappers, in any nesting.
-
-    Saving the inner module keeps state_dict keys free of ``module.`` and ``_orig_mod.``
-    prefixes, so a checkpoint loads the same whether or not the loader wraps its model.
-    """
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-            continue
-        # torch.compile returns an OptimizedModule holding the original as _orig_mod;
-        # checked by attribute to avoid importing torch._dynamo (slow) just for isinstance.
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        return model
 
 
 def checkpoint_path(

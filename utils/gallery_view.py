@@ -7,12 +7,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .atomic_io import atomic_path, atomic_write_text
 
 THUMB = 96  # side of each image in the grid, pixels
 PAD = 6
@@ -108,13 +109,8 @@ def draw_grid(rows: Sequence[GridRow], topk: int, path: str | Path, title: str =
             draw.text((x, ty), _short(identity), fill=(0, 0, 0), font=font)
             draw.text((x, ty + 13), caption, fill=(60, 60, 60), font=font)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -154,11 +150,5 @@ def write_html(rows: Sequence[GridRow], topk: int, path: str | Path, title: str 
         lines.append("<tr>" + "".join(cells) + "</tr>")
     lines += ["</table></body></html>", ""]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text("\n".join(lines), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, "\n".join(lines))
     return path

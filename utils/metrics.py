@@ -304,16 +304,29 @@ class MetricAccumulator:
         self.sum_r += (got / num_relevant.to(torch.float64).unsqueeze(1)).sum(0)
 
     def result(self, ties: str, num_queries: int, skipped: int) -> Dict[str, object]:
-        """The mean metrics as a JSON-serialisable dict (0.0 when no query counts)."""
+        """The mean metrics as a JSON-serialisable dict.
+
+        When no query has a relevant database item the means are undefined: ``mAP``,
+        ``precision_at_k``, ``recall_at_k`` and the PR curve are ``None`` and
+        ``undefined_reason`` says why (a 0.0 would read like a real score).
+        """
+        undefined = self.count == 0
         c = max(self.count, 1)
         p = (self.sum_p / c).tolist()
         r = (self.sum_r / c).tolist()
+        extra: Dict[str, object] = {}
+        if undefined:
+            p = r = [None] * len(p)
+            extra["undefined_reason"] = (
+                f"no query has a relevant database item (0 of {num_queries} queries can be "
+                f"evaluated): mAP, precision and recall are undefined")
         return {
-            "mAP": float(self.sum_ap.item() / c),
+            "mAP": None if undefined else float(self.sum_ap.item() / c),
             "k": self.k,
             "precision_at_k": p[-1],
             "recall_at_k": r[-1],
             "pr_curve": {"precision": p[:-1], "recall": r[:-1], "cutoffs": self.cutoffs.tolist()},
+            **extra,
             "ties": ties,
             "num_queries": int(num_queries),
             "num_evaluated": int(self.count),

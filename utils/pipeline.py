@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from data.datasets import dataset_preset, split_dirs
+from data.folders import identity_folders
 from data.loaders import RetrievalSplits, build_splits, make_loader
 from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, PretrainedUnavailable,
                     build_backbone, choose_feature_dim, parse_backbone_args)
@@ -22,13 +23,15 @@ from .methods import default_lr, default_optimizer
 from .reporting import curve_label, plot_pr_curves, summary_line, write_result
 from .runtime import DistInfo, cleanup_distributed, init_distributed, memory_budget
 from .schedules import describe_schedule
-from .training import TrainingInterrupted, TrainSettings, load_model, train
+from .training import (CRITERION_KEY, TrainingInterrupted, TrainSettings, criterion_state,
+                       load_model, train)
 from .validation import (HASHING_METHODS, CodeSpec, UsageError, check_batch_fits,
-                         check_feature_dim, check_no_overwrite, check_quantizer_memory,
+                         check_feature_dim, check_identity_overlap, check_no_overwrite,
+                         check_quantizer_memory,
                          check_split_dir)
 
 REQUIRED_KEYS = ("config", "backbone", "quantizer")
-RESUME_KEYS = REQUIRED_KEYS + ("class_weights", "epoch", "best_loss", "best_epoch", "history",
+RESUME_KEYS = REQUIRED_KEYS + ("epoch", "best_loss", "best_epoch", "history",
                                "optimizer", "scheduler", "rng")
 
 
@@ -311,8 +314,11 @@ def _check_resumable(spec: CodeSpec, expected: dict, path: Path,
     """--resume must continue the same model: its last checkpoint is complete and agrees."""
     checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
     # A converted authors' file has no training state: resuming it starts a new class head.
-    needed = RESUME_KEYS if "converted_from" not in checkpoint else REQUIRED_KEYS + ("epoch",)
+    converted = "converted_from" in checkpoint
+    needed = REQUIRED_KEYS + ("epoch",) if converted else RESUME_KEYS
     missing = [key for key in needed if key not in checkpoint]
+    if not converted and criterion_state(checkpoint) is None:
+        missing.append(CRITERION_KEY)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks required keys: {', '.join(missing)}",
                               path)
@@ -365,6 +371,13 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
     preset = dataset_preset(args.dataset)
     k = args.topk or preset.top_k
     train_dir, test_dir = _prepare_folders(args, cross_train=False)
+    evaluated = set(identity_folders(train_dir)) | set(identity_folders(test_dir))
+    overlaps = []
+    for path, checkpoint, _model in loaded:  # the protocol is checked before any work
+        trained_on = checkpoint.get("classes", [])
+        overlaps.append(check_identity_overlap(
+            trained_on, evaluated, path, allow=not args.cross_dataset
+            or args.allow_identity_overlap))
     splits_by_size: dict[int, RetrievalSplits] = {}
     curves = []
     for index, (path, checkpoint, model) in enumerate(loaded):
@@ -377,11 +390,10 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
                 train_dir, test_dir, config.input_size, with_train=False,
                 cache=_use_cache(args, preset), progress=not args.no_progress)
         splits = splits_by_size[config.input_size]
-        trained_on = set(checkpoint.get("classes", []))
-        overlap = len(trained_on & set(splits.gallery.classes))
+        overlap = len(overlaps[index])
         if args.cross_dataset and overlap:
-            log.warning("warning: %d gallery identities were also training identities of %s; "
-                        "the cross-dataset protocol needs disjoint identities", overlap, path)
+            log.warning("warning: %d evaluated identities were also training identities of "
+                        "%s (--allow-identity-overlap)", overlap, path)
         model = model.to(device)
         log.info("evaluating %s (%s, %d-bit, %dx%d) on %s", path, config.method, config.bits,
                  config.num_books, config.num_words, args.dataset)

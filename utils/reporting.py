@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -12,26 +11,23 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display is needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .atomic_io import atomic_path, atomic_write_text  # noqa: E402
+
 
 def summary_line(result: dict) -> str:
     """One line with the headline numbers of an evaluation."""
     name = result.get("name") or result.get("dataset", "")
     method = result.get("method", "opqn")
-    return (f"[{name}] {method} {result['bits']}-bit ({result['num_books']}x{result['num_words']}) "
-            f"mAP {100 * result['mAP']:.2f}%  P@{result['k']} "
-            f"{100 * result['precision_at_k']:.2f}%  R@{result['k']} "
-            f"{100 * result['recall_at_k']:.2f}%  queries {result['num_queries']} "
+    if result["mAP"] is None:  # no query had a relevant gallery item
+        scores = f"mAP undefined ({result.get('undefined_reason', 'no relevant items')})"
+    else:
+        scores = (f"mAP {100 * result['mAP']:.2f}%  P@{result['k']} "
+                  f"{100 * result['precision_at_k']:.2f}%  R@{result['k']} "
+                  f"{100 * result['recall_at_k']:.2f}%")
+    return (f"[{name}] {method} {result['bits']}-bit ({result['num_books']}x"
+            f"{result['num_words']}) {scores}  queries {result['num_queries']} "
             f"(skipped {result['skipped_queries']})  gallery {result['num_database']}  "
             f"encode {result['encode_seconds']:.1f}s  search {result['search_seconds']:.3f}s")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _jsonable(value):
@@ -52,7 +48,8 @@ def curve_label(result: dict, name: str) -> str:
     # dcdh's "books" are its L bits of 2 words each: the bit count says it all.
     code = "" if method == "dcdh" else f" ({result['num_books']}x{result['num_words']})"
     method = method.upper() if method.islower() else method
-    return f"{name}: {method} {result['bits']}-bit{code}, mAP {100 * result['mAP']:.2f}%"
+    score = "mAP undefined" if result.get("mAP") is None else f"mAP {100 * result['mAP']:.2f}%"
+    return f"{name}: {method} {result['bits']}-bit{code}, {score}"
 
 
 def write_result(result: dict, out_dir: str | Path, stem: str,
@@ -62,7 +59,7 @@ def write_result(result: dict, out_dir: str | Path, stem: str,
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{stem}.json"
     png_path = out / f"{stem}_pr.png"
-    _atomic_write_text(json_path, json.dumps(_jsonable(result), indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(_jsonable(result), indent=2) + "\n")
     plot_pr_curves([(curve_label(result, stem), result["pr_curve"])], png_path,
                    title=title or f"{result.get('dataset', '')}: precision-recall")
     return json_path, png_path
@@ -72,6 +69,8 @@ def plot_pr_curves(curves: Sequence[tuple[str, dict]], path: str | Path, title: 
     """Plot one or more ``(label, {"precision": [...], "recall": [...]})`` curves to a PNG."""
     fig, ax = plt.subplots(figsize=(5.2, 4.2), dpi=120)
     for label, curve in curves:
+        if any(v is None for v in curve["precision"]):
+            continue  # undefined: no query had a relevant item
         ax.plot(curve["recall"], curve["precision"], label=label, linewidth=1.6)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
@@ -80,15 +79,16 @@ def plot_pr_curves(curves: Sequence[tuple[str, dict]], path: str | Path, title: 
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title, fontsize="medium")
-    # Below the axes, so that it never hides a curve (low curves run along the bottom).
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small",
-              frameon=False)
+    if ax.lines:
+        # Below the axes, so that it never hides a curve (low curves run along the bottom).
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small",
+                  frameon=False)
+    else:
+        ax.text(0.5, 0.5, "undefined: no query has a relevant item", ha="center")
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

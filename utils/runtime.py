@@ -1,11 +1,9 @@
-"""Device choice, seeding and (optional) torchrun distributed setup."""
+"""Device choice and (optional) torchrun distributed setup."""
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -77,13 +75,6 @@ def memory_budget(device: torch.device) -> tuple[int, str]:
         if total // 2 < budget:
             budget, where = total // 2, f"half of {device}'s {total / 2**30:.1f} GiB"
     return budget, where
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from .checkpoint import checkpoint_path, load_checkpoint
 from .gallery_index import GalleryIndex, open_or_build, scan_gallery
 from .gallery_view import GridRow, Hit, draw_grid, write_html
 from .logger import get_logger, setup_logging
-from .reporting import _atomic_write_text
+from .atomic_io import atomic_write_text
 from .retrieval import search_adc
 from .validation import UsageError
 
@@ -166,7 +166,7 @@ def run_search(args: argparse.Namespace, device: torch.device) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "search.json"
-    _atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
     shown = rows[: args.grid_rows]
     title = f"{ckpt.stem}: top-{topk} of {len(index)} gallery images"
     png = draw_grid(shown, topk, out / "search.png", title)

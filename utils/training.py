@@ -21,6 +21,7 @@ from models import OPQN, OPQNConfig
 
 from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
                          restore_rng_state, save_checkpoint)
+from .errors import first_line
 from .evaluation import evaluate_model
 from .logger import get_logger
 from .runtime import DistInfo, accumulator_dtype
@@ -89,6 +90,19 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
+# The loss module's state_dict (the class weights W_m) is saved under "criterion";
+# checkpoints written before the rename hold it under "class_weights".
+CRITERION_KEY = "criterion"
+_LEGACY_CRITERION_KEY = "class_weights"
+
+
+def criterion_state(checkpoint: dict) -> dict | None:
+    """The loss module's state_dict of a checkpoint (old or new key), or None."""
+    if CRITERION_KEY in checkpoint:
+        return checkpoint[CRITERION_KEY]
+    return checkpoint.get(_LEGACY_CRITERION_KEY)
+
+
 def build_criterion(config: OPQNConfig) -> nn.Module:
     """The loss of the config's method (losses.build_loss)."""
     return build_loss(config)
@@ -113,7 +127,7 @@ def checkpoint_state(config: OPQNConfig, model: OPQN, criterion: nn.Module,
         "config": config.to_dict(),
         "backbone": model.backbone.state_dict(),
         "quantizer": model.quantizer.state_dict(),
-        "class_weights": criterion.state_dict(),
+        CRITERION_KEY: criterion.state_dict(),
         "epoch": state.epoch,
         "best_loss": state.best_loss,
         "best_epoch": state.best_epoch,
@@ -134,12 +148,8 @@ def load_model(checkpoint: dict, device: torch.device) -> OPQN:
         model.backbone.load_state_dict(checkpoint["backbone"])
         model.quantizer.load_state_dict(checkpoint["quantizer"])
     except (KeyError, RuntimeError) as exc:
-        # load_state_dict's first line is only "Error(s) in loading state_dict for X:".
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = (lines[1] if len(lines) > 1 and lines[0].endswith(":")
-                  else lines[0] if lines else type(exc).__name__)
         raise CheckpointError(f"checkpoint weights do not match its configuration: "
-                              f"{detail[:300]}") from None
+                              f"{first_line(exc, limit=300)}") from None
     return model.to(device).eval()
 
 
@@ -178,8 +188,9 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
         ckpt = load_checkpoint(settings.last_path, map_location=device)
         model.backbone.load_state_dict(ckpt["backbone"])
         model.quantizer.load_state_dict(ckpt["quantizer"])
-        if "class_weights" in ckpt:
-            criterion.load_state_dict(ckpt["class_weights"])
+        criterion_weights = criterion_state(ckpt)
+        if criterion_weights is not None:
+            criterion.load_state_dict(criterion_weights)
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             restore_rng_state(ckpt["rng"])
@@ -276,7 +287,7 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
         detail = " ".join(f"{_PART_LABELS.get(p, p)} {v:.3f}" for p, v in zip(part_names, means[1:]))
         line = (f"epoch {state.epoch}/{settings.epochs}  loss {mean_loss:.4f} ({detail})  "
                 f"lr {lr:.4g}  {record['seconds']:.1f}s")
-        if "monitor_mAP" in record:
+        if record.get("monitor_mAP") is not None:
             line += (f"  [monitor] mAP {100 * record['monitor_mAP']:.2f}%  "
                      f"P@{settings.monitor_k} "
                      f"{100 * record[f'monitor_precision_at_{settings.monitor_k}']:.2f}%")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
-from data.datasets import IMAGE_EXTENSIONS
+from data.folders import identity_folders, identity_images
 
 
 # The methods of --method (models.heads.METHODS; kept here too so --help needs no torch).
@@ -245,9 +245,9 @@ def check_split_dir(path: Path, role: str) -> None:
               f"{protocol})")
     if not path.is_dir():
         raise UsageError(f"{role} folder not found: {path} ({layout})")
-    for entry in path.iterdir():
-        if entry.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in entry.iterdir()):
-            return
+    # The loaders' own scan: nested images count, hidden folders do not.
+    if any(identity_images(path, name) for name in identity_folders(path)):
+        return
     raise UsageError(f"{role} folder has no identity folders with images: {path} ({layout})")
 
 
@@ -323,3 +323,19 @@ def check_batch_fits(num_images: int, batch: int | None, default_batch: int,
                 else "it needs at least 2 images")
         raise UsageError(f"the training split {split} has {num_images} images, fewer than "
                          f"one batch with {flag}: {hint}")
+def check_identity_overlap(trained: Iterable[str], evaluated: Iterable[str], checkpoint: Path,
+                           allow: bool, shown: int = 5) -> list[str]:
+    """The identities a cross-dataset evaluation shares with the model's training set.
+
+    The cross-dataset protocol (SPEC §2) needs disjoint identities, so any overlap is a
+    usage error naming the first ``shown`` identities and the count, unless ``allow``
+    (--allow-identity-overlap). Returns the sorted overlap.
+    """
+    overlap = sorted(set(trained) & set(evaluated))
+    if overlap and not allow:
+        names = ", ".join(overlap[:shown]) + (", ..." if len(overlap) > shown else "")
+        raise UsageError(
+            f"-c: {len(overlap)} identities of the evaluation set were also training "
+            f"identities of {checkpoint} ({names}); the cross-dataset protocol needs disjoint "
+            f"identities (pass --allow-identity-overlap to evaluate anyway)")
+    return overlap

@@ -17,6 +17,11 @@ def code_dtype(num_words: int) -> torch.dtype:
     return torch.int32
 
 
+def code_bits(num_books: int, num_words: int) -> int:
+    """Code length L = M * log2(K) in bits."""
+    return int(num_books * math.log2(num_words))
+
+
 class QuantHead(nn.Module):
     """Base of the quantization heads.
 
@@ -47,7 +52,7 @@ class QuantHead(nn.Module):
 
     @property
     def bits(self) -> int:
-        return int(self.num_books * math.log2(self.num_words))
+        return code_bits(self.num_books, self.num_words)
 
     def split(self, features: Tensor) -> Tensor:
         """``(B, D)`` -> ``(B, M, d)`` sub-vectors."""
