@@ -16,9 +16,10 @@ from models import OPQN, OPQNConfig, choose_feature_dim
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .evaluation import evaluate_model
 from .logger import get_logger, setup_logging
+from .precision import resolve_amp
 from .reporting import plot_pr_curves, summary_line, write_result
 from .runtime import DistInfo, cleanup_distributed, init_distributed
-from .training import TrainSettings, load_model, train
+from .training import TrainSettings, check_per_rank_batch, load_model, train
 from .validation import CodeSpec, UsageError, check_feature_dim, check_split_dir
 
 REQUIRED_KEYS = ("config", "backbone", "quantizer")
@@ -80,7 +81,8 @@ def _evaluate_and_report(model, config: OPQNConfig, splits: RetrievalSplits,
     gallery = make_loader(splits.gallery, batch, workers, device)
     queries = make_loader(splits.queries, batch, workers, device)
     result, codes, labels = evaluate_model(model, gallery, queries, device, k=k, ties=args.ties,
-                                           progress=not args.no_progress)
+                                           progress=not args.no_progress,
+                                           amp=resolve_amp(args.amp, device))
     result = {**_result_metadata(config, args, device), **extra, **result}
     json_path, png_path = write_result(result, args.out, stem)
     log = get_logger()
@@ -96,6 +98,7 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
     epochs = args.epochs or preset.epochs
     source = args.dataset if not args.cross_dataset else (
         "synthface" if args.dataset == "synthface" else "vggface2")
+    check_per_rank_batch(args.bs or preset.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
     jobs = []
     for spec in specs:  # validate every model before any work
         feature_dim = args.feature_dim or choose_feature_dim(
@@ -145,14 +148,15 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
         epochs=epochs, lr=args.lr, lr_step=preset.lr_step, batch_size=settings_batch,
         workers=loader_workers(args),
         seed=args.seed, eval_every=args.eval_every, best_path=best, last_path=last,
-        resume=args.resume, progress=not args.no_progress)
+        resume=args.resume, progress=not args.no_progress, amp=args.amp)
     log.info("[config] dataset %s%s: %d identities, %d training images, %d test images",
              source, " (cross-dataset training)" if args.cross_dataset else "",
              splits.num_classes, len(splits.train), len(splits.queries))
     log.info("[config] %d-bit code: %d codebooks x %d words, D=%d (d=%d), input %dx%d, "
-             "width %d, margin %.3f, scale %.1f, miu %.4f", config.bits, config.num_books,
+             "width %d, margin %.3f, scale %.1f, miu %.4f, bf16 autocast %s", config.bits, config.num_books,
              config.num_words, config.feature_dim, config.word_dim, config.input_size,
-             config.input_size, config.width, config.margin, config.scale, config.miu)
+             config.input_size, config.width, config.margin, config.scale, config.miu,
+             "on" if resolve_amp(args.amp, device) else "off")
     log.info("[config] %d epochs, lr %.4g halved every %d, batch %d, seed %d, device %s%s",
              epochs, args.lr, preset.lr_step, settings_batch, args.seed, device,
              f", {dist_info.world_size} processes" if dist_info.distributed else "")
