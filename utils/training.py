@@ -259,10 +259,11 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
         if dist_info.distributed:
             _check_ranks_in_step(module, device)
         if skipped[0].item() and dist_info.is_main:
-            log.warning("epoch %d: skipped %d batch(es) holding %d readable image(s) in all "
+            # Every rank counted each skipped step once: report steps, not rank-batches.
+            log.warning("epoch %d: skipped %d step(s) (%d readable image(s) unused) in all "
                         "processes, because a batch had fewer than %d readable images",
-                        epoch + 1, int(skipped[0].item()), int(skipped[1].item()),
-                        MIN_STEP_BATCH)
+                        epoch + 1, int(skipped[0].item()) // dist_info.world_size,
+                        int(skipped[1].item()), MIN_STEP_BATCH)
         if seen == 0:
             raise RuntimeError("no training batch could be read in this epoch")
         means = (total / seen).tolist()
