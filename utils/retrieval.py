@@ -159,9 +159,7 @@ def _prepare_tables(tables: Tensor) -> Tensor:
         tables = tables.float()  # half precision would create spurious score ties
     if tables.numel() and not bool(torch.isfinite(tables).all()):
         raise ValueError("tables contain NaN or infinite values")
-    # -0.0 equals 0.0 but has other bits; without it no score is -0.0, so equal scores
-    # always have equal integer keys.
-    return torch.where(tables == 0, torch.zeros_like(tables), tables)
+    return tables
 
 
 def _prepare_codes(codes: Tensor, m: int, k: int, device: torch.device) -> Tensor:
@@ -203,7 +201,7 @@ def _block_sizes(
         budget_bytes = max(1, budget_bytes // _cpu_threads())
         # Enough blocks to keep every thread busy.
         qb = min(cpu_query_block, max(1, -(-nq // _cpu_threads())))
-        elems = _CPU_BLOCK_ELEMS if not whole_rows else max(_CPU_BLOCK_ELEMS, u)
+        elems = _CPU_BLOCK_ELEMS if not whole_rows else u * qb
     else:
         qb, elems = max(1, nq), max(1, budget_bytes // _BYTES_PER_QU)
     min_u = min(u, _MIN_BLOCK_U) if not whole_rows else u
@@ -241,14 +239,31 @@ def _group_codes(codes: Tensor, k: int) -> _CodeGroups:
     n, m = codes.shape
     bits = max(1, (k - 1).bit_length())
     codes_l = codes.to(torch.int64)
-    if m * bits <= 62:
-        # Pack each code into one int64 so a 1-D unique (a single sort) finds the groups.
+    # Pack each code into as few int64 words as hold it (62 bits each); one word needs a
+    # single 1-D unique, more words are ordered by stable sorts from the last word to the
+    # first (a row-wise unique is far slower on large galleries, e.g. 8x256 codes).
+    per_word = max(1, 62 // bits)
+    words = []
+    for w0 in range(0, m, per_word):
         key = torch.zeros(n, dtype=torch.int64, device=codes.device)
-        for j in range(m):
-            key |= codes_l[:, j] << (j * bits)
-        _, inv, cnt = torch.unique(key, return_inverse=True, return_counts=True)
+        for j in range(w0, min(m, w0 + per_word)):
+            key |= codes_l[:, j] << ((j - w0) * bits)
+        words.append(key)
+    if len(words) == 1:
+        _, inv, cnt = torch.unique(words[0], return_inverse=True, return_counts=True)
     else:
-        _, inv, cnt = torch.unique(codes_l, dim=0, return_inverse=True, return_counts=True)
+        order = torch.arange(n, device=codes.device)
+        for key in reversed(words):
+            order = order[torch.sort(key[order], stable=True).indices]
+        new = torch.zeros(n, dtype=torch.bool, device=codes.device)
+        new[:1] = True
+        for key in words:
+            ordered = key[order]
+            new[1:] |= ordered[1:] != ordered[:-1]
+        group = torch.cumsum(new.to(torch.int64), 0) - 1  # group id in sorted order
+        inv = torch.empty(n, dtype=torch.int64, device=codes.device)
+        inv[order] = group
+        cnt = torch.bincount(group, minlength=int(group[-1].item()) + 1 if n else 0)
     uniq = torch.empty(cnt.numel(), m, dtype=torch.int64, device=codes.device)
     uniq[inv] = codes_l  # every item writes its own (identical) code row
     by_code = torch.sort(inv, stable=True).indices  # stable: index order inside a code
@@ -277,21 +292,6 @@ def _score_pairs(tab_mqk: Tensor, pair_codes: Tensor) -> Tensor:
     for j in range(1, pair_codes.shape[0]):
         s += tab_mqk[j].gather(1, pair_codes[j])
     return s
-
-
-def _order_keys(scores: Tensor) -> Tensor:
-    """int64 keys that never decrease with the float scores (strictly increasing for float32).
-
-    The IEEE bits of a non-negative float grow with its value; for negative floats the
-    magnitude bits are flipped.  Scores are never -0.0 (see ``_prepare_tables``).  float64
-    keys lose their lowest bit so that differences of keys cannot overflow; bucketing only
-    needs keys that never decrease, and exact comparisons use the scores themselves.
-    """
-    if scores.dtype == torch.float64:
-        bits = scores.view(torch.int64)
-        return (bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)) >> 1
-    bits = scores.view(torch.int32)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
 
 
 # --------------------------------------------------------------------------------------
@@ -384,24 +384,21 @@ def _scan_levels(
     qb, p = thresholds.shape
     dev = thresholds.device
     nb = _NUM_BUCKETS
-    tkey = _order_keys(thresholds.contiguous())
     first_valid = (~valid).sum(1, keepdim=True).clamp_max(p - 1)
-    kmin = tkey.gather(1, first_valid)  # (Qb, 1) lowest valid threshold
-    kmax = tkey[:, -1:]
-    span = (kmax - kmin).clamp_min(0)
-    # Per-row shift so that the span of the thresholds fits in nb buckets.
-    shift = torch.zeros_like(span)
-    while True:  # at most 64 cheap iterations over a (Qb, 1) tensor
-        over = (span >> shift) >= nb
-        if not bool(over.any()):
-            break
-        shift += over.to(torch.int64)
+    lo = thresholds.gather(1, first_valid)  # (Qb, 1) lowest valid threshold
+    span = thresholds[:, -1:] - lo
+    finite_max = torch.finfo(thresholds.dtype).max
+    scale = torch.where(span > 0, (nb / span).clamp_max(finite_max), torch.ones_like(span))
 
-    def bucket(key: Tensor) -> Tensor:
-        # 0: below the lowest threshold, nb + 1: above the highest, else 1 + high bits.
-        return ((key - kmin) >> shift).clamp(-1, nb) + 1
+    def bucket(x: Tensor) -> Tensor:
+        # A non-decreasing function of the score (every rounded float op here is monotone),
+        # which is all the counting needs: 0 below the lowest threshold, nb + 1 at or above
+        # the highest, else 1 + the score's linear position between them.
+        y = x - lo
+        y.mul_(scale).floor_().clamp_(-1, nb).add_(1)
+        return y.to(torch.int64)
 
-    tb = torch.where(valid, bucket(tkey), torch.zeros_like(tkey))
+    tb = torch.where(valid, bucket(thresholds), torch.zeros_like(thresholds, dtype=torch.int64))
     marked = torch.zeros(qb, nb + 2, dtype=torch.bool, device=dev)
     marked.scatter_(1, tb, valid)
     hist = torch.zeros(qb, nb + 2, dtype=torch.int64, device=dev)
@@ -411,7 +408,7 @@ def _scan_levels(
     for u0 in range(0, u, block_u):
         u1 = min(u, u0 + block_u)
         s = _score_block(tab_mqk, groups.codes_t[:, u0:u1])
-        b = bucket(_order_keys(s))
+        b = bucket(s)
         cnt = groups.cnt[u0:u1]
         hist.scatter_add_(1, b, cnt.expand(qb, -1))
         cand = marked.gather(1, b)
