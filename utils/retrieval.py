@@ -16,9 +16,10 @@ score *levels* that hold relevant items matter (the "thresholds"), and per level
 of database items strictly above it and exactly at it.  Those counts come from one linear
 pass over the code scores:
 
-1. every score is turned into an integer with the same order (its IEEE bits, with the
-   negative range flipped) and bucketed by the high bits of its offset from the lowest
-   threshold, over the span of the query's thresholds (plus one bucket below, one above);
+1. every score is mapped to a bucket by a function that never decreases with the score:
+   its linear position between the query's lowest and highest threshold, in
+   ``_NUM_BUCKETS`` steps, plus one bucket below and one above (rounded float operations are
+   monotone, so equal scores share a bucket and a higher bucket means a higher score);
 2. a count-weighted histogram of the buckets counts every item;
 3. only the codes that fall into a bucket holding a threshold (a handful of buckets) are
    placed exactly among the thresholds (a ``searchsorted`` over few values).
