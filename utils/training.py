@@ -155,14 +155,13 @@ def _can_step(readable: int, device: torch.device, dist_info: DistInfo) -> bool:
 def _check_ranks_in_step(module: nn.Module, device: torch.device) -> None:
     """Fail clearly if the processes' parameters differ (they took different steps)."""
     with torch.no_grad():
-        params = [p.detach().double().flatten() for p in module.parameters()]
-        flat = torch.cat(params)
-        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
-        # Sum and position-weighted sum, negated for the MIN half of one MAX all-reduce.
-        fingerprint = torch.stack([flat.sum(), (flat * weights.reciprocal()).sum()]).to(device)
+        # Per parameter tensor: sum and sum of squares (float64), one tensor at a time.
+        fingerprint = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                                   for p in module.parameters()]).flatten().to(device)
+    # Negated copy: one MAX all-reduce gives both the maximum and the minimum over ranks.
     both = torch.cat([fingerprint, -fingerprint])
     torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
-    if not torch.equal(both[:2], -both[2:]):
+    if not torch.equal(both[:fingerprint.numel()], -both[fingerprint.numel():]):
         raise RuntimeError("the training processes fell out of step: their parameters differ")
 
 
