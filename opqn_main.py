@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthface-images", type=int,
                    help="synthface only: training images per identity")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
-                   help="bf16 autocast and channels_last for the backbone (the quantization "
+                   help="bf16 autocast and channels_last for the backbone in training (the quantization "
                         "head, loss, codes and query tables stay float32); auto: on with CUDA "
                         "and on CPUs with AMX or AVX512-BF16 (default auto)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -286,7 +286,7 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
                     make_loader(splits.gallery, settings.batch_size, settings.workers, device),
                     make_loader(splits.queries, settings.batch_size, settings.workers, device))
             result, _, _ = evaluate_model(model, *eval_loaders, device, k=settings.monitor_k,
-                                          progress=settings.progress, amp=use_amp)
+                                          progress=settings.progress)
             record["monitor_mAP"] = result["mAP"]
             record[f"monitor_precision_at_{settings.monitor_k}"] = result["precision_at_k"]
         state.history.append(record)
