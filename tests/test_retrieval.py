@@ -264,3 +264,72 @@ def test_cuda_matches_cpu(ties):
     assert s.is_cuda and i.is_cuda
     s_cpu, _ = search_adc(tables, codes, 10)
     assert torch.allclose(s.cpu(), s_cpu)
+
+
+# ----------------------------------------------------------------------------- engine internals
+
+
+@pytest.mark.parametrize("ties", ["expected", "stable"])
+@pytest.mark.parametrize("buckets", [1, 3, 4096])
+def test_any_bucket_count_gives_exact_metrics(monkeypatch, ties, buckets):
+    # The histogram only has to be monotone: with 1 bucket every code is placed exactly,
+    # with few most are counted by bucket.  Negative scores, many codes tying across codes.
+    import utils.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "_NUM_BUCKETS", buckets)
+    monkeypatch.setattr(retrieval, "_MIN_BLOCK_U", 16)
+    g = torch.Generator().manual_seed(buckets)
+    tables = torch.randint(-3, 3, (13, 3, 8), generator=g).float() / 4
+    base = torch.randint(0, 8, (60, 3), generator=g)
+    codes = base[torch.randint(0, 60, (700,), generator=g)]
+    dlab = torch.randint(0, 9, (700,), generator=g)
+    qlab = torch.randint(0, 9, (13,), generator=g)
+    res = evaluate_adc(tables, codes, qlab, dlab, k=6, ties=ties, budget_bytes=4000)
+    dense = retrieval_metrics(dense_scores(tables, codes), qlab[:, None] == dlab[None], k=6, ties=ties)
+    for key in ("mAP", "precision_at_k", "recall_at_k"):
+        assert math.isclose(res[key], dense[key], abs_tol=1e-12), key
+    np.testing.assert_allclose(res["pr_curve"]["precision"], dense["pr_curve"]["precision"], atol=1e-12)
+
+
+def test_stable_near_one_hot_tables_match_dense():
+    # Near-one-hot tables: most codes tie with other codes at a few score levels (the case
+    # that used to fall back to a full sort per query).
+    g = torch.Generator().manual_seed(7)
+    tables = torch.zeros(16, 4, 16)
+    tables.scatter_(2, torch.randint(0, 16, (16, 4, 1), generator=g), 1.0)
+    codes = torch.randint(0, 16, (3000, 4), generator=g)
+    dlab = torch.randint(0, 5, (3000,), generator=g)
+    qlab = torch.randint(0, 5, (16,), generator=g)
+    res = evaluate_adc(tables, codes, qlab, dlab, k=10, ties="stable")
+    ref, _ = reference(dense_scores(tables, codes), qlab, dlab, 10, "stable")
+    np.testing.assert_allclose(as_vec(res), ref, atol=1e-12)
+
+
+def test_block_floors_and_memory_scaling():
+    from utils.retrieval import _block_sizes
+
+    cpu = torch.device("cpu")
+    qb, bu = _block_sizes(100, 50_000, 10**6, 1000, cpu, 64)
+    assert qb == 1 and bu >= 2048  # a tiny budget never shrinks blocks to single codes
+    qb, bu = _block_sizes(100, 5_000, 8 * 5000 * 16, 256 << 20, cpu, 64, whole_rows=True)
+    assert bu == 5_000  # search: whole rows
+    assert _block_sizes(1000, 10**6, 10_000, 1 << 26, torch.device("cuda"), 64)[0] > \
+        _block_sizes(1000, 10**6, 100_000, 1 << 26, torch.device("cuda"), 64)[0]
+
+
+def test_thread_setting_restored_for_new_threads():
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tables, codes, qlab, dlab = tied_case(q=300, n=400, seed=1)
+        evaluate_adc(tables, codes, qlab, dlab)
+        search_adc(tables, codes, 5)
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert torch.get_num_threads() == 2 and seen == [2]
+    finally:
+        torch.set_num_threads(before)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -11,6 +12,7 @@ from tqdm import tqdm
 from data.datasets import report_broken
 from models import OPQN
 
+from .precision import autocast, run_fp32, to_memory_format
 from .retrieval import evaluate_adc
 from .runtime import metrics_device
 
@@ -22,72 +24,97 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-@torch.no_grad()
-def extract_features(model: OPQN, loader: DataLoader, device: torch.device,
-                     desc: str = "features", progress: bool = True) -> tuple[Tensor, Tensor]:
-    """Backbone features of a whole loader.
-
-    Returns:
-        ``(features, labels)``: float32 ``(N, D)`` and int64 ``(N,)``, on ``device``.
-    """
+def _feature_batches(model: OPQN, loader: DataLoader, device: torch.device, desc: str,
+                     progress: bool, amp: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    """Backbone features ``(B, D)`` float32 and labels ``(B,)`` of each readable batch, in
+    eval mode; the backbone runs under bf16 autocast when ``amp``."""
     was_training = model.training
     model.eval()
-    feats, labels = [], []
-    autocast = device.type == "cuda"
+    readable = 0
     try:
         for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
             report_broken(loader.dataset, batch.broken)
             if batch.labels.numel() == 0:  # every image of the batch failed to decode
                 continue
-            images, targets = batch.images, batch.labels
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            images = to_memory_format(batch.images.to(device, non_blocking=True), amp)
+            with autocast(device, amp):
                 out = model(images)
-            feats.append(out.float())
-            labels.append(targets.to(device))
+            readable += batch.labels.numel()
+            yield out.float(), batch.labels.to(device)
     finally:
         model.train(was_training)
-    if not feats:
+    if not readable:
         raise RuntimeError(f"no readable images to {desc}")
+
+
+@torch.no_grad()
+def extract_features(model: OPQN, loader: DataLoader, device: torch.device,
+                     desc: str = "features", progress: bool = True,
+                     amp: bool = False) -> tuple[Tensor, Tensor]:
+    """Backbone features of a whole loader.
+
+    Returns:
+        ``(features, labels)``: float32 ``(N, D)`` and int64 ``(N,)``, on ``device``.
+    """
+    feats, labels = zip(*_feature_batches(model, loader, device, desc, progress, amp))
     return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()
+def _encode_batches(model: OPQN, loader: DataLoader, device: torch.device, desc: str,
+                    progress: bool, amp: bool, encode) -> tuple[Tensor, Tensor]:
+    # Batch by batch: only the encoded rows are kept, never the (N, D) features.
+    out, labels = [], []
+    for feats, targets in _feature_batches(model, loader, device, desc, progress, amp):
+        out.append(run_fp32(encode, feats))
+        labels.append(targets)
+    return torch.cat(out), torch.cat(labels)
+
+
+@torch.no_grad()
 def encode_gallery(model: OPQN, loader: DataLoader, device: torch.device,
-                   progress: bool = True) -> tuple[Tensor, Tensor]:
-    """Hard codes of a gallery: ``(codes (N, M) uint8 when K <= 256, labels (N,))``."""
-    feats, labels = extract_features(model, loader, device, "encode gallery", progress)
-    return model.quantizer.encode(feats), labels
+                   progress: bool = True, amp: bool = False) -> tuple[Tensor, Tensor]:
+    """Hard codes of a gallery: ``(codes (N, M) uint8 when K <= 256, labels (N,))``.
+
+    Encoded batch by batch (memory O(N·M)); the features may come from bf16 autocast
+    (``amp``), the codes are computed in float32."""
+    return _encode_batches(model, loader, device, "encode gallery", progress, amp,
+                           model.quantizer.encode)
 
 
 @torch.no_grad()
 def encode_queries(model: OPQN, loader: DataLoader, device: torch.device,
-                   progress: bool = True) -> tuple[Tensor, Tensor]:
-    """Lookup tables of the queries: ``(tables (Q, M, K) float32, labels (Q,))``."""
-    feats, labels = extract_features(model, loader, device, "encode queries", progress)
-    return model.quantizer.query_tables(feats), labels
+                   progress: bool = True, amp: bool = False) -> tuple[Tensor, Tensor]:
+    """Lookup tables of the queries: ``(tables (Q, M, K) float32, labels (Q,))``, built batch
+    by batch (queries are held as tables, not features)."""
+    return _encode_batches(model, loader, device, "encode queries", progress, amp,
+                           model.quantizer.query_tables)
 
 
 def evaluate_model(model: OPQN, gallery_loader: DataLoader, query_loader: DataLoader,
                    device: torch.device, k: int, ties: str = "expected",
-                   progress: bool = True) -> tuple[dict, Tensor, Tensor]:
+                   progress: bool = True, amp: bool = False) -> tuple[dict, Tensor, Tensor]:
     """Full retrieval evaluation: the gallery is the database, the queries are ranked
     against it by asymmetric scores.
 
     Returns:
         ``(result, codes, gallery_labels)``: the metric dict of
-        :func:`utils.retrieval.evaluate_adc` plus ``encode_seconds`` (feature extraction and
+        :func:`utils.retrieval.evaluate_adc` plus ``amp`` (whether the backbone ran in
+        bf16), ``encode_seconds`` (feature extraction and
         encoding) and ``search_seconds`` (scoring and metrics alone), and the gallery codes.
     """
     start = time.perf_counter()
-    codes, gallery_labels = encode_gallery(model, gallery_loader, device, progress)
-    tables, query_labels = encode_queries(model, query_loader, device, progress)
+    if amp:  # channels_last follows bf16
+        model = model.to(memory_format=torch.channels_last)
+    codes, gallery_labels = encode_gallery(model, gallery_loader, device, progress, amp)
+    tables, query_labels = encode_queries(model, query_loader, device, progress, amp)
     _sync(device)
     encoded = time.perf_counter()
     where = metrics_device(device)  # the CPU for MPS: the metrics need float64
     result = evaluate_adc(tables.to(where), codes.to(where), query_labels.to(where),
                           gallery_labels.to(where), k=k, ties=ties)
     _sync(device)
+    result["amp"] = bool(amp)
     result["encode_seconds"] = encoded - start
     result["search_seconds"] = time.perf_counter() - encoded
     return result, codes, gallery_labels

@@ -50,6 +50,7 @@ TIES_MODES = ("expected", "stable")
 
 __all__ = [
     "TIES_MODES",
+    "tie_runs",
     "harmonic_numbers",
     "ap_from_levels",
     "relevant_at_cutoffs_from_levels",
@@ -65,6 +66,29 @@ __all__ = [
 def _check_ties(ties: str) -> None:
     if ties not in TIES_MODES:
         raise ValueError(f"ties must be one of {TIES_MODES}, got {ties!r}")
+
+
+def tie_runs(sorted_values: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Runs of equal values along dim 1 of a row-sorted ``(Q, L)`` tensor.
+
+    Used wherever tied scores become one level (here and in ``utils.retrieval``).
+
+    Returns:
+        ``(new_run, run_end, start, end)``: bool ``(Q, L)`` flags for the first and the last
+        entry of each run, and int64 ``(Q, L)`` the first and the last (inclusive) position
+        of the run each entry belongs to.
+    """
+    q, length = sorted_values.shape
+    dev = sorted_values.device
+    pos = torch.arange(length, device=dev, dtype=torch.int64).expand(q, length)
+    new_run = torch.ones(q, length, dtype=torch.bool, device=dev)
+    new_run[:, 1:] = sorted_values[:, 1:] != sorted_values[:, :-1]
+    run_end = torch.ones_like(new_run)
+    run_end[:, :-1] = new_run[:, 1:]
+    start = torch.where(new_run, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    # Last position of each run, propagated backwards from the run's last entry.
+    end = torch.where(run_end, pos, torch.full_like(pos, length)).flip(1).cummin(dim=1).values.flip(1)
+    return new_run, run_end, start, end
 
 
 def harmonic_numbers(n: int, device: Union[torch.device, str, None] = None) -> Tensor:
@@ -168,15 +192,8 @@ def levels_from_scores(scores: Tensor, relevance: Tensor, ties: str = "expected"
     if ties == "stable":
         return pos.contiguous(), torch.ones(q, n, dtype=torch.int64, device=dev), rel_sorted
     # Runs of equal scores form the levels.
-    new_run = torch.ones(q, n, dtype=torch.bool, device=dev)
-    new_run[:, 1:] = s_sorted[:, 1:] != s_sorted[:, :-1]
-    run_end = torch.ones(q, n, dtype=torch.bool, device=dev)
-    run_end[:, :-1] = new_run[:, 1:]
-    start = torch.where(new_run, pos, torch.zeros_like(pos)).cummax(dim=1).values
-    # End position (exclusive) of each run, propagated backwards from the run's last entry.
-    end_at = torch.where(run_end, pos + 1, torch.full_like(pos, n + 1))
-    end = end_at.flip(1).cummin(dim=1).values.flip(1)
-    tied = end - start
+    _, run_end, start, end = tie_runs(s_sorted)
+    tied = end + 1 - start
     crel = torch.cumsum(rel_sorted, dim=1)
     crel_before_start = torch.where(start > 0, crel.gather(1, (start - 1).clamp_min(0)), torch.zeros_like(start))
     rel_level = torch.where(run_end, crel - crel_before_start, torch.zeros_like(crel))

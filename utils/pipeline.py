@@ -20,15 +20,15 @@ from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from .evaluation import evaluate_model
 from .logger import get_logger, setup_logging
 from .methods import default_lr, default_optimizer
+from .precision import resolve_amp
 from .reporting import curve_label, plot_pr_curves, summary_line, write_result
 from .runtime import DistInfo, cleanup_distributed, init_distributed, memory_budget
 from .schedules import describe_schedule
-from .training import (CRITERION_KEY, TrainingInterrupted, TrainSettings, criterion_state,
-                       load_model, train)
+from .training import (CRITERION_KEY, TrainingInterrupted, TrainSettings, check_per_rank_batch,
+                       criterion_state, load_model, train)
 from .validation import (HASHING_METHODS, CodeSpec, UsageError, check_batch_fits,
                          check_feature_dim, check_identity_overlap, check_no_overwrite,
-                         check_quantizer_memory,
-                         check_split_dir)
+                         check_quantizer_memory, check_split_dir)
 
 REQUIRED_KEYS = ("config", "backbone", "quantizer")
 RESUME_KEYS = REQUIRED_KEYS + ("epoch", "best_loss", "best_epoch", "history",
@@ -95,8 +95,10 @@ def _evaluate_and_report(model, config: OPQNConfig, splits: RetrievalSplits,
     batch = args.bs or 256  # inference only: the batch size does not change the codes
     gallery = make_loader(splits.gallery, batch, workers, device)
     queries = make_loader(splits.queries, batch, workers, device)
+    # Encoding stays fp32: bf16 features changed 2.2% of a trained model's gallery codes
+    # (bench/bench_amp_codes.py), above the 1% the project accepts.
     result, codes, labels = evaluate_model(model, gallery, queries, device, k=k, ties=args.ties,
-                                           progress=not args.no_progress)
+                                           progress=not args.no_progress, amp=False)
     result = {**_result_metadata(config, args, device), **extra, **result}
     json_path, png_path = write_result(result, args.out, stem, title=title)
     log = get_logger()
@@ -146,6 +148,7 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
     backbone, backbone_args = _backbone_choice(args, preset.input_size, width)
     source = args.dataset if not args.cross_dataset else (
         "synthface" if args.dataset == "synthface" else "vggface2")
+    check_per_rank_batch(args.bs or preset.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
     jobs = []
     budget, budget_source = memory_budget(device)
     for spec in specs:  # validate every model before any work
@@ -226,19 +229,19 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
         workers=loader_workers(args),
         seed=args.seed, eval_every=args.eval_every, best_path=best, last_path=last,
         resume=args.resume if resume is None else resume, progress=not args.no_progress,
-        schedule=schedule[0], warmup=schedule[1])
+        schedule=schedule[0], warmup=schedule[1], amp=args.amp)
     log.info("[config] dataset %s%s: %d identities, %d training images, %d test images",
              source, " (cross-dataset training)" if args.cross_dataset else "",
              splits.num_classes, len(splits.train), len(splits.queries))
     log.info("[config] method %s%s", config.method, _method_detail(config))
     log.info("[config] %d-bit code: %d codebooks x %d words, D=%d (d=%d), input %dx%d, "
-             "width %d, margin %.3f, scale %.1f, miu %.4f", config.bits, config.num_books,
-             config.num_words, config.feature_dim, config.word_dim, config.input_size,
-             config.input_size, config.width, config.margin, config.scale, config.miu)
-    log.info("[config] backbone %s%s%s, %s margin; method %s%s", config.backbone,
+             "width %d, margin %.3f, scale %.1f, miu %.4f, bf16 autocast %s", config.bits,
+             config.num_books, config.num_words, config.feature_dim, config.word_dim, config.input_size,
+             config.input_size, config.width, config.margin, config.scale, config.miu,
+             "on" if resolve_amp(args.amp, device) else "off")
+    log.info("[config] backbone %s%s%s, %s margin", config.backbone,
              f" {config.backbone_args}" if config.backbone_args else "",
-             " (timm pretrained)" if config.pretrained else "", config.margin_type,
-             config.method, _method_detail(config))
+             " (timm pretrained)" if config.pretrained else "", config.margin_type)
     log.info("[config] %d epochs, %s, %s, batch %d, seed %d, device %s%s",
              epochs, optimizer, describe_schedule(schedule[0], lr, preset.lr_step, schedule[1]),
              settings_batch, args.seed, device,

@@ -9,48 +9,70 @@ is stored as ``M`` codeword indices ``codes[n]``, and its score for query ``q`` 
 accumulated in ``m`` order in the tables' float dtype (half precision is promoted to float32).
 Higher scores rank first.
 
-Why this is fast: a trained model gives many items the same code, so the database is first
-collapsed to its ``U`` distinct codes (``U`` is often much smaller than ``N``), and scores are
-computed for codes, not items.  The metrics never sort the database either: for each query
-only the score levels that hold relevant items matter, and the number of database items above
-and inside each such level is obtained by bucketing all code scores against those few levels
-(``searchsorted`` plus a count-weighted histogram).  ``utils.metrics`` turns those level counts
-into tie-aware AP, precision/recall at k and PR curves in closed form.
+How the metrics avoid sorting the database.  The database is first collapsed to its ``U``
+distinct codes (a trained model gives many items the same code, so ``U`` is often much
+smaller than ``N``), and scores are computed for codes, not items.  For one query only the
+score *levels* that hold relevant items matter (the "thresholds"), and per level the number
+of database items strictly above it and exactly at it.  Those counts come from one linear
+pass over the code scores:
 
-Memory: queries and codes are processed in blocks whose working set stays under
-``budget_bytes``; nothing of size ``Q x N`` (or ``Q x U``) is ever materialised.
-Everything runs on the device of ``tables`` (CPU or CUDA).  On CPU, independent query
-blocks run in ``torch.get_num_threads()`` Python threads (each with single-threaded torch
-ops), and the budget is shared between them.
+1. every score is mapped to a bucket by a function that never decreases with the score:
+   its linear position between the query's lowest and highest threshold, in
+   ``_NUM_BUCKETS`` steps, plus one bucket below and one above (rounded float operations are
+   monotone, so equal scores share a bucket and a higher bucket means a higher score);
+2. a count-weighted histogram of the buckets counts every item;
+3. only the codes that fall into a bucket holding a threshold (a handful of buckets) are
+   placed exactly among the thresholds (a ``searchsorted`` over few values).
+
+Items in other buckets are above or below a threshold by their bucket alone.  No sort and no
+binary search runs per item, so the cost stays near the ``Q x U x M`` table look-ups even
+when every code is distinct.  ``utils.metrics`` turns the level counts into tie-aware AP,
+precision/recall at k and PR curves in closed form.  With ``ties="stable"`` an item's rank
+inside a level is its index order among the items of that level, found by sorting only the
+items of levels where several codes tie.
+
+Memory: queries and codes are processed in blocks whose working set stays near
+``budget_bytes``; nothing of size ``Q x N`` (or ``Q x U``) is ever materialised.  Blocks have
+a floor (``_MIN_BLOCK_U`` codes, one query), so a tiny budget costs memory, never a Python
+loop over single codes.  Everything runs on the device of ``tables`` (CPU or CUDA).  On CPU,
+independent query blocks run in ``torch.get_num_threads()`` Python threads (each with
+single-threaded torch ops), and the budget is shared between them.
 """
 from __future__ import annotations
 
 import math
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from utils.metrics import TIES_MODES, MetricAccumulator
+from utils.metrics import TIES_MODES, MetricAccumulator, tie_runs
 
 __all__ = ["evaluate_adc", "search_adc", "DEFAULT_BUDGET_BYTES"]
 
 DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
 
-# Estimated bytes of working memory per (query, code) element of a block: scores (4), the
-# int64 bucket index (8), the gathered threshold and equality mask (4 + 1) and the
-# book-sum temporary (4), rounded up.
+# Bytes of working memory per (query, code) element of a block: the score (4), its integer
+# key and bucket (8 + 8), the candidate mask and gathered values (1 + 8), rounded up.
 _BYTES_PER_QU = 32
-# Per (query, relevant pair) and per (query, relevant item) element: about a dozen int64 /
-# float tensors of that shape live at once.
+# Per (query, relevant pair): about a dozen int64 / float tensors of that shape live at
+# once, plus the pair's M code indices and M gathered table values.
 _BYTES_PER_QP = 160
+_BYTES_PER_QP_BOOK = 12
+# Per (query, relevant item) in stable mode.
 _BYTES_PER_QR = 64
+# Buckets of the per-query histogram (between the lowest and the highest threshold).  More
+# buckets leave fewer codes to place exactly; 4096 keeps the histogram in cache.
+_NUM_BUCKETS = 4096
+# Blocks never shrink below this many codes (or all codes if fewer): a small budget must not
+# turn the scan into a Python loop over single codes.
+_MIN_BLOCK_U = 2048
 # On CPU, small blocks stay in cache and avoid the page-fault cost of huge fresh
 # allocations; larger blocks do not run faster.
-_CPU_QUERY_BLOCK = 256
+_CPU_QUERY_BLOCK = 64
 _CPU_BLOCK_ELEMS = 1 << 18
 _CPU_SEARCH_QUERY_BLOCK = 64
 _MAX_CPU_WORKERS = 16
@@ -80,24 +102,48 @@ def _run_blocks(fn: Callable[[int], None], starts: Sequence[int], workers: int) 
     own intra-op threading would synchronise all cores after each of them; when cores are
     shared with other processes those barriers dominate the run time.  Independent blocks
     per thread scale without barriers.
+
+    torch's thread setting leaks between threads (with the OpenMP backend a worker's
+    ``set_num_threads(1)`` is seen by the caller and by threads started later), so every
+    worker restores the caller's setting once all workers are done computing, and so does
+    the caller.
     """
     if workers <= 1 or len(starts) <= 1:
         for start in starts:
             fn(start)
         return
     saved = torch.get_num_threads()
+    tasks: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+    for start in starts:
+        tasks.put(start)
+    errors: List[BaseException] = []
+    done = threading.Barrier(workers)
 
-    def init() -> None:
-        torch.set_num_threads(1)  # per-thread setting with the OpenMP backend
-
-    try:
-        with ThreadPoolExecutor(max_workers=workers, initializer=init) as pool:
-            for fut in [pool.submit(fn, start) for start in starts]:
-                fut.result()
-    finally:
-        # Backends whose thread setting is global would otherwise stay at 1.
-        if torch.get_num_threads() != saved:
+    def worker() -> None:
+        torch.set_num_threads(1)
+        try:
+            while not errors:
+                try:
+                    start = tasks.get_nowait()
+                except queue.Empty:
+                    break
+                fn(start)
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+        finally:
+            done.wait()  # nobody computes any more: restoring cannot slow a sibling down
             torch.set_num_threads(saved)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        torch.set_num_threads(saved)
+    if errors:
+        raise errors[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -133,13 +179,22 @@ def _prepare_codes(codes: Tensor, m: int, k: int, device: torch.device) -> Tenso
 
 
 def _block_sizes(
-    nq: int, u: int, fixed_per_query: int, budget_bytes: int, device: torch.device, cpu_query_block: int
+    nq: int,
+    u: int,
+    fixed_per_query: int,
+    budget_bytes: int,
+    device: torch.device,
+    cpu_query_block: int,
+    whole_rows: bool = False,
 ) -> Tuple[int, int]:
     """Queries and codes per block so that the block's working set fits ``budget_bytes``.
 
-    ``fixed_per_query`` is the memory a query needs regardless of the code block (its
-    relevant pairs / items).  On CPU, blocks run in parallel threads, so the budget is split
-    between them.  Returns ``(query_block, code_block)``.
+    Shared by :func:`evaluate_adc` and :func:`search_adc`.  ``fixed_per_query`` is the
+    memory a query needs regardless of the code block (its tables, relevant pairs, items or
+    top-k lists; the callers include ``M`` in it).  On CPU, blocks run in parallel threads,
+    so the budget is split between them.  ``whole_rows`` prefers all ``u`` codes per block
+    (a single top-k per row), paid for with fewer queries per block.  The floors (one query,
+    ``_MIN_BLOCK_U`` codes) win over the budget.  Returns ``(query_block, code_block)``.
     """
     if budget_bytes <= 0:
         raise ValueError("budget_bytes must be positive")
@@ -147,13 +202,13 @@ def _block_sizes(
         budget_bytes = max(1, budget_bytes // _cpu_threads())
         # Enough blocks to keep every thread busy.
         qb = min(cpu_query_block, max(1, -(-nq // _cpu_threads())))
-        elems = _CPU_BLOCK_ELEMS
+        elems = _CPU_BLOCK_ELEMS if not whole_rows else u * qb
     else:
-        qb, elems = nq, budget_bytes // _BYTES_PER_QU
-    # Leave room for code blocks of at least ~1k codes (or all codes if fewer).
-    qb = max(1, min(qb, budget_bytes // (fixed_per_query + _BYTES_PER_QU * min(u, 1024))))
+        qb, elems = max(1, nq), max(1, budget_bytes // _BYTES_PER_QU)
+    min_u = min(u, _MIN_BLOCK_U) if not whole_rows else u
+    qb = max(1, min(qb, budget_bytes // (fixed_per_query + _BYTES_PER_QU * max(min_u, 1))))
     room = max(0, budget_bytes - qb * fixed_per_query) // (qb * _BYTES_PER_QU)
-    block_u = max(1, min(u, elems // qb, room))
+    block_u = max(min(u, _MIN_BLOCK_U), min(u, elems // qb, room), 1)
     return qb, block_u
 
 
@@ -165,11 +220,15 @@ class _CodeGroups:
         codes_t: int64 ``(M, U)``, distinct codes (transposed so each book is contiguous).
         inv: int64 ``(N,)``, the distinct-code id of every item.
         cnt: int64 ``(U,)``, items per distinct code.
+        by_code: int64 ``(N,)``, item indices sorted by code id, then index.
+        first: int64 ``(U,)``, where each code's items start in ``by_code``.
     """
 
     codes_t: Tensor
     inv: Tensor
     cnt: Tensor
+    by_code: Tensor
+    first: Tensor
 
     @property
     def num_unique(self) -> int:
@@ -177,20 +236,40 @@ class _CodeGroups:
 
 
 def _group_codes(codes: Tensor, k: int) -> _CodeGroups:
+    """Distinct codes of ``codes`` ``(N, M)``, their multiplicities and their items."""
     n, m = codes.shape
     bits = max(1, (k - 1).bit_length())
     codes_l = codes.to(torch.int64)
-    if m * bits <= 62:
-        # Pack each code into one int64 so a 1-D unique (a single sort) finds the groups.
+    # Pack each code into as few int64 words as hold it (62 bits each); one word needs a
+    # single 1-D unique, more words are ordered by stable sorts from the last word to the
+    # first (a row-wise unique is far slower on large galleries, e.g. 8x256 codes).
+    per_word = max(1, 62 // bits)
+    words = []
+    for w0 in range(0, m, per_word):
         key = torch.zeros(n, dtype=torch.int64, device=codes.device)
-        for j in range(m):
-            key |= codes_l[:, j] << (j * bits)
-        _, inv, cnt = torch.unique(key, return_inverse=True, return_counts=True)
+        for j in range(w0, min(m, w0 + per_word)):
+            key |= codes_l[:, j] << ((j - w0) * bits)
+        words.append(key)
+    if len(words) == 1:
+        _, inv, cnt = torch.unique(words[0], return_inverse=True, return_counts=True)
     else:
-        _, inv, cnt = torch.unique(codes_l, dim=0, return_inverse=True, return_counts=True)
+        order = torch.arange(n, device=codes.device)
+        for key in reversed(words):
+            order = order[torch.sort(key[order], stable=True).indices]
+        new = torch.zeros(n, dtype=torch.bool, device=codes.device)
+        new[:1] = True
+        for key in words:
+            ordered = key[order]
+            new[1:] |= ordered[1:] != ordered[:-1]
+        group = torch.cumsum(new.to(torch.int64), 0) - 1  # group id in sorted order
+        inv = torch.empty(n, dtype=torch.int64, device=codes.device)
+        inv[order] = group
+        cnt = torch.bincount(group, minlength=int(group[-1].item()) + 1 if n else 0)
     uniq = torch.empty(cnt.numel(), m, dtype=torch.int64, device=codes.device)
     uniq[inv] = codes_l  # every item writes its own (identical) code row
-    return _CodeGroups(codes_t=uniq.t().contiguous(), inv=inv, cnt=cnt)
+    by_code = torch.sort(inv, stable=True).indices  # stable: index order inside a code
+    first = torch.cumsum(cnt, 0) - cnt
+    return _CodeGroups(codes_t=uniq.t().contiguous(), inv=inv, cnt=cnt, by_code=by_code, first=first)
 
 
 def _score_block(tab_mqk: Tensor, codes_t: Tensor) -> Tensor:
@@ -258,12 +337,9 @@ def _index_labels(groups: _CodeGroups, db_labels: Tensor, stable: bool) -> _Labe
     idx = _LabelIndex(classes, class_size, pair_ptr, pair_u, pair_n, slot_ptr)
     if stable:
         ar = torch.arange(n, device=dev)
-        # Rank of each item among the items with the same code, by index (stable sort keeps
-        # index order inside a group).
-        by_code = torch.sort(groups.inv, stable=True).indices
-        grp_start = torch.cumsum(groups.cnt, 0) - groups.cnt
+        # Rank of each item among the items with the same code, by index.
         pos_in_code = torch.empty(n, dtype=torch.int64, device=dev)
-        pos_in_code[by_code] = ar - grp_start[groups.inv[by_code]]
+        pos_in_code[groups.by_code] = ar - groups.first[groups.inv[groups.by_code]]
         by_pair = torch.sort(pair_inv, stable=True).indices
         idx.slot_pair = pair_inv[by_pair]
         idx.slot_pos = pos_in_code[by_pair]
@@ -271,38 +347,106 @@ def _index_labels(groups: _CodeGroups, db_labels: Tensor, stable: bool) -> _Labe
     return idx
 
 
-def _level_counts(
+@dataclass
+class _LevelScan:
+    """What one pass over all codes tells about a query block's thresholds.
+
+    ``above`` / ``tied``: int64 ``(Qb, P)``, for every sorted threshold the items scoring
+    strictly higher, and (at the first threshold of a run of equal ones) the items scoring
+    exactly the same.  ``eq_q``, ``eq_pos``, ``eq_u``: the codes scoring exactly a
+    threshold (query row, run start, code id); only kept for ``ties="stable"``.
+    """
+
+    above: Tensor
+    tied: Tensor
+    eq_q: Optional[Tensor] = None
+    eq_pos: Optional[Tensor] = None
+    eq_u: Optional[Tensor] = None
+
+
+def _scan_levels(
     tab_mqk: Tensor,
     groups: _CodeGroups,
     thresholds: Tensor,
+    valid: Tensor,
     block_u: int,
-) -> Tensor:
-    """Count-weighted histogram of all code scores against each query's sorted thresholds.
+    keep_equal: bool,
+) -> _LevelScan:
+    """Counts of items above / at each threshold by a bucket histogram (see module doc).
 
     Args:
         tab_mqk: ``(M, Qb, K)`` tables of a query block.
-        thresholds: ``(Qb, P)`` ascending scores per query (duplicates allowed).
+        thresholds: ``(Qb, P)`` ascending scores per query; invalid entries (``valid`` False)
+            are -inf padding at the start of the row.
+        valid: bool ``(Qb, P)``.
         block_u: number of codes scored at once.
-
-    Returns:
-        int64 ``(Qb, 2P + 2)``: entry ``2i + e`` counts the items with exactly ``i``
-        thresholds strictly below their score, and ``e = 1`` when the score also equals
-        threshold ``i`` (the start of a run of equal thresholds), else ``e = 0``.
+        keep_equal: also return the codes that score exactly a threshold.
     """
     qb, p = thresholds.shape
-    hist = torch.zeros(qb, 2 * p + 2, dtype=torch.int64, device=thresholds.device)
+    dev = thresholds.device
+    nb = _NUM_BUCKETS
+    first_valid = (~valid).sum(1, keepdim=True).clamp_max(p - 1)
+    lo = thresholds.gather(1, first_valid)  # (Qb, 1) lowest valid threshold
+    span = thresholds[:, -1:] - lo
+    finite_max = torch.finfo(thresholds.dtype).max
+    scale = torch.where(span > 0, (nb / span).clamp_max(finite_max), torch.ones_like(span))
+
+    def bucket(x: Tensor) -> Tensor:
+        # A non-decreasing function of the score (every rounded float op here is monotone),
+        # which is all the counting needs: 0 below the lowest threshold, nb + 1 at or above
+        # the highest, else 1 + the score's linear position between them.
+        y = x - lo
+        y.mul_(scale).floor_().clamp_(-1, nb).add_(1)
+        return y.to(torch.int64)
+
+    tb = torch.where(valid, bucket(thresholds), torch.zeros_like(thresholds, dtype=torch.int64))
+    marked = torch.zeros(qb, nb + 2, dtype=torch.bool, device=dev)
+    marked.scatter_(1, tb, valid)
+    hist = torch.zeros(qb, nb + 2, dtype=torch.int64, device=dev)
+    fine = torch.zeros(qb, 2 * p + 2, dtype=torch.int64, device=dev)
+    eq_parts: List[Tuple[Tensor, Tensor, Tensor]] = []
     u = groups.num_unique
     for u0 in range(0, u, block_u):
         u1 = min(u, u0 + block_u)
         s = _score_block(tab_mqk, groups.codes_t[:, u0:u1])
-        # One binary search; equality with the threshold it lands on is checked directly,
-        # which is cheaper than a second (right-sided) search.
-        b = torch.searchsorted(thresholds, s)
-        eq = thresholds.gather(1, b.clamp_max(p - 1)) == s
-        b.mul_(2).add_(eq)
-        hist.scatter_add_(1, b, groups.cnt[u0:u1].expand(qb, -1))
-        del s, b, eq
-    return hist
+        b = bucket(s)
+        cnt = groups.cnt[u0:u1]
+        hist.scatter_add_(1, b, cnt.expand(qb, -1))
+        cand = marked.gather(1, b)
+        del b
+        rows, cols = cand.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        # Place the candidates exactly among their row's thresholds: pad them into a
+        # (Qb, max candidates per row) block for one batched searchsorted.
+        per_row = torch.bincount(rows, minlength=qb)
+        row_first = torch.cumsum(per_row, 0) - per_row
+        col = torch.arange(rows.numel(), device=dev) - row_first[rows]
+        width = int(per_row.max().item())
+        vals = torch.full((qb, width), math.inf, dtype=s.dtype, device=dev)
+        vals[rows, col] = s[rows, cols]
+        pos = torch.searchsorted(thresholds, vals)[rows, col]  # thresholds strictly below
+        eq = thresholds[rows, pos.clamp_max(p - 1)] == s[rows, cols]
+        fine.index_put_((rows, 2 * pos + eq.to(torch.int64)), cnt[cols], accumulate=True)
+        if keep_equal and bool(eq.any()):
+            eq_parts.append((rows[eq], pos[eq], cols[eq] + u0))
+    # Items of marked buckets were placed exactly; the histogram keeps the others.
+    hist.masked_fill_(marked, 0)
+    # Strictly above bucket b: suffix sum from b + 1.
+    hist_above = torch.zeros_like(hist)
+    hist_above[:, :-1] = hist.flip(1).cumsum(1).flip(1)[:, 1:]
+    fine_suffix = fine.flip(1).cumsum(1).flip(1)
+    ar = torch.arange(p, device=dev)
+    # Above threshold i: unmarked buckets above its bucket, plus placed items with more
+    # than i thresholds strictly below them.
+    above = hist_above.gather(1, tb) + fine_suffix[:, 2 * ar + 2]
+    tied = fine[:, 2 * ar + 1]
+    scan = _LevelScan(above, tied)
+    if keep_equal:
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        parts = list(zip(*eq_parts)) if eq_parts else [[empty], [empty], [empty]]
+        scan.eq_q, scan.eq_pos, scan.eq_u = (torch.cat(list(x)) for x in parts)
+    return scan
 
 
 def _chunk_levels(
@@ -332,22 +476,17 @@ def _chunk_levels(
     ps = torch.where(valid, ps, torch.full_like(ps, -math.inf))  # padding sorts first, never matches
     ts, perm = torch.sort(ps, dim=1)
     pn_s = pn.gather(1, perm)
+    valid_s = valid.gather(1, perm)
 
-    hist = _level_counts(tab_mqk, groups, ts.contiguous(), block_u)
-    suffix = hist.flip(1).cumsum(1).flip(1)
+    stable = ties == "stable"
+    scan = _scan_levels(tab_mqk, groups, ts, valid_s, block_u, keep_equal=stable)
+    # Runs of equal thresholds are one level.
+    new_run, _, start, end = tie_runs(ts)
+    above = scan.above.gather(1, end)  # items scoring strictly higher than the level
+    above = torch.where(valid_s, above, torch.full_like(above, n))
+    tied = scan.tied.gather(1, start)  # items scoring exactly the level
 
-    # Runs of equal thresholds are one level: find each position's run start and end.
-    pos = j.expand(qb, pmax)
-    new_run = torch.ones(qb, pmax, dtype=torch.bool, device=dev)
-    new_run[:, 1:] = ts[:, 1:] != ts[:, :-1]
-    run_end = torch.ones_like(new_run)
-    run_end[:, :-1] = new_run[:, 1:]
-    start = torch.where(new_run, pos, torch.zeros_like(pos)).cummax(1).values
-    end = torch.where(run_end, pos, torch.full_like(pos, pmax)).flip(1).cummin(1).values.flip(1)
-    above = suffix.gather(1, 2 * (end + 1))  # items scoring strictly higher than the level
-    tied = hist.gather(1, 2 * start + 1)  # items scoring exactly the level
-
-    if ties == "expected":
+    if not stable:
         cpn = pn_s.cumsum(1)
         before = torch.where(start > 0, cpn.gather(1, (start - 1).clamp_min(0)), torch.zeros_like(cpn))
         rel_run = cpn.gather(1, end) - before
@@ -358,43 +497,45 @@ def _chunk_levels(
         return above.flip(1), tied.clamp_min(1).flip(1), rel.flip(1)
 
     # ---- stable: every relevant item gets its exact rank -------------------------------
-    valid_s = valid.gather(1, perm)
+    # rank = items above its level + items of its level with a lower index.  A level that
+    # holds a single code keeps the code's items in index order (``slot_pos``); where other
+    # codes tie with it, the items of the level are sorted by index.
     u_s = pu.gather(1, perm)
-    # A level holding only this code keeps the code's items in index order; if other codes
-    # tie with it, items interleave by index and the query needs the exact fallback.
-    multi = valid_s & (tied != groups.cnt[u_s])
-    needs_fallback = multi.any(1)
-    above_loc = torch.zeros_like(above).scatter_(1, perm, above)  # back to class pair order
+    multi_s = valid_s & (tied != groups.cnt[u_s])
+    back = torch.empty_like(perm).scatter_(1, perm, j.expand(qb, pmax).contiguous())  # pair -> sorted
     r_q = lidx.class_size[cls]
     rmax = int(r_q.max().item())
     i = torch.arange(rmax, device=dev)
     ivalid = i < r_q.unsqueeze(1)
     slot = (lidx.slot_ptr[cls].unsqueeze(1) + i).clamp_max(n - 1)
     p_loc = (lidx.slot_pair[slot] - lidx.pair_ptr[cls].unsqueeze(1)).clamp(0, max(pmax - 1, 0))
-    rank0 = above_loc.gather(1, p_loc) + lidx.slot_pos[slot]
+    p_sorted = back.gather(1, p_loc)
+    within = lidx.slot_pos[slot]
+    in_multi = ivalid & multi_s.gather(1, p_sorted)
+    if bool(in_multi.any()):
+        lvl = start.gather(1, p_sorted)  # run start identifies the level
+        # Codes at multi-code levels, expanded to their items, sorted by (query, level, index).
+        eq_q, eq_pos, eq_u = scan.eq_q, scan.eq_pos, scan.eq_u
+        keep = multi_s[eq_q, eq_pos]
+        eq_q, eq_pos, eq_u = eq_q[keep], eq_pos[keep], eq_u[keep]
+        sizes = groups.cnt[eq_u]
+        owner = torch.repeat_interleave(torch.arange(eq_u.numel(), device=dev), sizes)
+        offset = torch.arange(owner.numel(), device=dev) - (torch.cumsum(sizes, 0) - sizes)[owner]
+        items = groups.by_code[groups.first[eq_u][owner] + offset]
+        seg = eq_q[owner] * pmax + eq_pos[owner]
+        keys = torch.sort(seg * n + items).values
+        rq = torch.arange(qb, device=dev).unsqueeze(1).expand(qb, rmax)
+        sel_seg = (rq * pmax + lvl)[in_multi]
+        item_r = lidx.slot_item[slot][in_multi]
+        at = torch.searchsorted(keys, sel_seg * n + item_r)
+        seg_first = torch.searchsorted(keys, sel_seg * n)
+        within = within.clone()
+        within[in_multi] = at - seg_first
+    rank0 = scan.above.gather(1, end).gather(1, p_sorted) + within
     rank0 = torch.where(ivalid, rank0, torch.full_like(rank0, n))
-    if bool(needs_fallback.any()):
-        for row in needs_fallback.nonzero().flatten().tolist():
-            rank0[row] = n
-            c = int(cls[row].item())
-            items = lidx.slot_item[lidx.slot_ptr[c]:lidx.slot_ptr[c + 1]]
-            rank0[row, : items.numel()] = _stable_ranks(tab_mqk[:, row : row + 1], groups, items, block_u)
     rank0 = torch.sort(rank0, dim=1).values
     rel = (rank0 < n).to(torch.int64)
     return rank0, torch.ones_like(rank0), rel
-
-
-def _stable_ranks(tab_m1k: Tensor, groups: _CodeGroups, items: Tensor, block_u: int) -> Tensor:
-    """Exact 0-based ranks of ``items`` for one query, ties broken by index (O(N log N))."""
-    u = groups.num_unique
-    code_scores = torch.cat(
-        [_score_block(tab_m1k, groups.codes_t[:, u0 : min(u, u0 + block_u)])[0] for u0 in range(0, u, block_u)]
-    )
-    item_scores = code_scores[groups.inv]
-    order = torch.sort(item_scores, descending=True, stable=True).indices
-    rank_of = torch.empty_like(order)
-    rank_of[order] = torch.arange(order.numel(), device=order.device)
-    return rank_of[items]
 
 
 def evaluate_adc(
@@ -461,9 +602,11 @@ def evaluate_adc(
     pmax = int((lidx.pair_ptr[1:] - lidx.pair_ptr[:-1]).max().item())
     rmax = int(lidx.class_size.max().item()) if ties == "stable" else 0
     nq = int(qsel.numel())
-    qb, block_u = _block_sizes(
-        nq, groups.num_unique, pmax * _BYTES_PER_QP + rmax * _BYTES_PER_QR, budget_bytes, dev, _CPU_QUERY_BLOCK
-    )
+    # Per query: its relevant pairs (with their M codes), stable-mode items, its tables and
+    # its histograms.
+    fixed = (pmax * (_BYTES_PER_QP + _BYTES_PER_QP_BOOK * m) + rmax * _BYTES_PER_QR
+             + 8 * m * kw + 9 * (_NUM_BUCKETS + 2))
+    qb, block_u = _block_sizes(nq, groups.num_unique, fixed, budget_bytes, dev, _CPU_QUERY_BLOCK)
     lock = threading.Lock()
 
     def run(q0: int) -> None:
@@ -517,22 +660,14 @@ def search_adc(
         return out_s, out_i
     groups = _group_codes(codes, kw)
     u = groups.num_unique
-    # Items of each code, by ascending index (stable sort of the code ids).
-    by_code = torch.sort(groups.inv, stable=True).indices
-    grp_start = torch.cumsum(groups.cnt, 0) - groups.cnt
     kk = min(topk, n)
     g = min(kk, u)  # each code holds >= 1 item, so the best g codes cover the top kk items
-
     # Whole rows of code scores per block when the budget allows: one top-k per row is much
-    # cheaper than merging many partial top-k lists.
-    per_query = 8 * g * 16
-    if dev.type == "cpu":
-        budget_bytes = max(1, budget_bytes // _cpu_threads())
-        qb = max(1, min(_CPU_SEARCH_QUERY_BLOCK, -(-q // _cpu_threads())))
-    else:
-        qb = q
-    qb = max(1, min(qb, budget_bytes // (per_query + _BYTES_PER_QU * min(u, 1024))))
-    block_u = max(1, min(u, (budget_bytes - qb * per_query) // (qb * _BYTES_PER_QU)))
+    # cheaper than merging many partial top-k lists.  Per query: the running best g codes
+    # (scores and ids, twice while merging), the output rows and the tables.
+    per_query = 48 * g + 16 * kk + 8 * m * kw
+    qb, block_u = _block_sizes(q, u, per_query, budget_bytes, dev, _CPU_SEARCH_QUERY_BLOCK,
+                               whole_rows=True)
     pos = torch.arange(kk, device=dev)
 
     def run(q0: int) -> None:
@@ -558,7 +693,7 @@ def search_adc(
         slot = torch.searchsorted(cum, pos.expand(nb, kk).contiguous(), right=True)
         within = pos - (cum.gather(1, slot) - groups.cnt[best_u.gather(1, slot)])
         code = best_u.gather(1, slot)
-        out_i[q0 : q0 + nb, :kk] = by_code[grp_start[code] + within]
+        out_i[q0 : q0 + nb, :kk] = groups.by_code[groups.first[code] + within]
         out_s[q0 : q0 + nb, :kk] = best_s.gather(1, slot)
 
     starts = list(range(0, q, qb))

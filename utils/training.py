@@ -24,8 +24,10 @@ from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
 from .errors import first_line
 from .evaluation import evaluate_model
 from .logger import get_logger
+from .precision import autocast, resolve_amp, run_fp32, to_memory_format
 from .runtime import DistInfo, accumulator_dtype
 from .schedules import build_scheduler
+from .validation import UsageError
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,6 +40,20 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, resumable: bool) -> None:
         super().__init__("interrupted")
         self.resumable = resumable
+# BatchNorm in training mode needs two samples per channel; a batch with fewer readable
+# images is skipped (on every rank together).
+MIN_STEP_BATCH = 2
+
+
+def check_per_rank_batch(batch_size: int, world_size: int) -> int:
+    """The per-process batch of a run; a clear error when it falls below 2."""
+    per_rank = batch_size // max(1, world_size)
+    if per_rank < MIN_STEP_BATCH:
+        raise UsageError(
+            f"--bs {batch_size} over {world_size} process(es) leaves {per_rank} image(s) "
+            f"per process; BatchNorm needs at least {MIN_STEP_BATCH} per process (use --bs "
+            f">= {MIN_STEP_BATCH * max(1, world_size)})")
+    return per_rank
 
 
 @dataclass
@@ -62,6 +78,7 @@ class TrainSettings:
     last_path: Path = Path("checkpoint/model.last.tar")
     resume: bool = False
     progress: bool = True
+    amp: str = "auto"  # bf16 autocast for the backbone (utils.precision.resolve_amp)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -77,9 +94,11 @@ class OPQNTrainingModule(nn.Module):
         self.model, self.criterion = model, criterion
 
     def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        # The one call site of head and loss for every method: the head's training outputs
-        # go to the method's loss unchanged.
-        return self.criterion(*self.model.quantizer(self.model(images)), labels)
+        # The one call site of head and loss for every method. Mixed precision stops at the
+        # features: head and loss run in fp32 with autocast off, and the head's training
+        # outputs go to the method's loss unchanged.
+        outputs = run_fp32(self.model.quantizer, self.model(images))
+        return run_fp32(self.criterion, *outputs, labels)
 
 
 @dataclass
@@ -162,6 +181,28 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % 2**62
 
 
+def _can_step(readable: int, device: torch.device, dist_info: DistInfo) -> bool:
+    """Whether every rank holds at least ``MIN_STEP_BATCH`` readable images this step."""
+    if not dist_info.distributed:
+        return readable >= MIN_STEP_BATCH
+    fewest = torch.tensor([readable], device=device, dtype=torch.int64)
+    torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
+    return int(fewest.item()) >= MIN_STEP_BATCH
+
+
+def _check_ranks_in_step(module: nn.Module, device: torch.device) -> None:
+    """Fail clearly if the processes' parameters differ (they took different steps)."""
+    with torch.no_grad():
+        # Per parameter tensor: sum and sum of squares (float64), one tensor at a time.
+        fingerprint = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                                   for p in module.parameters()]).flatten().to(device)
+    # Negated copy: one MAX all-reduce gives both the maximum and the minimum over ranks.
+    both = torch.cat([fingerprint, -fingerprint])
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(both[:fingerprint.numel()], -both[fingerprint.numel():]):
+        raise RuntimeError("the training processes fell out of step: their parameters differ")
+
+
 def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
           device: torch.device, dist_info: DistInfo = DistInfo()) -> TrainState:
     """Train one OPQN model; returns the final bookkeeping state.
@@ -171,12 +212,15 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
     leaving the last good checkpoints in place.
     """
     log = get_logger()
+    per_rank_batch = check_per_rank_batch(settings.batch_size, dist_info.world_size)
+    use_amp = resolve_amp(settings.amp, device)
     torch.manual_seed(settings.seed)
     # --pretrained weights only start a fresh run; a resumed one loads its own.
     model = OPQN(config, load_pretrained=config.pretrained and not settings.resume).to(device)
     criterion = build_criterion(config).to(device)
-    if device.type == "cuda":
+    if use_amp:  # channels_last follows bf16 (fast convolution layouts on CPU and GPU)
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     module = OPQNTrainingModule(model, criterion)
     optimizer = build_optimizer(module.parameters(), settings)
@@ -208,8 +252,6 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
             module, device_ids=[device.index] if device.type == "cuda" else None)
         sampler = DistributedSampler(splits.train, dist_info.world_size, dist_info.rank,
                                      shuffle=True, seed=settings.seed, drop_last=True)
-    per_rank_batch = max(1, settings.batch_size // dist_info.world_size)
-    use_amp = device.type == "cuda"
     eval_loaders = None
     classes = list(splits.train.classes)
 
@@ -228,18 +270,21 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
         part_names = list(criterion.PARTS)
         total = torch.zeros(1 + len(part_names), device=device, dtype=accumulator_dtype(device))
         seen = 0
+        skipped = torch.zeros(2, device=device, dtype=accumulator_dtype(device))  # batches, their images
         batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
                        disable=not (settings.progress and dist_info.is_main))
         for step, batch in enumerate(batches):
             report_broken(splits.train, batch.broken)
-            if batch.labels.numel() == 0:
+            if not _can_step(batch.labels.numel(), device, dist_info):
+                # Fewer than 2 readable images here or on another rank: every rank skips
+                # this step together, so all take the same optimiser steps.
+                skipped += torch.tensor([1.0, batch.labels.numel()], device=device,
+                                        dtype=torch.float64)
                 continue
             images, labels = batch.images, batch.labels
-            images = images.to(device, non_blocking=True)
+            images = to_memory_format(images.to(device, non_blocking=True), use_amp)
             labels = labels.to(device, non_blocking=True)
-            if use_amp:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(device, use_amp):
                 loss, parts = train_module(images, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -254,7 +299,16 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
             counts = torch.tensor([seen], device=device, dtype=torch.float64)
             torch.distributed.all_reduce(total)
             torch.distributed.all_reduce(counts)
+            torch.distributed.all_reduce(skipped)
             seen = int(counts.item())
+        if dist_info.distributed:
+            _check_ranks_in_step(module, device)
+        if skipped[0].item() and dist_info.is_main:
+            # Every rank counted each skipped step once: report steps, not rank-batches.
+            log.warning("epoch %d: skipped %d step(s) (%d readable image(s) unused) in all "
+                        "processes, because a batch had fewer than %d readable images",
+                        epoch + 1, int(skipped[0].item()) // dist_info.world_size,
+                        int(skipped[1].item()), MIN_STEP_BATCH)
         if seen == 0:
             raise RuntimeError("no training batch could be read in this epoch")
         means = (total / seen).tolist()

@@ -313,16 +313,17 @@ def check_batch_fits(num_images: int, batch: int | None, default_batch: int,
                      split: Path) -> None:
     """Every training batch is full (an epoch's last partial batch is dropped, so that
     batch statistics never rest on a handful of images), so the split must hold at least
-    one batch, and batch normalisation needs at least 2 images per batch."""
+    one batch (batches below 2 images are refused earlier, by
+    utils.training.check_per_rank_batch)."""
     size = batch or default_batch
     flag = f"--bs {size}" if batch else f"the default batch of {size} (--bs)"
-    if size < 2:
-        raise UsageError(f"--bs {size}: batch normalisation needs at least 2 images per batch")
     if num_images < size:
         hint = (f"give --bs {num_images} or less" if num_images >= 2
                 else "it needs at least 2 images")
         raise UsageError(f"the training split {split} has {num_images} images, fewer than "
                          f"one batch with {flag}: {hint}")
+
+
 def check_identity_overlap(trained: Iterable[str], evaluated: Iterable[str], checkpoint: Path,
                            allow: bool, shown: int = 5) -> list[str]:
     """The identities a cross-dataset evaluation shares with the model's training set.

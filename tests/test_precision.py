@@ -1,0 +1,97 @@
+"""Mixed precision stops at the features: heads, losses, codes and query tables in fp32."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import losses.opqn_loss as opqn_loss  # noqa: E402
+from data.datasets import collate_skip_broken  # noqa: E402
+from models import OPQN, OPQNConfig  # noqa: E402
+from utils.evaluation import encode_gallery, encode_queries, extract_features  # noqa: E402
+from utils.precision import resolve_amp, run_fp32  # noqa: E402
+from utils.training import OPQNTrainingModule, build_criterion  # noqa: E402
+
+
+def tiny_model(seed: int = 0) -> tuple[OPQN, OPQNConfig]:
+    torch.manual_seed(seed)
+    config = OPQNConfig(num_books=4, num_words=16, feature_dim=64, num_classes=5, width=8,
+                        scale=40.0)
+    return OPQN(config), config
+
+
+def test_resolve_amp():
+    cpu = torch.device("cpu")
+    assert resolve_amp("off", cpu) is False
+    assert resolve_amp("bf16", cpu) is True
+    assert resolve_amp("auto", torch.device("cuda", 0)) is True
+    with pytest.raises(ValueError):
+        resolve_amp("fp16", cpu)
+
+
+def test_head_and_loss_stay_fp32_under_cpu_autocast(monkeypatch, one_thread):
+    model, config = tiny_model()
+    module = OPQNTrainingModule(model, build_criterion(config)).train()
+    seen = {}
+    model.quantizer.register_forward_hook(
+        lambda _m, inputs, out: seen.update(head_in=inputs[0], head_out=out))
+    model.backbone.register_forward_hook(lambda _m, _i, out: seen.update(features=out))
+    logits = []
+    real = opqn_loss.margin_cosine_logits
+    monkeypatch.setattr(opqn_loss, "margin_cosine_logits",
+                        lambda *a, **k: logits.append(real(*a, **k)) or logits[-1])
+    images = torch.randn(6, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = module(images, labels)
+    assert seen["features"].dtype == torch.bfloat16  # autocast really ran the backbone
+    sub, soft, probs = seen["head_out"]
+    for name, t in (("input", seen["head_in"]), ("x_m", sub), ("s_m", soft), ("p_m", probs),
+                    ("loss", loss), *((f"logits{i}", t) for i, t in enumerate(logits))):
+        assert t.dtype == torch.float32, name
+    assert len(logits) == 2
+    # Bit-identical to the head and loss run in fp32 on the same (bf16-made) features.
+    feats = seen["features"].float()
+    ref_sub, ref_soft, ref_probs = model.quantizer(feats)
+    assert torch.equal(soft, ref_soft) and torch.equal(probs, ref_probs)
+    ref_logits = real(ref_soft, module.criterion.class_weights, labels, config.margin,
+                      config.scale)
+    assert torch.equal(logits[1], ref_logits)
+    # Sanity: without the fp32 zone autocast would change the soft assignment.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = model.quantizer.assignment_logits(model.quantizer.split(feats))
+    assert raw.dtype == torch.bfloat16
+
+
+def test_codes_and_tables_fp32_from_bf16_features(one_thread):
+    model, _ = tiny_model(1)
+    data = [(torch.randn(3, 32, 32), i % 3) for i in range(24)]
+    loader = DataLoader(data, batch_size=5, collate_fn=collate_skip_broken)
+    feats, _ = extract_features(model, loader, torch.device("cpu"), progress=False, amp=True)
+    assert feats.dtype == torch.float32
+    codes, labels = encode_gallery(model, loader, torch.device("cpu"), progress=False, amp=True)
+    tables, _ = encode_queries(model, loader, torch.device("cpu"), progress=False, amp=True)
+    assert codes.dtype == torch.uint8 and codes.shape == (24, 4) and labels.shape == (24,)
+    assert tables.dtype == torch.float32 and tables.shape == (24, 4, 16)
+    with torch.no_grad():
+        assert torch.equal(codes, model.quantizer.encode(feats))
+        assert torch.equal(tables, model.quantizer.lookup_tables(feats))
+        # run_fp32 inside an outer autocast gives the same fp32 tables; plain calls do not.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = run_fp32(model.quantizer.lookup_tables, feats.bfloat16())
+            plain = model.quantizer.lookup_tables(feats)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, model.quantizer.lookup_tables(feats.bfloat16().float()))
+    assert not torch.equal(plain, tables)
+
+
+def test_amp_flag_in_help(capsys):
+    import opqn_main
+
+    with pytest.raises(SystemExit):
+        opqn_main.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--amp {auto,bf16,off}" in out

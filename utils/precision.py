@@ -1,0 +1,83 @@
+"""Mixed precision: where bf16 autocast runs, and the fp32 zone around heads and losses.
+
+Policy (``--amp``): the backbone may run under bf16 autocast with channels_last tensors; the
+quantization head, the loss, the codes and the query tables always run in float32 with
+autocast disabled.  Under autocast the einsums of a head or a loss would otherwise run in
+bf16 even on ``.float()`` inputs, and at scale s = 40 bf16 logits near the target are 0.25
+apart.  :func:`run_fp32` is the single entry point that training and evaluation use to call
+any head or loss, so heads and losses added later are covered without changes of their own.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+
+AMP_CHOICES = ("auto", "bf16", "off")
+
+# Device types whose autocast :func:`fp32_zone` switches off.
+_AUTOCAST_DEVICES = tuple(d for d in ("cpu", "cuda", "mps", "xpu")
+                          if torch.amp.is_autocast_available(d))
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this torch build reports bf16 matrix hardware on this CPU (AMX or
+    AVX512-BF16); without it bf16 autocast is emulated and slower than float32."""
+    cpu = torch.cpu
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(cpu, probe, None)
+        if check is not None and check():
+            return True
+    return False
+
+
+def resolve_amp(choice: str, device: torch.device) -> bool:
+    """``--amp`` to a yes/no for ``device``: ``auto`` is bf16 on CUDA and on CPUs with
+    AMX or AVX512-BF16, float32 elsewhere; ``bf16`` and ``off`` force it."""
+    if choice not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {AMP_CHOICES}, got {choice!r}")
+    if choice == "off":
+        return False
+    if choice == "bf16":
+        return True
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` when ``enabled`` (a no-op context otherwise)."""
+    if not enabled or device.type not in _AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def to_memory_format(tensor: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Images ``(B, 3, S, S)`` in channels_last when bf16 is on (it follows ``--amp``)."""
+    return tensor.contiguous(memory_format=torch.channels_last) if amp else tensor
+
+
+@contextlib.contextmanager
+def fp32_zone() -> Iterator[None]:
+    """Autocast disabled on every device type: ops inside run in their inputs' dtype."""
+    with contextlib.ExitStack() as stack:
+        for device_type in _AUTOCAST_DEVICES:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+def _as_fp32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float32:
+        return value.float()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_fp32(v) for v in value)
+    return value
+
+
+def run_fp32(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with autocast disabled and floating tensor arguments (also
+    inside tuples and lists) cast to float32.  Use it to call any quantization head, its
+    encode / lookup-table methods, and any loss."""
+    with fp32_zone():
+        return fn(*_as_fp32(args), **{k: _as_fp32(v) for k, v in kwargs.items()})
