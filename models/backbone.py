@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .precision import fp32_zone
+
 # Residual units per stage, as in SphereFace-20: 1 + 2 + 4 + 1 units of two convolutions,
 # plus the four stage-opening convolutions = 20 weight layers with the linear head.
 UNITS_PER_STAGE = (1, 2, 4, 1)
@@ -28,6 +30,24 @@ class ResidualUnit(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.body(x)
+
+
+class FaceHead(nn.Sequential):
+    """The paper's head on the final map: flatten, BatchNorm1d, Dropout, Linear to D,
+    BatchNorm1d. ``(B, C, h, w)`` -> features ``(B, D)``.
+
+    It always runs in float32 with autocast off: mixed precision stops at the features, so
+    bf16 training (``--amp``) rounds only the convolutions, and codes and query tables are
+    computed from full-precision features.
+    """
+
+    def __init__(self, flat_dim: int, feature_dim: int, dropout: float) -> None:
+        super().__init__(nn.Flatten(), nn.BatchNorm1d(flat_dim), nn.Dropout(dropout),
+                         nn.Linear(flat_dim, feature_dim), nn.BatchNorm1d(feature_dim))
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        with fp32_zone():
+            return super().forward(feature_map.float())
 
 
 def check_input_shape(images: Tensor, input_size: int) -> None:
@@ -84,13 +104,7 @@ class FaceResNet20(nn.Module):
             side = (side + 2 - 3) // stride + 1
         self.map_shape = (channels[-1], side, side)  # (C, h, w) of the final feature map
         flat = channels[-1] * side * side
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.BatchNorm1d(flat),
-            nn.Dropout(dropout),
-            nn.Linear(flat, feature_dim),
-            nn.BatchNorm1d(feature_dim),
-        )
+        self.head = FaceHead(flat, feature_dim, dropout)
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .backbone import FaceResNet20, check_input_shape
+from .backbone import FaceHead, FaceResNet20, check_input_shape
 
 DEFAULT_BACKBONE = "sphere20"
 
@@ -34,19 +34,8 @@ class PretrainedUnavailable(BackboneError):
     """``--pretrained`` weights could not be fetched (no network, no local copy)."""
 
 
-def face_head(flat_dim: int, feature_dim: int, dropout: float) -> nn.Sequential:
-    """The paper's head on a flattened ``(B, flat_dim)`` map -> ``(B, feature_dim)``."""
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.BatchNorm1d(flat_dim),
-        nn.Dropout(dropout),
-        nn.Linear(flat_dim, feature_dim),
-        nn.BatchNorm1d(feature_dim),
-    )
-
-
 class TimmFaceBackbone(nn.Module):
-    """A timm network's last feature map followed by :func:`face_head`.
+    """A timm network's last feature map followed by :class:`models.backbone.FaceHead`.
 
     Args:
         name: a timm model name (``timm.list_models()``), e.g. ``edgenext_x_small``.
@@ -68,7 +57,7 @@ class TimmFaceBackbone(nn.Module):
         self.body, self._features_only = _create_timm(name, pretrained, self.timm_args)
         self.map_shape = self._dry_map_shape(input_size)
         channels, height, width = self.map_shape
-        self.head = face_head(channels * height * width, feature_dim, dropout)
+        self.head = FaceHead(channels * height * width, feature_dim, dropout)
         for module in self.head.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

@@ -39,6 +39,7 @@ def test_head_and_loss_stay_fp32_under_cpu_autocast(monkeypatch, one_thread):
     model.quantizer.register_forward_hook(
         lambda _m, inputs, out: seen.update(head_in=inputs[0], head_out=out))
     model.backbone.register_forward_hook(lambda _m, _i, out: seen.update(features=out))
+    model.backbone.stages.register_forward_hook(lambda _m, _i, out: seen.update(fmap=out))
     logits = []
     real = opqn_loss.margin_cosine_logits
     monkeypatch.setattr(opqn_loss, "margin_cosine_logits",
@@ -47,7 +48,8 @@ def test_head_and_loss_stay_fp32_under_cpu_autocast(monkeypatch, one_thread):
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = module(images, labels)
-    assert seen["features"].dtype == torch.bfloat16  # autocast really ran the backbone
+    assert seen["fmap"].dtype == torch.bfloat16  # autocast really ran the convolutions
+    assert seen["features"].dtype == torch.float32  # ... and stopped at the features
     sub, soft, probs = seen["head_out"]
     for name, t in (("input", seen["head_in"]), ("x_m", sub), ("s_m", soft), ("p_m", probs),
                     ("loss", loss), *((f"logits{i}", t) for i, t in enumerate(logits))):

@@ -10,16 +10,13 @@ any head or loss, so heads and losses added later are covered without changes of
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
+from models.precision import AUTOCAST_DEVICES, fp32_zone
+
 AMP_CHOICES = ("auto", "bf16", "off")
-
-# Device types whose autocast :func:`fp32_zone` switches off.
-_AUTOCAST_DEVICES = tuple(d for d in ("cpu", "cuda", "mps", "xpu")
-                          if torch.amp.is_autocast_available(d))
-
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this torch build reports bf16 matrix hardware on this CPU (AMX or
@@ -48,7 +45,7 @@ def resolve_amp(choice: str, device: torch.device) -> bool:
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` when ``enabled`` (a no-op context otherwise)."""
-    if not enabled or device.type not in _AUTOCAST_DEVICES:
+    if not enabled or device.type not in AUTOCAST_DEVICES:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -56,15 +53,6 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 def to_memory_format(tensor: torch.Tensor, amp: bool) -> torch.Tensor:
     """Images ``(B, 3, S, S)`` in channels_last when bf16 is on (it follows ``--amp``)."""
     return tensor.contiguous(memory_format=torch.channels_last) if amp else tensor
-
-
-@contextlib.contextmanager
-def fp32_zone() -> Iterator[None]:
-    """Autocast disabled on every device type: ops inside run in their inputs' dtype."""
-    with contextlib.ExitStack() as stack:
-        for device_type in _AUTOCAST_DEVICES:
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-        yield
 
 
 def _as_fp32(value: Any) -> Any:
