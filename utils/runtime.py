@@ -1,4 +1,4 @@
-"""Device choice and (optional) torchrun distributed setup."""
+"""Device choice, DataLoader worker count and (optional) torchrun distributed setup."""
 from __future__ import annotations
 
 import argparse

@@ -1,6 +1,10 @@
 """The OPQN training loop: SGD with step decay (or cosine, utils.schedules), monitoring every
 few epochs, and atomic checkpoints of the last epoch and of the lowest training loss (as the
-paper kept)."""
+paper kept).
+
+:func:`train` reads as the procedure: :func:`build_run` (model, loss, optimiser, schedule),
+:func:`restore_run` under ``--resume``, :func:`distribute` under torchrun, then per epoch
+:func:`train_epoch`, the scheduler step, the monitoring evaluation and :func:`save_run`."""
 from __future__ import annotations
 
 import math
