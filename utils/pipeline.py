@@ -21,7 +21,7 @@ from .data_folders import prepare_folders, use_cache
 from .evaluation import evaluate_model
 from .faiss_index import export_gallery_index, export_path
 from .logger import get_logger, setup_logging
-from .methods import default_lr, default_optimizer
+from .methods import METHOD_HYPERPARAMETERS, default_lr, default_optimizer
 from .precision import resolve_amp
 from .reporting import (curve_label, result_metadata, summary_line, write_pr_comparison,
                         write_result)
@@ -209,22 +209,17 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
                                                  f"precision-recall")
 
 
-_METHOD_FIELDS = {"dpq": ("dpq_alpha",),
-                  "gpq": ("gpq_alpha", "gpq_beta", "gpq_lambda_ce", "gpq_lambda_entropy"),
-                  "dcdh": ("dcdh_sigma", "dcdh_eta", "dcdh_center_weight")}
-
-
 def _method_fields(args: argparse.Namespace) -> dict:
     """The config fields of --method and its hyper-parameter flags."""
     method = args.method or "opqn"
     fields = {"method": method}
-    for name in _METHOD_FIELDS.get(method, ()):
+    for name, _default, _help in METHOD_HYPERPARAMETERS.get(method, ()):
         fields[name] = getattr(args, name)
     return fields
 
 
 def _method_detail(config: OPQNConfig) -> str:
-    names = _METHOD_FIELDS.get(config.method, ())
+    names = [name for name, _default, _help in METHOD_HYPERPARAMETERS.get(config.method, ())]
     return (" (" + ", ".join(f"{n} {getattr(config, n):g}" for n in names) + ")") if names \
         else ""
 
