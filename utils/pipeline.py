@@ -11,7 +11,7 @@ import torch
 from data.datasets import dataset_preset
 from data.folders import identity_folders
 from data.loaders import RetrievalSplits, build_splits, make_loader
-from models import (DEFAULT_BACKBONE, BackboneError, OPQNConfig, PretrainedUnavailable,
+from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, PretrainedUnavailable,
                     build_backbone, choose_feature_dim, parse_backbone_args)
 
 from .checkpoint import checkpoint_path, load_checkpoint
@@ -85,19 +85,11 @@ def _schedule_choice(args: argparse.Namespace, epochs: int) -> tuple[str, int]:
     return schedule, warmup
 
 
-def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.device) -> None:
-    """Train one model per spec, each followed by a full evaluation of its saved model."""
-    preset = dataset_preset(args.dataset, cross=args.cross_dataset)
-    method = args.method or "opqn"
-    width = args.width or preset.width
-    epochs = args.epochs or preset.epochs
-    schedule, warmup = _schedule_choice(args, epochs)
-    margin_type = args.margin_type or "cosface"
-    backbone, backbone_args = _backbone_choice(args, preset.input_size, width)
-    source = args.dataset if not args.cross_dataset else (
-        "synthface" if args.dataset == "synthface" else "vggface2")
-    check_per_rank_batch(args.bs or preset.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
-    jobs = []
+def _plan_jobs(args: argparse.Namespace, specs: list[CodeSpec], preset, method: str,
+               source: str, device: torch.device) -> list[tuple[CodeSpec, int, Path, Path]]:
+    """``(spec, feature dimension D, best checkpoint, last checkpoint)`` of each model to
+    train, every one checked (D, memory, no overwrite) before any work."""
+    jobs: list[tuple[CodeSpec, int, Path, Path]] = []
     budget, budget_source = memory_budget(device)
     for spec in specs:  # validate every model before any work
         if method in HASHING_METHODS:  # the feature is the L-bit hash layer itself
@@ -120,6 +112,22 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
         check_no_overwrite(best, last, args.resume and last.is_file(),
                            getattr(args, "overwrite", False))
         jobs.append((spec, feature_dim, best, last))
+    return jobs
+
+
+def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.device) -> None:
+    """Train one model per spec, each followed by a full evaluation of its saved model."""
+    preset = dataset_preset(args.dataset, cross=args.cross_dataset)
+    method = args.method or "opqn"
+    width = args.width or preset.width
+    epochs = args.epochs or preset.epochs
+    schedule, warmup = _schedule_choice(args, epochs)
+    margin_type = args.margin_type or "cosface"
+    backbone, backbone_args = _backbone_choice(args, preset.input_size, width)
+    source = args.dataset if not args.cross_dataset else (
+        "synthface" if args.dataset == "synthface" else "vggface2")
+    check_per_rank_batch(args.bs or preset.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
+    jobs = _plan_jobs(args, specs, preset, method, source, device)
     resuming = [job for job in jobs if job[3].is_file()] if args.resume else []
     if args.resume and not resuming:
         raise UsageError(f"--resume: no last checkpoint to resume from: {jobs[0][3]}")
@@ -224,10 +232,11 @@ def _method_detail(config: OPQNConfig) -> str:
         else ""
 
 
-def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torch.device) -> None:
-    """Evaluate each checkpoint of --load on --dataset (gallery = train, queries = test)."""
-    log = setup_logging(None)
-    loaded = []
+def _checked_checkpoints(args: argparse.Namespace,
+                         specs: list[CodeSpec]) -> list[tuple[Path, dict, OPQN]]:
+    """``(path, checkpoint, model built on the CPU)`` of each --load, every one checked
+    against the flags before any work."""
+    loaded: list[tuple[Path, dict, OPQN]] = []
     for spec in specs:  # every checkpoint is checked before any work
         path = checkpoint_path(spec.name, args.checkpoint_dir)
         checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
@@ -237,9 +246,16 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
         # Built on the CPU now, so that weights that do not fit fail before any work.
         model = checked_model(checkpoint, path)
         if args.export_faiss and model.quantizer.faiss_metric is None:
-            raise UsageError(f"--export-faiss: faiss cannot express the {model.config.method} score "
-                             f"of {path}")
+            raise UsageError(f"--export-faiss: faiss cannot express the "
+                             f"{model.config.method} score of {path}")
         loaded.append((path, checkpoint, model))
+    return loaded
+
+
+def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torch.device) -> None:
+    """Evaluate each checkpoint of --load on --dataset (gallery = train, queries = test)."""
+    log = setup_logging(None)
+    loaded = _checked_checkpoints(args, specs)
     preset = dataset_preset(args.dataset)
     k = args.topk or preset.top_k
     train_dir, test_dir = prepare_folders(args, cross_train=False)
