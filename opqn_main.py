@@ -15,19 +15,13 @@ import sys
 from data.datasets import PRESETS
 from models.registry import BackboneError
 from utils.checkpoint import CheckpointError
-from utils.errors import first_line
+from utils.errors import OneLineParser, first_line, report_error
+from utils.methods import METHOD_HYPERPARAMETERS
 from utils.runtime import DEVICE_CHOICES, DeviceError
 from utils.validation import (HASHING_METHODS, METHODS, UsageError, check_options, code_specs,
                               hashing_specs)
 
 PROG = "opqn_main.py"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Argument errors as one line (plus a --help hint) and exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,23 +151,10 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
                    "codewords), dpq, gpq, or dcdh (binary hashing: --len bits, no --num/--words)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), help="default: sgd; adam (amsgrad) "
                    "for dcdh on 32x32 datasets")
-    g.add_argument("--dpq-alpha", type=float, default=0.25,
-                   help="dpq: weight of the joint centre loss (0.25)")
-    g.add_argument("--gpq-alpha", type=float, default=20.0,
-                   help="gpq: soft-assignment temperature alpha (20)")
-    g.add_argument("--gpq-beta", type=float, default=4.0,
-                   help="gpq: cosine-classifier scale beta (4)")
-    g.add_argument("--gpq-lambda-ce", type=float, default=0.1,
-                   help="gpq: weight lambda_2 of the classification loss (0.1)")
-    g.add_argument("--gpq-lambda-entropy", type=float, default=0.0,
-                   help="gpq: weight lambda_1 of the subspace minimax entropy (0 = off; the "
-                        "paper's 0.1 is for unlabelled data)")
-    g.add_argument("--dcdh-sigma", type=float, default=0.25,
-                   help="dcdh: Gaussian similarity width sigma (0.25)")
-    g.add_argument("--dcdh-eta", type=float, default=0.01,
-                   help="dcdh: quantization weight eta (0.01)")
-    g.add_argument("--dcdh-center-weight", type=float, default=0.1,
-                   help="dcdh: weight of the centre separation term (0.1)")
+    for method, fields in METHOD_HYPERPARAMETERS.items():
+        for name, default, text in fields:
+            g.add_argument(f"--{name.replace('_', '-')}", type=float, default=default,
+                           help=f"{method}: {text}")
 
 
 def _resume_hint(exc: BaseException, argv: list[str] | None) -> str:
@@ -217,14 +198,11 @@ def main(argv: list[str] | None = None) -> int:
 
             run_training(args, specs, device)
     except (UsageError, DeviceError) as exc:
-        print(f"{PROG}: error: {first_line(exc)}", file=sys.stderr)
-        return 2
+        return report_error(PROG, first_line(exc), 2)
     except BackboneError as exc:  # e.g. --pretrained weights out of reach
-        print(f"{PROG}: error: {first_line(exc)}", file=sys.stderr)
-        return 1
+        return report_error(PROG, first_line(exc), 1)
     except CheckpointError as exc:
-        print(f"{PROG}: error: {first_line(exc)}", file=sys.stderr)
-        return 2 if "not found" in str(exc) else 1
+        return report_error(PROG, first_line(exc), 2 if "not found" in str(exc) else 1)
     except KeyboardInterrupt as exc:
         print(f"{PROG}: interrupted{_resume_hint(exc, argv)}", file=sys.stderr)
         return 130
@@ -236,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         detail = first_line(exc)
         if not isinstance(exc, TrainingDiverged):
             detail = f"{type(exc).__name__}: {detail}"
-        print(f"{PROG}: error: {detail} (set OPQN_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 1
+        return report_error(PROG, f"{detail} (set OPQN_DEBUG=1 for a traceback)", 1)
     return 0
 
 

@@ -159,6 +159,12 @@ class DecodedCache:
         return (f"DecodedCache({str(self.split_dir)!r}, size={self.size}, n={len(self)}, "
                 f"classes={len(self.classes)}, root={str(self.root)!r})")
 
+    def summary(self) -> str:
+        """One line for people: where the cache is, what it holds, what it left out."""
+        return (f"cache {self.root}: {len(self)} images of {len(self.classes)} identities at "
+                f"{self.size}x{self.size} from {self.split_dir}, {len(self.failed)} "
+                f"unreadable file(s) left out")
+
 
 def _read_meta(root: Path) -> dict[str, Any] | None:
     try:
@@ -359,6 +365,8 @@ class CachedImageDataset(Dataset):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data.cache SPLIT_DIR --size S [--rebuild]``: build or check a cache."""
+    from utils.errors import report_error  # the command line's one-line errors
+
     p = argparse.ArgumentParser(prog="python -m data.cache", description=main.__doc__)
     p.add_argument("split_dir")
     p.add_argument("--size", type=int, required=True, help="stored size: 35 or 120")
@@ -377,11 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cache = open_cache(args.split_dir, args.size, args.rebuild, workers=args.workers)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"{p.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"cache {cache.root}: {len(cache)} images of {len(cache.classes)} identities at "
-          f"{cache.size}x{cache.size} from {cache.split_dir}, {len(cache.failed)} "
-          f"unreadable file(s) left out")
+        return report_error(p.prog, str(exc), 2)
+    print(cache.summary())
     return 0
 
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO))
 
 from conftest import one_line_error  # noqa: E402
 from data.loaders import build_splits, make_loader  # noqa: E402
-from utils.training import _epoch_seed  # noqa: E402
+from utils.training import epoch_seed  # noqa: E402
 
 BATCH = 8  # 4 per rank with 2 processes
 
@@ -109,7 +109,7 @@ def test_single_readable_image_batch_is_skipped_in_one_process(tmp_path, run_cli
     splits = build_splits(data / "faces" / "train", data / "faces" / "test", 32)
     # The training loop's first batch: the same loader over a dataset of sample indices.
     indices = [(torch.zeros(1), i) for i in range(len(splits.train))]
-    gen = torch.Generator().manual_seed(_epoch_seed(0, 0))
+    gen = torch.Generator().manual_seed(epoch_seed(0, 0))
     loader = make_loader(indices, 4, 0, torch.device("cpu"), shuffle=True, generator=gen,
                          drop_last=True)
     first = next(iter(loader)).labels.tolist()

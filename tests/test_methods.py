@@ -216,3 +216,13 @@ def test_old_configs_load_as_opqn_and_methods_are_listed_once():
         validation.check_feature_dim(D, M, K, "opqn")
     for method in ("l2q", "dpq", "gpq"):
         validation.check_feature_dim(D, M, K, method)  # K > d is fine for learned words
+
+
+def test_method_flag_defaults_are_the_config_defaults():
+    from models import OPQNConfig
+    from utils.methods import METHOD_HYPERPARAMETERS
+
+    defaults = OPQNConfig(1, 2, 2, 1).to_dict()
+    for fields in METHOD_HYPERPARAMETERS.values():
+        for name, default, _help in fields:
+            assert defaults[name] == default, name

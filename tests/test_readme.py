@@ -65,3 +65,24 @@ def test_readme_commands_use_existing_flags():
     parser = opqn_main.build_parser()
     for argv in commands:
         parser.parse_args(argv)  # an unknown flag exits 2 and fails the test
+
+
+def test_code_map_names_files_and_functions_that_exist():
+    """Every file and function the README's code map names is there (moves update it)."""
+    section = README.read_text(encoding="utf-8").split("## Code map", 1)[1].split("\n## ")[0]
+    paths = set(re.findall(r"`((?:models|losses|data|utils|bench)/[\w/]*\.py)`", section))
+    bullets = next(part for part in section.split("\n\n") if part.startswith("- "))
+    for item in bullets[2:].split("\n- "):  # one item per folder: `folder/`, then its files
+        folder = re.match(r"`(\w+)/`", item).group(1)
+        paths |= {f"{folder}/{name}" for name in re.findall(r"`([\w/]+\.py|\w+/)`", item)[1:]}
+    assert len(paths) > 30
+    for path in paths:
+        assert (REPO / path).exists(), path
+    sources = "\n".join(p.read_text(encoding="utf-8") for folder in
+                        ("models", "losses", "data", "utils") for p in (REPO / folder).rglob("*.py"))
+    table = [line for line in section.splitlines() if line.startswith("| ")][2:]
+    names = {name for line in table for name in re.findall(r"`([A-Za-z_][\w.]*)`", line)}
+    assert len(names) > 8
+    for name in names:
+        for part in name.split("."):
+            assert re.search(rf"^\s*(def|class) {part}\b", sources, flags=re.M), name

@@ -15,16 +15,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .errors import OneLineParser, report_error
+
 PROG = "python -m utils.convert_authors"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Convert an authors' OPQN checkpoint ({'backbone', "
+    p = OneLineParser(prog=PROG, description="Convert an authors' OPQN checkpoint ({'backbone', "
                 "'mlp'}) to this project's format.")
     p.add_argument("input", help="the authors' checkpoint file")
     p.add_argument("output", help="where to write the converted checkpoint")
@@ -71,11 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{target} exists (add --overwrite to replace it)")
         config = convert_file(source, target)
     except ValueError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(PROG, str(exc), 2)
     except CheckpointError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2 if "not found" in str(exc) else 1
+        return report_error(PROG, str(exc), 2 if "not found" in str(exc) else 1)
     print(f"{target}: {config['bits']}-bit ({config['num_books']}x{config['num_words']}), "
           f"D={config['feature_dim']}, input {config['input_size']}x{config['input_size']}, "
           f"width {config['width']}; no class weights (resuming starts a new class head)")

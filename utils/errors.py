@@ -1,5 +1,21 @@
-"""Turning exceptions into the one-line messages the command line prints."""
+"""Turning exceptions into the one-line messages the command lines print."""
 from __future__ import annotations
+
+import argparse
+import sys
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line (plus a --help hint) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def report_error(prog: str, message: str, status: int) -> int:
+    """Print ``<prog>: error: <message>`` on stderr; returns the exit ``status``."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return status
 
 
 def first_line(exc: BaseException, limit: int | None = None) -> str:

@@ -10,7 +10,9 @@ faiss is imported lazily, so the rest of the project works without it.
 """
 from __future__ import annotations
 
+import csv
 import os
+from pathlib import Path
 from typing import Tuple, Union
 
 import numpy as np
@@ -26,6 +28,9 @@ __all__ = [
     "pack_codes",
     "build_head_index",
     "search_head_index",
+    "export_path",
+    "gallery_paths",
+    "export_gallery_index",
 ]
 
 
@@ -225,3 +230,43 @@ def search_head_index(index, head, features: Tensor, topk: int) -> Tuple[Tensor,
         if head.faiss_metric == "l2":
             scores = -scores
     return scores, torch.from_numpy(idx.astype(np.int64, copy=False))
+
+
+def export_path(value: str, out_dir: str) -> Path:
+    """--export-faiss: a bare file name goes under --out; a path is taken as given."""
+    path = Path(value)
+    return path if path.parent.parts else Path(out_dir) / path
+
+
+def gallery_paths(gallery) -> list[tuple[str, str]]:
+    """``(image file, identity)`` of each gallery row, in encoding order (unreadable files
+    left out, as the encoder leaves them out)."""
+    names = {index: name for name, index in gallery.class_to_idx.items()}
+    cache = getattr(gallery, "cache", None)
+    if cache is not None:  # CachedImageDataset: failed files were never in the cache
+        return [(path, names[int(label)]) for path, label in zip(cache.paths, gallery.targets)]
+    broken = getattr(gallery, "broken", set())
+    return [(path, names[label]) for path, label in gallery.samples if path not in broken]
+
+
+def export_gallery_index(model, codes: Tensor, gallery, index_path: Path) -> None:
+    """--export-faiss: the faiss index of the gallery codes ``(N, M)`` for the method's score
+    (:func:`build_head_index`), and ``<stem>.ids.csv`` beside it: the image of each faiss id,
+    without which the ids mean nothing."""
+    from .logger import get_logger
+
+    paths = gallery_paths(gallery)
+    if len(paths) != codes.shape[0]:
+        raise RuntimeError(f"{codes.shape[0]} gallery codes but {len(paths)} gallery files: "
+                           f"cannot write the id list of {index_path}")
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    faiss_index = build_head_index(model.quantizer, codes.cpu())
+    save_faiss_index(faiss_index, index_path)
+    ids_path = index_path.with_name(f"{index_path.stem}.ids.csv")
+    with open(ids_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "path", "identity"])
+        for i, (file, identity) in enumerate(paths):
+            writer.writerow([i, file, identity])
+    get_logger().info("faiss %s with %d gallery codes written to %s (ids: %s)",
+                      type(faiss_index).__name__, codes.shape[0], index_path, ids_path)

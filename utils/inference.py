@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from data.transforms import build_transform
 
+from .precision import run_fp32
+
 ImageLike = Union[str, os.PathLike, Image.Image]
 
 __all__ = ["EncodedImages", "encode_images", "model_input_size"]
@@ -103,6 +105,7 @@ def encode_images(model: nn.Module, images: Sequence[ImageLike] | ImageLike,
     finally:
         model.train(was_training)
     feats = torch.cat(features)
-    # The same verbs as utils.evaluation: codes for the database, tables for the queries.
-    return EncodedImages(feats, model.quantizer.encode(feats),
-                         model.quantizer.lookup_tables(feats))
+    # The head verbs of utils.evaluation, in fp32 as there: codes for the database, tables
+    # for the queries.
+    return EncodedImages(feats, run_fp32(model.quantizer.encode, feats),
+                         run_fp32(model.quantizer.query_tables, feats))

@@ -25,3 +25,19 @@ def default_lr(method: str, optimizer: str) -> float:
     if method == "dcdh" and optimizer == "sgd":
         return DCDH_SGD_LR
     return METHOD_LR.get(method, DEFAULT_LR)
+
+
+# The hyper-parameters of each compared method: config field (flag --<field with dashes>),
+# default (as in models.opqn.OPQNConfig) and help. opqn_main.py builds its flags from this
+# table and utils.pipeline copies the flags' values into the config.
+METHOD_HYPERPARAMETERS: dict[str, tuple[tuple[str, float, str], ...]] = {
+    "dpq": (("dpq_alpha", 0.25, "weight of the joint centre loss (0.25)"),),
+    "gpq": (("gpq_alpha", 20.0, "soft-assignment temperature alpha (20)"),
+            ("gpq_beta", 4.0, "cosine-classifier scale beta (4)"),
+            ("gpq_lambda_ce", 0.1, "weight lambda_2 of the classification loss (0.1)"),
+            ("gpq_lambda_entropy", 0.0, "weight lambda_1 of the subspace minimax entropy "
+                                        "(0 = off; the paper's 0.1 is for unlabelled data)")),
+    "dcdh": (("dcdh_sigma", 0.25, "Gaussian similarity width sigma (0.25)"),
+             ("dcdh_eta", 0.01, "quantization weight eta (0.01)"),
+             ("dcdh_center_weight", 0.1, "weight of the centre separation term (0.1)")),
+}

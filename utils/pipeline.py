@@ -2,95 +2,43 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from data.datasets import dataset_preset, split_dirs
+from data.datasets import dataset_preset
 from data.folders import identity_folders
 from data.loaders import RetrievalSplits, build_splits, make_loader
 from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, PretrainedUnavailable,
                     build_backbone, choose_feature_dim, parse_backbone_args)
 
-from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint
+from .checkpoint_checks import (REQUIRED_KEYS, check_evaluation_choice, check_resumable,
+                                checked_config, checked_model, reconcile_spec)
+from .data_folders import prepare_folders, use_cache
 from .evaluation import evaluate_model
+from .faiss_index import export_gallery_index, export_path
 from .logger import get_logger, setup_logging
-from .methods import default_lr, default_optimizer
+from .methods import METHOD_HYPERPARAMETERS, default_lr, default_optimizer
 from .precision import resolve_amp
-from .reporting import curve_label, plot_pr_curves, summary_line, write_result
-from .runtime import DistInfo, cleanup_distributed, init_distributed, memory_budget
+from .reporting import (curve_label, result_metadata, summary_line, write_pr_comparison,
+                        write_result)
+from .runtime import (DistInfo, cleanup_distributed, init_distributed, loader_workers,
+                      memory_budget)
 from .schedules import describe_schedule
-from .training import (CRITERION_KEY, TrainingInterrupted, TrainSettings, check_per_rank_batch,
-                       criterion_state, load_model, train)
+from .training import TrainingInterrupted, TrainSettings, check_per_rank_batch, load_model, train
 from .validation import (HASHING_METHODS, CodeSpec, UsageError, check_batch_fits,
                          check_feature_dim, check_identity_overlap, check_no_overwrite,
-                         check_quantizer_memory, check_split_dir)
-
-REQUIRED_KEYS = ("config", "backbone", "quantizer")
-RESUME_KEYS = REQUIRED_KEYS + ("epoch", "best_loss", "best_epoch", "history",
-                               "optimizer", "scheduler", "rng")
-
-
-def loader_workers(args: argparse.Namespace) -> int:
-    """--workers, or by default min(4, CPU count)."""
-    return args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
-
-
-def _prepare_folders(args: argparse.Namespace, cross_train: bool) -> tuple[Path, Path]:
-    """Generate synthface if needed, then check that the split folders exist."""
-    uses_synthface = args.dataset == "synthface"
-    if uses_synthface:
-        from data.synthface import SynthfaceMismatch, use_synthface
-
-        # Generated only when absent or asked for: never silently over the data a model
-        # was trained on (-e refuses --regenerate-synthface in check_options).
-        try:
-            _root, what = use_synthface(
-                args.data_dir, args.synthface_identities, args.synthface_images,
-                regenerate=getattr(args, "regenerate_synthface", False),
-                progress=not args.no_progress)
-        except SynthfaceMismatch as exc:
-            raise UsageError(str(exc)) from None
-        get_logger().info(what)
-    train_dir, test_dir = split_dirs(args.data_dir, args.dataset, cross_train)
-    check_split_dir(train_dir, "training" if not cross_train else "cross-training")
-    check_split_dir(test_dir, "test")
-    return train_dir, test_dir
-
-
-def _use_cache(args: argparse.Namespace, preset) -> bool:
-    return preset.cache if args.cache is None else args.cache
-
-
-def _result_metadata(config: OPQNConfig, args: argparse.Namespace, device: torch.device) -> dict:
-    return {
-        "method": config.method,
-        "dataset": args.dataset,
-        "cross_dataset": bool(args.cross_dataset),
-        "train_dataset": config.dataset,
-        "bits": config.bits,
-        "num_books": config.num_books,
-        "num_words": config.num_words,
-        "feature_dim": config.feature_dim,
-        "input_size": config.input_size,
-        "width": config.width,
-        "backbone": config.backbone,
-        "backbone_args": dict(config.backbone_args),
-        "margin_type": config.margin_type,
-        "device": str(device),
-        "torch": torch.__version__,
-        "host": platform.node(),
-        "date": datetime.now().isoformat(timespec="seconds"),
-    }
+                         check_quantizer_memory)
 
 
 def _evaluate_and_report(model, config: OPQNConfig, splits: RetrievalSplits,
                          args: argparse.Namespace, device: torch.device, k: int, stem: str,
                          extra: dict, title: str | None = None) -> tuple[dict, tuple]:
+    """Encode the gallery, rank it for every query, and write ``<stem>.json`` and its PR
+    curve under --out; returns the result and the gallery's (codes, labels)."""
     workers = loader_workers(args)
     batch = args.bs or 256  # inference only: the batch size does not change the codes
     gallery = make_loader(splits.gallery, batch, workers, device)
@@ -99,7 +47,7 @@ def _evaluate_and_report(model, config: OPQNConfig, splits: RetrievalSplits,
     # (bench/bench_amp_codes.py), above the 1% the project accepts.
     result, codes, labels = evaluate_model(model, gallery, queries, device, k=k, ties=args.ties,
                                            progress=not args.no_progress, amp=False)
-    result = {**_result_metadata(config, args, device), **extra, **result}
+    result = {**result_metadata(config, args, device), **extra, **result}
     json_path, png_path = write_result(result, args.out, stem, title=title)
     log = get_logger()
     log.info(summary_line({**result, "name": stem}))
@@ -137,19 +85,11 @@ def _schedule_choice(args: argparse.Namespace, epochs: int) -> tuple[str, int]:
     return schedule, warmup
 
 
-def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.device) -> None:
-    """Train one model per spec, each followed by a full evaluation of its saved model."""
-    preset = dataset_preset(args.dataset, cross=args.cross_dataset)
-    method = args.method or "opqn"
-    width = args.width or preset.width
-    epochs = args.epochs or preset.epochs
-    schedule, warmup = _schedule_choice(args, epochs)
-    margin_type = args.margin_type or "cosface"
-    backbone, backbone_args = _backbone_choice(args, preset.input_size, width)
-    source = args.dataset if not args.cross_dataset else (
-        "synthface" if args.dataset == "synthface" else "vggface2")
-    check_per_rank_batch(args.bs or preset.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
-    jobs = []
+def _plan_jobs(args: argparse.Namespace, specs: list[CodeSpec], preset, method: str,
+               source: str, device: torch.device) -> list[tuple[CodeSpec, int, Path, Path]]:
+    """``(spec, feature dimension D, best checkpoint, last checkpoint)`` of each model to
+    train, every one checked (D, memory, no overwrite) before any work."""
+    jobs: list[tuple[CodeSpec, int, Path, Path]] = []
     budget, budget_source = memory_budget(device)
     for spec in specs:  # validate every model before any work
         if method in HASHING_METHODS:  # the feature is the L-bit hash layer itself
@@ -172,11 +112,27 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
         check_no_overwrite(best, last, args.resume and last.is_file(),
                            getattr(args, "overwrite", False))
         jobs.append((spec, feature_dim, best, last))
+    return jobs
+
+
+def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.device) -> None:
+    """Train one model per spec, each followed by a full evaluation of its saved model."""
+    preset = dataset_preset(args.dataset, cross=args.cross_dataset)
+    method = args.method or "opqn"
+    width = args.width or preset.width
+    epochs = args.epochs or preset.epochs
+    schedule, warmup = _schedule_choice(args, epochs)
+    margin_type = args.margin_type or "cosface"
+    backbone, backbone_args = _backbone_choice(args, preset.input_size, width)
+    source = args.dataset if not args.cross_dataset else (
+        "synthface" if args.dataset == "synthface" else "vggface2")
+    check_per_rank_batch(args.bs or preset.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
+    jobs = _plan_jobs(args, specs, preset, method, source, device)
     resuming = [job for job in jobs if job[3].is_file()] if args.resume else []
     if args.resume and not resuming:
         raise UsageError(f"--resume: no last checkpoint to resume from: {jobs[0][3]}")
     for spec, feature_dim, _best, last in resuming:
-        _check_resumable(spec, {"feature_dim": feature_dim, "width": width,
+        check_resumable(spec, {"feature_dim": feature_dim, "width": width,
                                 "input_size": preset.input_size, "method": method,
                                 "backbone": backbone, "backbone_args": backbone_args,
                                 "margin_type": margin_type}, last,
@@ -188,9 +144,9 @@ def run_training(args: argparse.Namespace, specs: list[CodeSpec], device: torch.
         setup_logging(None, dist_info.is_main)
         if dist_info.distributed and not dist_info.is_main:
             torch.distributed.barrier()
-        train_dir, test_dir = _prepare_folders(args, cross_train=args.cross_dataset)
+        train_dir, test_dir = prepare_folders(args, cross_train=args.cross_dataset)
         splits = build_splits(train_dir, test_dir, preset.input_size,
-                              cache=_use_cache(args, preset),
+                              cache=use_cache(args, preset),
                               progress=not args.no_progress and dist_info.is_main)
         if dist_info.distributed and dist_info.is_main:
             torch.distributed.barrier()
@@ -261,119 +217,48 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
                                                  f"precision-recall")
 
 
-_METHOD_FIELDS = {"dpq": ("dpq_alpha",),
-                  "gpq": ("gpq_alpha", "gpq_beta", "gpq_lambda_ce", "gpq_lambda_entropy"),
-                  "dcdh": ("dcdh_sigma", "dcdh_eta", "dcdh_center_weight")}
-
-
 def _method_fields(args: argparse.Namespace) -> dict:
     """The config fields of --method and its hyper-parameter flags."""
     method = args.method or "opqn"
     fields = {"method": method}
-    for name in _METHOD_FIELDS.get(method, ()):
+    for name, _default, _help in METHOD_HYPERPARAMETERS.get(method, ()):
         fields[name] = getattr(args, name)
     return fields
 
 
 def _method_detail(config: OPQNConfig) -> str:
-    names = _METHOD_FIELDS.get(config.method, ())
+    names = [name for name, _default, _help in METHOD_HYPERPARAMETERS.get(config.method, ())]
     return (" (" + ", ".join(f"{n} {getattr(config, n):g}" for n in names) + ")") if names \
         else ""
 
 
-def _reconcile(spec: CodeSpec, config: dict, path: Path) -> None:
-    """--len/--num/--words may be omitted with -e, but must not contradict the checkpoint."""
-    stored = {"--len": config.get("bits"), "--num": config.get("num_books"),
-              "--words": config.get("num_words")}
-    given = {"--len": spec.bits, "--num": spec.num_books, "--words": spec.num_words}
-    for flag, value in given.items():
-        if value is not None and value != stored[flag]:
-            raise UsageError(f"{flag} {value} contradicts checkpoint {path}, which holds "
-                             f"{flag} {stored[flag]} ({stored['--len']}-bit, "
-                             f"{stored['--num']}x{stored['--words']})")
-
-
-def _checked_config(checkpoint: dict, path: Path) -> dict:
-    config = checkpoint["config"]
-    if not isinstance(config, dict):
-        raise CheckpointError(f"checkpoint {path} has no valid config (it holds a "
-                              f"{type(config).__name__})", path)
-    return config
-
-
-def _checked_model(checkpoint: dict, path: Path) -> OPQN:
-    """The checkpoint's model, built on the CPU: its config and weights must agree."""
-    try:
-        return load_model(checkpoint, torch.device("cpu"))
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}", path) from None
-    except Exception as exc:  # a config with missing or nonsensical values
-        raise CheckpointError(f"checkpoint {path} holds an invalid model configuration "
-                              f"({type(exc).__name__}: {exc})", path) from None
-
-
-def _check_resumable(spec: CodeSpec, expected: dict, path: Path,
-                     expected_schedule: dict | None = None) -> None:
-    """--resume must continue the same model: its last checkpoint is complete and agrees."""
-    checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
-    # A converted authors' file has no training state: resuming it starts a new class head.
-    converted = "converted_from" in checkpoint
-    needed = REQUIRED_KEYS + ("epoch",) if converted else RESUME_KEYS
-    missing = [key for key in needed if key not in checkpoint]
-    if not converted and criterion_state(checkpoint) is None:
-        missing.append(CRITERION_KEY)
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks required keys: {', '.join(missing)}",
-                              path)
-    config = _checked_config(checkpoint, path)
-    _reconcile(spec, config, path)
-    # Fields absent from older checkpoints take their defaults (opqn, sphere20, cosface).
-    defaults = OPQNConfig(1, 2, 2, 1).to_dict()
-    for key, value in expected.items():
-        stored = config.get(key, defaults.get(key))
-        if stored != value:
-            raise UsageError(f"--resume: {key} {value} of this run contradicts checkpoint "
-                             f"{path}, which holds {key} {stored}")
-    stored_settings = checkpoint.get("train_settings") or {}
-    if expected_schedule:
-        schedule = stored_settings.get("schedule", "step")
-        keys = ("schedule", "warmup") + (("epochs",) if schedule == "cosine" else ())
-        for key in keys:
-            value = expected_schedule[key]
-            stored = stored_settings.get(key, {"schedule": "step", "warmup": 0}.get(key))
-            if stored != value:
-                raise UsageError(f"--resume: {key} {value} of this run contradicts checkpoint "
-                                 f"{path}, which holds {key} {stored} (a {schedule} schedule "
-                                 f"resumes only with its own settings)")
-    _checked_model(checkpoint, path)
+def _checked_checkpoints(args: argparse.Namespace,
+                         specs: list[CodeSpec]) -> list[tuple[Path, dict, OPQN]]:
+    """``(path, checkpoint, model built on the CPU)`` of each --load, every one checked
+    against the flags before any work."""
+    loaded: list[tuple[Path, dict, OPQN]] = []
+    for spec in specs:  # every checkpoint is checked before any work
+        path = checkpoint_path(spec.name, args.checkpoint_dir)
+        checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
+        config = checked_config(checkpoint, path)
+        reconcile_spec(spec, config, path)
+        check_evaluation_choice(config, path, args.backbone, args.method)
+        # Built on the CPU now, so that weights that do not fit fail before any work.
+        model = checked_model(checkpoint, path)
+        if args.export_faiss and model.quantizer.faiss_metric is None:
+            raise UsageError(f"--export-faiss: faiss cannot express the "
+                             f"{model.config.method} score of {path}")
+        loaded.append((path, checkpoint, model))
+    return loaded
 
 
 def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torch.device) -> None:
     """Evaluate each checkpoint of --load on --dataset (gallery = train, queries = test)."""
     log = setup_logging(None)
-    loaded = []
-    for spec in specs:  # every checkpoint is checked before any work
-        path = checkpoint_path(spec.name, args.checkpoint_dir)
-        checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
-        config = _checked_config(checkpoint, path)
-        _reconcile(spec, config, path)
-        stored_backbone = config.get("backbone", DEFAULT_BACKBONE)
-        if args.backbone and args.backbone != stored_backbone:
-            raise UsageError(f"--backbone {args.backbone} contradicts checkpoint {path}, which "
-                             f"holds backbone {stored_backbone}")
-        stored_method = config.get("method", "opqn")
-        if args.method and args.method != stored_method:
-            raise UsageError(f"--method {args.method} contradicts checkpoint {path}, which holds "
-                             f"a {stored_method} model (-e reads the method from the checkpoint)")
-        # Built on the CPU now, so that weights that do not fit fail before any work.
-        model = _checked_model(checkpoint, path)
-        if args.export_faiss and model.quantizer.faiss_metric is None:
-            raise UsageError(f"--export-faiss: faiss cannot express the {stored_method} score "
-                             f"of {path}")
-        loaded.append((path, checkpoint, model))
+    loaded = _checked_checkpoints(args, specs)
     preset = dataset_preset(args.dataset)
     k = args.topk or preset.top_k
-    train_dir, test_dir = _prepare_folders(args, cross_train=False)
+    train_dir, test_dir = prepare_folders(args, cross_train=False)
     evaluated = set(identity_folders(train_dir)) | set(identity_folders(test_dir))
     overlaps = []
     for path, checkpoint, _model in loaded:  # the protocol is checked before any work
@@ -391,7 +276,7 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
         if config.input_size not in splits_by_size:
             splits_by_size[config.input_size] = build_splits(
                 train_dir, test_dir, config.input_size, with_train=False,
-                cache=_use_cache(args, preset), progress=not args.no_progress)
+                cache=use_cache(args, preset), progress=not args.no_progress)
         splits = splits_by_size[config.input_size]
         overlap = len(overlaps[index])
         if args.cross_dataset and overlap:
@@ -417,52 +302,8 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
         curves.append((curve_label({**checkpoint["config"], **result}, path.stem),
                        result["pr_curve"]))
         if args.export_faiss:
-            _export_faiss(model, codes, splits.gallery,
-                          export_path(args.export_faiss[index], args.out))
+            export_gallery_index(model, codes, splits.gallery,
+                                 export_path(args.export_faiss[index], args.out))
     if len(curves) > 1:
-        name = f"{args.dataset}{'_cross' if args.cross_dataset else ''}_pr_curves.png"
-        title = (f"cross-dataset on {args.dataset} (unseen identities): {len(curves)} models"
-                 if args.cross_dataset else f"{args.dataset}: precision-recall of "
-                                            f"{len(curves)} models")
-        path = plot_pr_curves(curves, Path(args.out) / name, title=title)
+        path = write_pr_comparison(curves, args.out, args.dataset, args.cross_dataset)
         log.info("PR curves of all models: %s", path)
-
-
-def export_path(value: str, out_dir: str) -> Path:
-    """--export-faiss: a bare file name goes under --out; a path is taken as given."""
-    path = Path(value)
-    return path if path.parent.parts else Path(out_dir) / path
-
-
-def gallery_paths(gallery) -> list[tuple[str, str]]:
-    """``(image file, identity)`` of each gallery row, in encoding order (unreadable files
-    left out, as the encoder leaves them out)."""
-    names = {index: name for name, index in gallery.class_to_idx.items()}
-    cache = getattr(gallery, "cache", None)
-    if cache is not None:  # CachedImageDataset: failed files were never in the cache
-        return [(path, names[int(label)]) for path, label in zip(cache.paths, gallery.targets)]
-    broken = getattr(gallery, "broken", set())
-    return [(path, names[label]) for path, label in gallery.samples if path not in broken]
-
-
-def _export_faiss(model: OPQN, codes: torch.Tensor, gallery, index_path: Path) -> None:
-    """The faiss index of the gallery codes for the method's score (faiss_index.
-    build_head_index), and ``<stem>.ids.csv`` beside it: the image of each faiss id, without
-    which the ids mean nothing."""
-    from .faiss_index import build_head_index, save_faiss_index
-
-    paths = gallery_paths(gallery)
-    if len(paths) != codes.shape[0]:
-        raise RuntimeError(f"{codes.shape[0]} gallery codes but {len(paths)} gallery files: "
-                           f"cannot write the id list of {index_path}")
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    faiss_index = build_head_index(model.quantizer, codes.cpu())
-    save_faiss_index(faiss_index, index_path)
-    ids_path = index_path.with_name(f"{index_path.stem}.ids.csv")
-    with open(ids_path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "path", "identity"])
-        for i, (file, identity) in enumerate(paths):
-            writer.writerow([i, file, identity])
-    get_logger().info("faiss %s with %d gallery codes written to %s (ids: %s)",
-                      type(faiss_index).__name__, codes.shape[0], index_path, ids_path)

@@ -1,12 +1,16 @@
 """Results files: a JSON per evaluation, PR-curve plots, and the one-line summary."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import platform
+from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")  # files only: no display is needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -92,3 +96,37 @@ def plot_pr_curves(curves: Sequence[tuple[str, dict]], path: str | Path, title: 
     finally:
         plt.close(fig)
     return path
+
+
+def result_metadata(config, args: argparse.Namespace, device: torch.device) -> dict:
+    """What a result JSON records besides the metrics: the model's configuration
+    (an ``OPQNConfig``), the dataset and protocol, and where and when it ran."""
+    return {
+        "method": config.method,
+        "dataset": args.dataset,
+        "cross_dataset": bool(args.cross_dataset),
+        "train_dataset": config.dataset,
+        "bits": config.bits,
+        "num_books": config.num_books,
+        "num_words": config.num_words,
+        "feature_dim": config.feature_dim,
+        "input_size": config.input_size,
+        "width": config.width,
+        "backbone": config.backbone,
+        "backbone_args": dict(config.backbone_args),
+        "margin_type": config.margin_type,
+        "device": str(device),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "date": datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def write_pr_comparison(curves: Sequence[tuple[str, dict]], out_dir: str | Path, dataset: str,
+                        cross_dataset: bool) -> Path:
+    """The PR curves of all models of one -e run in one figure,
+    ``<dataset>[_cross]_pr_curves.png`` under ``out_dir``."""
+    name = f"{dataset}{'_cross' if cross_dataset else ''}_pr_curves.png"
+    title = (f"cross-dataset on {dataset} (unseen identities): {len(curves)} models"
+             if cross_dataset else f"{dataset}: precision-recall of {len(curves)} models")
+    return plot_pr_curves(curves, Path(out_dir) / name, title=title)

@@ -32,11 +32,14 @@ from models import OPQN
 
 from . import evaluation
 from .checkpoint import checkpoint_path, load_checkpoint
+from .checkpoint_checks import REQUIRED_KEYS, checked_model
+from .data_folders import prepare_folders
 from .gallery_index import GalleryIndex, open_or_build, scan_gallery
 from .gallery_view import GridRow, Hit, draw_grid, write_html
 from .logger import get_logger, setup_logging
 from .atomic_io import atomic_write_text
 from .retrieval import search_adc
+from .runtime import loader_workers
 from .validation import UsageError
 
 DEFAULT_TOPK = 10
@@ -68,8 +71,6 @@ def collect_queries(entries: list[str]) -> tuple[list[Path], list[str]]:
 
 def _encoder(model: OPQN, args: argparse.Namespace, device: torch.device, which: str):
     """paths -> (codes or tables, positions of the readable paths), via utils.evaluation."""
-    from .pipeline import loader_workers
-
     transform = build_transform(model.config.input_size, train=False)
     fn = evaluation.encode_gallery if which == "gallery" else evaluation.encode_queries
 
@@ -110,15 +111,13 @@ def ranked_rows(query_paths: list[str], query_identities: list[str | None], scor
 
 def run_search(args: argparse.Namespace, device: torch.device) -> dict:
     """The whole ``--search`` command; returns the JSON written to ``search.json``."""
-    from .pipeline import REQUIRED_KEYS, _checked_model, _prepare_folders
-
     log = setup_logging(None)
     ckpt = checkpoint_path(args.load[0], args.checkpoint_dir)
-    model = _checked_model(load_checkpoint(ckpt, map_location="cpu",
-                                           required_keys=REQUIRED_KEYS), ckpt).to(device)
+    model = checked_model(load_checkpoint(ckpt, map_location="cpu",
+                                          required_keys=REQUIRED_KEYS), ckpt).to(device)
     train_dir = test_dir = None  # --dataset's splits, only when a default needs them
     if args.gallery is None or args.query is None:
-        train_dir, test_dir = _prepare_folders(args, cross_train=False)
+        train_dir, test_dir = prepare_folders(args, cross_train=False)
     gallery = scan_gallery(Path(args.gallery) if args.gallery else train_dir)
     query_files, missing = collect_queries(args.query or [str(test_dir)])
     for entry in missing:

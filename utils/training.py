@@ -1,6 +1,10 @@
 """The OPQN training loop: SGD with step decay (or cosine, utils.schedules), monitoring every
 few epochs, and atomic checkpoints of the last epoch and of the lowest training loss (as the
-paper kept)."""
+paper kept).
+
+:func:`train` reads as the procedure: :func:`build_run` (model, loss, optimiser, schedule),
+:func:`restore_run` under ``--resume``, :func:`distribute` under torchrun, then per epoch
+:func:`train_epoch`, the scheduler step, the monitoring evaluation and :func:`save_run`."""
 from __future__ import annotations
 
 import math
@@ -176,8 +180,9 @@ def load_model(checkpoint: dict, device: torch.device) -> OPQN:
 _PART_LABELS = {"entropy": "H"}
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # Every epoch draws from its own seed, so a resumed run repeats an uninterrupted one.
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's shuffle and augmentation: every epoch draws from its own
+    seed, so a resumed run repeats an uninterrupted one."""
     return (seed * 1_000_003 + epoch * 7919) % 2**62
 
 
@@ -203,16 +208,21 @@ def _check_ranks_in_step(module: nn.Module, device: torch.device) -> None:
         raise RuntimeError("the training processes fell out of step: their parameters differ")
 
 
-def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
-          device: torch.device, dist_info: DistInfo = DistInfo()) -> TrainState:
-    """Train one OPQN model; returns the final bookkeeping state.
+@dataclass
+class TrainingRun:
+    """What one training run updates: the model, its loss head (the class weights W_m),
+    both in one module for DDP, the optimiser and its learning-rate schedule."""
 
-    Saves ``settings.last_path`` every epoch and ``settings.best_path`` whenever the mean
-    training loss improves (rank 0 only). Raises :class:`TrainingDiverged` on a NaN/inf loss,
-    leaving the last good checkpoints in place.
-    """
-    log = get_logger()
-    per_rank_batch = check_per_rank_batch(settings.batch_size, dist_info.world_size)
+    model: OPQN
+    criterion: nn.Module
+    module: OPQNTrainingModule
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    use_amp: bool
+
+
+def build_run(config: OPQNConfig, settings: TrainSettings, device: torch.device) -> TrainingRun:
+    """Model, loss, optimiser and schedule of a fresh run, seeded with ``settings.seed``."""
     use_amp = resolve_amp(settings.amp, device)
     torch.manual_seed(settings.seed)
     # --pretrained weights only start a fresh run; a resumed one loads its own.
@@ -226,132 +236,218 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
     optimizer = build_optimizer(module.parameters(), settings)
     scheduler = build_scheduler(optimizer, settings.schedule, settings.epochs, settings.lr_step,
                                 settings.lr_decay, settings.warmup)
-    state = TrainState()
+    return TrainingRun(model, criterion, module, optimizer, scheduler, use_amp)
 
-    if settings.resume:
-        ckpt = load_checkpoint(settings.last_path, map_location=device)
-        model.backbone.load_state_dict(ckpt["backbone"])
-        model.quantizer.load_state_dict(ckpt["quantizer"])
-        criterion_weights = criterion_state(ckpt)
-        if criterion_weights is not None:
-            criterion.load_state_dict(criterion_weights)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            restore_rng_state(ckpt["rng"])
-        else:  # e.g. converted from the authors' format, which saved no class weights
-            log.info("%s has no class weights (%s): starting a new class head and optimizer",
-                     settings.last_path, ckpt.get("converted_from", "no training state"))
-        state = TrainState(int(ckpt["epoch"]), float(ckpt["best_loss"]),
-                           int(ckpt["best_epoch"]), list(ckpt["history"]))
-        log.info("resumed from epoch %d (%s)", state.epoch, settings.last_path)
 
-    train_module: nn.Module = module
-    sampler = None
+def restore_run(run: TrainingRun, path: Path, device: torch.device) -> TrainState:
+    """Load the last checkpoint ``path`` into ``run`` (weights, optimiser, schedule, random
+    state) and return its bookkeeping, so that the run continues where it stopped."""
+    ckpt = load_checkpoint(path, map_location=device)
+    run.model.backbone.load_state_dict(ckpt["backbone"])
+    run.model.quantizer.load_state_dict(ckpt["quantizer"])
+    criterion_weights = criterion_state(ckpt)
+    if criterion_weights is not None:
+        run.criterion.load_state_dict(criterion_weights)
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        restore_rng_state(ckpt["rng"])
+    else:  # e.g. converted from the authors' format, which saved no class weights
+        get_logger().info("%s has no class weights (%s): starting a new class head and "
+                          "optimizer", path, ckpt.get("converted_from", "no training state"))
+    state = TrainState(int(ckpt["epoch"]), float(ckpt["best_loss"]), int(ckpt["best_epoch"]),
+                       list(ckpt["history"]))
+    get_logger().info("resumed from epoch %d (%s)", state.epoch, path)
+    return state
+
+
+def distribute(run: TrainingRun, train_set, seed: int, device: torch.device,
+               dist_info: DistInfo) -> tuple[nn.Module, DistributedSampler | None]:
+    """The module the steps call (DDP-wrapped across processes) and the sampler that gives
+    each process its share of the training set (None in one process)."""
+    if not dist_info.distributed:
+        return run.module, None
+    wrapped = DistributedDataParallel(
+        run.module, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = DistributedSampler(train_set, dist_info.world_size, dist_info.rank,
+                                 shuffle=True, seed=seed, drop_last=True)
+    return wrapped, sampler
+
+
+@dataclass
+class _EpochSums:
+    """The loss and its parts summed over an epoch's images; the steps skipped."""
+
+    total: Tensor  # (1 + parts,): loss, then each part of criterion.PARTS, times images
+    seen: int
+    skipped: Tensor  # (2,): skipped batches, their readable images
+
+
+def _run_steps(run: TrainingRun, train_module: nn.Module, loader, train_set, epoch: int,
+               settings: TrainSettings, device: torch.device,
+               dist_info: DistInfo) -> _EpochSums:
+    """One SGD step per batch of ``loader``; a batch with too few readable images (here or
+    on another rank) is skipped by every rank together."""
+    part_names = list(run.criterion.PARTS)
+    sums = _EpochSums(
+        torch.zeros(1 + len(part_names), device=device, dtype=accumulator_dtype(device)), 0,
+        torch.zeros(2, device=device, dtype=accumulator_dtype(device)))
+    batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
+                   disable=not (settings.progress and dist_info.is_main))
+    for step, batch in enumerate(batches):
+        report_broken(train_set, batch.broken)
+        if not _can_step(batch.labels.numel(), device, dist_info):
+            # Fewer than 2 readable images here or on another rank: every rank skips
+            # this step together, so all take the same optimiser steps.
+            sums.skipped += torch.tensor([1.0, batch.labels.numel()], device=device,
+                                         dtype=torch.float64)
+            continue
+        images = to_memory_format(batch.images.to(device, non_blocking=True), run.use_amp)
+        labels = batch.labels.to(device, non_blocking=True)
+        with autocast(device, run.use_amp):
+            loss, parts = train_module(images, labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        n = labels.shape[0]
+        sums.total += n * torch.stack([loss.detach()] + [parts[p] for p in part_names]).to(
+            sums.total.dtype)
+        sums.seen += n
+        if step % 20 == 0:
+            batches.set_postfix(loss=f"{sums.total[0].item() / sums.seen:.4f}")
+    return sums
+
+
+def _epoch_means(run: TrainingRun, sums: _EpochSums, epoch: int, settings: TrainSettings,
+                 device: torch.device, dist_info: DistInfo) -> list[float]:
+    """The epoch's mean loss and parts over all processes (which must still agree)."""
+    seen = sums.seen
     if dist_info.distributed:
-        train_module = DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None)
-        sampler = DistributedSampler(splits.train, dist_info.world_size, dist_info.rank,
-                                     shuffle=True, seed=settings.seed, drop_last=True)
-    eval_loaders = None
+        counts = torch.tensor([seen], device=device, dtype=torch.float64)
+        torch.distributed.all_reduce(sums.total)
+        torch.distributed.all_reduce(counts)
+        torch.distributed.all_reduce(sums.skipped)
+        seen = int(counts.item())
+        _check_ranks_in_step(run.module, device)
+    if sums.skipped[0].item() and dist_info.is_main:
+        # Every rank counted each skipped step once: report steps, not rank-batches.
+        get_logger().warning(
+            "epoch %d: skipped %d step(s) (%d readable image(s) unused) in all processes, "
+            "because a batch had fewer than %d readable images", epoch + 1,
+            int(sums.skipped[0].item()) // dist_info.world_size, int(sums.skipped[1].item()),
+            MIN_STEP_BATCH)
+    if seen == 0:
+        raise RuntimeError("no training batch could be read in this epoch")
+    means = (sums.total / seen).tolist()
+    if not math.isfinite(means[0]):
+        raise TrainingDiverged(
+            f"training loss became {means[0]} at epoch {epoch + 1}; stopped. The last "
+            f"good checkpoint is {settings.last_path} (try a lower --lr)")
+    return means
+
+
+def train_epoch(run: TrainingRun, train_module: nn.Module, train_set, sampler,
+                epoch: int, per_rank_batch: int, settings: TrainSettings,
+                device: torch.device, dist_info: DistInfo) -> list[float]:
+    """One pass over the training set (0-based ``epoch``, seeded by :func:`epoch_seed`);
+    the mean loss and its parts, ``[loss, *criterion.PARTS]``, over all processes."""
+    torch.manual_seed(epoch_seed(settings.seed, epoch))
+    generator = torch.Generator().manual_seed(epoch_seed(settings.seed, epoch))
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    loader = make_loader(train_set, per_rank_batch, settings.workers, device,
+                         shuffle=True, generator=generator, sampler=sampler, drop_last=True)
+    train_module.train()
+    sums = _run_steps(run, train_module, loader, train_set, epoch, settings, device, dist_info)
+    return _epoch_means(run, sums, epoch, settings, device, dist_info)
+
+
+class _Monitor:
+    """The evaluation every ``eval_every`` epochs (gallery = training split, as -e does);
+    its loaders are built on first use."""
+
+    def __init__(self, splits: RetrievalSplits, settings: TrainSettings,
+                 device: torch.device) -> None:
+        self.splits, self.settings, self.device = splits, settings, device
+        self.loaders = None
+
+    def due(self, epoch: int, dist_info: DistInfo) -> bool:
+        every = self.settings.eval_every
+        return bool(every) and epoch % every == 0 and dist_info.is_main
+
+    def __call__(self, model: OPQN) -> dict:
+        """``monitor_mAP`` and ``monitor_precision_at_<k>`` of ``model`` now."""
+        settings = self.settings
+        if self.loaders is None:
+            self.loaders = (
+                make_loader(self.splits.gallery, settings.batch_size, settings.workers,
+                            self.device),
+                make_loader(self.splits.queries, settings.batch_size, settings.workers,
+                            self.device))
+        result, _, _ = evaluate_model(model, *self.loaders, self.device, k=settings.monitor_k,
+                                      progress=settings.progress)
+        return {"monitor_mAP": result["mAP"],
+                f"monitor_precision_at_{settings.monitor_k}": result["precision_at_k"]}
+
+
+def _epoch_line(record: dict, part_names: list[str], settings: TrainSettings) -> str:
+    """The log line of one epoch's record."""
+    detail = " ".join(f"{_PART_LABELS.get(p, p)} {record[p]:.3f}" for p in part_names)
+    line = (f"epoch {record['epoch']}/{settings.epochs}  loss {record['loss']:.4f} ({detail})  "
+            f"lr {record['lr']:.4g}  {record['seconds']:.1f}s")
+    if record.get("monitor_mAP") is not None:
+        k = settings.monitor_k
+        line += (f"  [monitor] mAP {100 * record['monitor_mAP']:.2f}%  "
+                 f"P@{k} {100 * record[f'monitor_precision_at_{k}']:.2f}%")
+    return line
+
+
+def save_run(run: TrainingRun, config: OPQNConfig, state: TrainState, settings: TrainSettings,
+             classes: list[str], improved: bool) -> None:
+    """Checkpoint the epoch: always as the last one, and as the best (the lowest training
+    loss, the paper's choice) when it improved."""
+    ckpt = checkpoint_state(config, run.model, run.criterion, run.optimizer, run.scheduler,
+                            state, settings, classes)
+    if improved:
+        save_checkpoint(ckpt, settings.best_path)
+    save_checkpoint(ckpt, settings.last_path)
+
+
+def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
+          device: torch.device, dist_info: DistInfo = DistInfo()) -> TrainState:
+    """Train one OPQN model; returns the final bookkeeping state.
+
+    Saves ``settings.last_path`` every epoch and ``settings.best_path`` whenever the mean
+    training loss improves (rank 0 only). Raises :class:`TrainingDiverged` on a NaN/inf loss,
+    leaving the last good checkpoints in place.
+    """
+    per_rank_batch = check_per_rank_batch(settings.batch_size, dist_info.world_size)
+    run = build_run(config, settings, device)
+    state = restore_run(run, settings.last_path, device) if settings.resume else TrainState()
+    train_module, sampler = distribute(run, splits.train, settings.seed, device, dist_info)
+    monitor = _Monitor(splits, settings, device)
     classes = list(splits.train.classes)
+    part_names = list(run.criterion.PARTS)
 
     epochs = tqdm(range(state.epoch, settings.epochs), desc="epochs", initial=state.epoch,
                   total=settings.epochs, disable=not (settings.progress and dist_info.is_main))
     for epoch in epochs:
-        torch.manual_seed(_epoch_seed(settings.seed, epoch))
-        generator = torch.Generator().manual_seed(_epoch_seed(settings.seed, epoch))
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader = make_loader(splits.train, per_rank_batch, settings.workers, device,
-                             shuffle=True, generator=generator, sampler=sampler, drop_last=True)
-        train_module.train()
         start = time.perf_counter()
-        # The loss and its parts (each loss names them in PARTS), summed over the batches.
-        part_names = list(criterion.PARTS)
-        total = torch.zeros(1 + len(part_names), device=device, dtype=accumulator_dtype(device))
-        seen = 0
-        skipped = torch.zeros(2, device=device, dtype=accumulator_dtype(device))  # batches, their images
-        batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
-                       disable=not (settings.progress and dist_info.is_main))
-        for step, batch in enumerate(batches):
-            report_broken(splits.train, batch.broken)
-            if not _can_step(batch.labels.numel(), device, dist_info):
-                # Fewer than 2 readable images here or on another rank: every rank skips
-                # this step together, so all take the same optimiser steps.
-                skipped += torch.tensor([1.0, batch.labels.numel()], device=device,
-                                        dtype=torch.float64)
-                continue
-            images, labels = batch.images, batch.labels
-            images = to_memory_format(images.to(device, non_blocking=True), use_amp)
-            labels = labels.to(device, non_blocking=True)
-            with autocast(device, use_amp):
-                loss, parts = train_module(images, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n = labels.shape[0]
-            total += n * torch.stack([loss.detach()] + [parts[p] for p in part_names]).to(
-                total.dtype)
-            seen += n
-            if step % 20 == 0:
-                batches.set_postfix(loss=f"{total[0].item() / seen:.4f}")
-        if dist_info.distributed:
-            counts = torch.tensor([seen], device=device, dtype=torch.float64)
-            torch.distributed.all_reduce(total)
-            torch.distributed.all_reduce(counts)
-            torch.distributed.all_reduce(skipped)
-            seen = int(counts.item())
-        if dist_info.distributed:
-            _check_ranks_in_step(module, device)
-        if skipped[0].item() and dist_info.is_main:
-            # Every rank counted each skipped step once: report steps, not rank-batches.
-            log.warning("epoch %d: skipped %d step(s) (%d readable image(s) unused) in all "
-                        "processes, because a batch had fewer than %d readable images",
-                        epoch + 1, int(skipped[0].item()) // dist_info.world_size,
-                        int(skipped[1].item()), MIN_STEP_BATCH)
-        if seen == 0:
-            raise RuntimeError("no training batch could be read in this epoch")
-        means = (total / seen).tolist()
-        mean_loss = means[0]
-        if not math.isfinite(mean_loss):
-            raise TrainingDiverged(
-                f"training loss became {mean_loss} at epoch {epoch + 1}; stopped. The last "
-                f"good checkpoint is {settings.last_path} (try a lower --lr)")
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        means = train_epoch(run, train_module, splits.train, sampler, epoch, per_rank_batch,
+                            settings, device, dist_info)
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.scheduler.step()
         state.epoch = epoch + 1
-        record = {"epoch": state.epoch, "loss": mean_loss,
-                  **dict(zip(part_names, means[1:])),
+        record = {"epoch": state.epoch, "loss": means[0], **dict(zip(part_names, means[1:])),
                   "lr": lr, "seconds": time.perf_counter() - start}
-        improved = mean_loss < state.best_loss
+        improved = means[0] < state.best_loss
         if improved:
-            state.best_loss, state.best_epoch = mean_loss, state.epoch
-
-        if settings.eval_every and state.epoch % settings.eval_every == 0 and dist_info.is_main:
-            if eval_loaders is None:
-                eval_loaders = (
-                    make_loader(splits.gallery, settings.batch_size, settings.workers, device),
-                    make_loader(splits.queries, settings.batch_size, settings.workers, device))
-            result, _, _ = evaluate_model(model, *eval_loaders, device, k=settings.monitor_k,
-                                          progress=settings.progress)
-            record["monitor_mAP"] = result["mAP"]
-            record[f"monitor_precision_at_{settings.monitor_k}"] = result["precision_at_k"]
+            state.best_loss, state.best_epoch = means[0], state.epoch
+        if monitor.due(state.epoch, dist_info):
+            record.update(monitor(run.model))
         state.history.append(record)
-
-        detail = " ".join(f"{_PART_LABELS.get(p, p)} {v:.3f}" for p, v in zip(part_names, means[1:]))
-        line = (f"epoch {state.epoch}/{settings.epochs}  loss {mean_loss:.4f} ({detail})  "
-                f"lr {lr:.4g}  {record['seconds']:.1f}s")
-        if record.get("monitor_mAP") is not None:
-            line += (f"  [monitor] mAP {100 * record['monitor_mAP']:.2f}%  "
-                     f"P@{settings.monitor_k} "
-                     f"{100 * record[f'monitor_precision_at_{settings.monitor_k}']:.2f}%")
         if dist_info.is_main:
-            log.info(line)
-            ckpt = checkpoint_state(config, model, criterion, optimizer, scheduler, state,
-                                    settings, classes)
-            if improved:
-                save_checkpoint(ckpt, settings.best_path)
-            save_checkpoint(ckpt, settings.last_path)
-        epochs.set_postfix(loss=f"{mean_loss:.4f}")
+            get_logger().info(_epoch_line(record, part_names, settings))
+            save_run(run, config, state, settings, classes, improved)
+        epochs.set_postfix(loss=f"{means[0]:.4f}")
     epochs.close()
     return state
