@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
                    help="bf16 autocast and channels_last for the backbone in training (the "
                         "quantization head, loss, codes and query tables stay float32); auto: "
-                        "on with CUDA and on CPUs with AMX or AVX512-BF16 (default auto)")
+                        "on with CUDA and on CPUs with AMX (default auto)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     # Backbone, margin and schedule choices beyond the paper (defaults: the paper's).
     p.add_argument("--backbone", metavar="NAME", help="face backbone: sphere20 (the paper's "

@@ -39,7 +39,7 @@ from data.loaders import build_splits  # noqa: E402
 from data.synthface import ensure_synthface  # noqa: E402
 from models import OPQN, OPQNConfig, choose_feature_dim, count_flops, count_parameters  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
-from utils.precision import autocast, cpu_has_fast_bf16, resolve_amp  # noqa: E402
+from utils.precision import autocast, cpu_bf16_hardware, resolve_amp  # noqa: E402
 from utils.runtime import resolve_device  # noqa: E402
 from utils.training import OPQNTrainingModule, TrainSettings, build_criterion, train  # noqa: E402
 
@@ -187,7 +187,7 @@ def main() -> None:
     print(f"device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU bf16 hardware "
-          f"(AMX or AVX512-BF16) {'yes' if cpu_has_fast_bf16() else 'no'}"
+          f"{cpu_bf16_hardware()}"
           f"{', torch.compile' if args.compile else ''}")
     if args.backbone:
         compare_backbones(args, device)

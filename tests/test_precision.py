@@ -32,6 +32,19 @@ def test_resolve_amp():
         resolve_amp("fp16", cpu)
 
 
+@pytest.mark.parametrize("amx,avx512_bf16,expected", [
+    (True, True, True), (False, True, False), (False, False, False)])
+def test_auto_amp_on_cpu_needs_amx(monkeypatch, amx, avx512_bf16, expected):
+    import utils.precision as precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
+                        raising=False)
+    assert precision.cpu_bf16_hardware() == {"amx": amx, "avx512_bf16": avx512_bf16}
+    assert resolve_amp("auto", torch.device("cpu")) is expected
+    assert resolve_amp("bf16", torch.device("cpu")) is True
+
+
 def test_head_and_loss_stay_fp32_under_cpu_autocast(monkeypatch, one_thread):
     model, config = tiny_model()
     module = OPQNTrainingModule(model, build_criterion(config)).train()
