@@ -155,6 +155,19 @@ def collate_skip_broken(batch: Sequence) -> Batch:
     return Batch(images, labels, broken)
 
 
+def readable_items(dataset: Dataset) -> list[tuple[str, str]] | None:
+    """``(image file, identity)`` of a split's readable items, in encoding order (the
+    order of its codes): a :class:`FaceFolder` without its broken files, or a cached split
+    (failed files never entered the cache). None for any other dataset."""
+    names = {label: name for name, label in getattr(dataset, "class_to_idx", {}).items()}
+    if isinstance(dataset, FaceFolder):
+        return [(p, names[label]) for p, label in dataset.samples if p not in dataset.broken]
+    cache = getattr(dataset, "cache", None)
+    if cache is not None and hasattr(cache, "paths"):
+        return [(p, names[int(label)]) for p, label in zip(cache.paths, dataset.targets)]
+    return None
+
+
 def report_broken(dataset: Dataset, broken: Sequence[BrokenImage]) -> None:
     """Warn once per unreadable file; the dataset then skips it without decoding.
 

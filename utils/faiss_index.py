@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data.datasets import readable_items
+
 __all__ = [
     "build_faiss_index",
     "soft_quantized_queries",
@@ -29,7 +31,6 @@ __all__ = [
     "build_head_index",
     "search_head_index",
     "export_path",
-    "gallery_paths",
     "export_gallery_index",
 ]
 
@@ -238,24 +239,13 @@ def export_path(value: str, out_dir: str) -> Path:
     return path if path.parent.parts else Path(out_dir) / path
 
 
-def gallery_paths(gallery) -> list[tuple[str, str]]:
-    """``(image file, identity)`` of each gallery row, in encoding order (unreadable files
-    left out, as the encoder leaves them out)."""
-    names = {index: name for name, index in gallery.class_to_idx.items()}
-    cache = getattr(gallery, "cache", None)
-    if cache is not None:  # CachedImageDataset: failed files were never in the cache
-        return [(path, names[int(label)]) for path, label in zip(cache.paths, gallery.targets)]
-    broken = getattr(gallery, "broken", set())
-    return [(path, names[label]) for path, label in gallery.samples if path not in broken]
-
-
 def export_gallery_index(model, codes: Tensor, gallery, index_path: Path) -> None:
     """--export-faiss: the faiss index of the gallery codes ``(N, M)`` for the method's score
     (:func:`build_head_index`), and ``<stem>.ids.csv`` beside it: the image of each faiss id,
     without which the ids mean nothing."""
     from .logger import get_logger
 
-    paths = gallery_paths(gallery)
+    paths = readable_items(gallery) or []
     if len(paths) != codes.shape[0]:
         raise RuntimeError(f"{codes.shape[0]} gallery codes but {len(paths)} gallery files: "
                            f"cannot write the id list of {index_path}")

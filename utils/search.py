@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from data.datasets import FaceFolder, ImageList, list_images
+from data.datasets import ImageList, list_images, readable_items
 from data.loaders import make_loader
 from data.transforms import build_transform
 from models import OPQN
@@ -179,18 +179,6 @@ def run_search(args: argparse.Namespace, device: torch.device) -> dict:
     log.info("search: %d queries against %d gallery images: %s, %s, %s", len(rows), len(index),
              json_path, png, page)
     return result
-
-
-def readable_items(dataset: Dataset) -> list[tuple[str, str]] | None:
-    """``(path, identity)`` of a split's items in encoding order, readable ones only
-    (``FaceFolder`` or the cached dataset); None for other datasets."""
-    inverse = {label: name for name, label in getattr(dataset, "class_to_idx", {}).items()}
-    if isinstance(dataset, FaceFolder):
-        return [(p, inverse[label]) for p, label in dataset.samples if p not in dataset.broken]
-    cache = getattr(dataset, "cache", None)
-    if cache is not None and hasattr(cache, "paths"):
-        return [(p, inverse[label]) for p, label in zip(cache.paths, dataset.targets)]
-    return None
 
 
 def write_examples(model: OPQN, gallery: Dataset, queries: Dataset, codes: Tensor,
