@@ -17,6 +17,7 @@ from models.registry import BackboneError
 from utils.checkpoint import CheckpointError
 from utils.errors import OneLineParser, first_line, report_error
 from utils.methods import METHOD_HYPERPARAMETERS
+from utils.precise_bn import DEFAULT_PRECISE_BN_IMAGES
 from utils.runtime import DEVICE_CHOICES, DeviceError
 from utils.validation import (HASHING_METHODS, METHODS, UsageError, check_options, code_specs,
                               hashing_specs)
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast and channels_last for the backbone in training (the "
                         "quantization head, loss, codes and query tables stay float32); auto: "
                         "on with CUDA and on CPUs with AMX (default auto)")
+    p.add_argument("--precise-bn", type=int, default=DEFAULT_PRECISE_BN_IMAGES, metavar="N",
+                   help="after training, recompute every BatchNorm's statistics in float32 "
+                        "over N training images under the evaluation transform, in the saved "
+                        f"models (default {DEFAULT_PRECISE_BN_IMAGES}; 0: keep the training "
+                        "averages)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     # Backbone, margin and schedule choices beyond the paper (defaults: the paper's).
     p.add_argument("--backbone", metavar="NAME", help="face backbone: sphere20 (the paper's "

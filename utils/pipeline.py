@@ -22,6 +22,7 @@ from .evaluation import evaluate_model
 from .faiss_index import export_gallery_index, export_path
 from .logger import get_logger, setup_logging
 from .methods import METHOD_HYPERPARAMETERS, default_lr, default_optimizer
+from .precise_bn import precise_bn_checkpoint
 from .precision import resolve_amp
 from .reporting import (curve_label, result_metadata, summary_line, write_pr_comparison,
                         write_result)
@@ -207,6 +208,8 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
         return
     log.info("training done: lowest loss %.4f at epoch %d, saved as %s (last epoch: %s)",
              state.best_loss, state.best_epoch, best, last)
+    if args.precise_bn:
+        _precise_bn(args, splits, device, settings, best, last)
     checkpoint = load_checkpoint(best, map_location=device, required_keys=REQUIRED_KEYS)
     model = load_model(checkpoint, device)
     extra = {"checkpoint": str(best), "checkpoint_epoch": int(checkpoint["epoch"]),
@@ -215,6 +218,21 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
     _evaluate_and_report(model, config, splits, args, device, args.topk or preset.top_k,
                          best.stem, extra, title=f"{best.stem} on {source}{split}: "
                                                  f"precision-recall")
+
+
+def _precise_bn(args, splits: RetrievalSplits, device: torch.device, settings: TrainSettings,
+                best: Path, last: Path) -> None:
+    """Precise BN in both saved models: their BatchNorm statistics recomputed in float32 over
+    the training images under the evaluation transform (utils.precise_bn)."""
+    for path in dict.fromkeys((best, last)):  # one pass when they are the same epoch
+        if not path.is_file():
+            continue
+        record = precise_bn_checkpoint(path, splits.gallery, device, args.precise_bn,
+                                       settings.batch_size, settings.workers, args.seed,
+                                       progress=not args.no_progress)
+        get_logger().info("precise BN: %d BatchNorm layers recomputed over %d training images "
+                          "(evaluation transform, float32) in %s", record["layers"],
+                          record["images"], path)
 
 
 def _method_fields(args: argparse.Namespace) -> dict:

@@ -166,7 +166,8 @@ def check_options(args) -> None:
                         ("--synthface-images", args.synthface_images)):
         _check_positive(flag, value)
     for flag, value in (("--workers", args.workers), ("--eval-every", args.eval_every),
-                        ("--warmup", getattr(args, "warmup", None))):
+                        ("--warmup", getattr(args, "warmup", None)),
+                        ("--precise-bn", getattr(args, "precise_bn", None))):
         if value is not None and value < 0:
             raise UsageError(f"{flag} must be zero or positive, got {value}")
     overwrite = getattr(args, "overwrite", False)
