@@ -142,7 +142,8 @@ def test_resume_from_converted_file_starts_a_new_head(tiny_data_dir, run_cli, tm
                                  str(tmp_path / "checkpoint" / "ft.last.tar")]) == 0
     code = run_cli("--dataset", "synthface", "--data-dir", str(tiny_data_dir), *TINY_SYNTHFACE,
                    "--save", "ft.tar", "--resume", "--len", "12", "--num", "2", "--epochs", "1",
-                   "--eval-every", "0", "--bs", "12", "--workers", "0", "--no-progress")
+                   "--eval-every", "0", "--bs", "12", "--workers", "0", "--no-progress",
+                   "--amp", "off")
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "starting a new class head" in out

@@ -17,7 +17,7 @@ from utils.checkpoint import load_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread", "no_debug")
 CODES = ["--len", "8", "--num", "2", "--words", "16", "--feature-dim", "32"]
 COMMON = ["--dataset", "synthface", *TINY_SYNTHFACE, "--bs", "12", "--workers", "0",
-          "--no-progress", "--eval-every", "0", "--seed", "2"]
+          "--no-progress", "--eval-every", "0", "--seed", "2", "--amp", "off"]
 
 
 def test_sphere20_is_the_papers_network_unchanged():

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, TINY_SYNTHFACE
 
 COMMON = ["--dataset", "synthface", "--bs", "12", "--workers", "0", "--no-progress",
-          "--seed", "1"]
+          "--seed", "1", "--amp", "off"]
 
 
 def test_train_then_evaluate(tiny_data_dir, run_cli, tmp_path):

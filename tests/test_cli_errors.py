@@ -20,7 +20,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 
 CODES = ["--len", "12", "--num", "2", "--words", "64"]
 TRAIN_FLAGS = ["--epochs", "1", "--eval-every", "0", "--workers", "0", "--bs", "12",
-               "--no-progress", "--device", "cpu"]
+               "--no-progress", "--device", "cpu", "--amp", "off"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_debug")

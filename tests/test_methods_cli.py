@@ -17,7 +17,7 @@ from utils.retrieval import evaluate_adc
 pytestmark = pytest.mark.usefixtures("one_thread", "no_debug")
 
 FLAGS = ["--dataset", "synthface", *TINY_SYNTHFACE, "--workers", "0", "--bs", "12",
-         "--no-progress", "--device", "cpu", "--seed", "1"]
+         "--no-progress", "--device", "cpu", "--seed", "1", "--amp", "off"]
 
 
 def codes_of(method: str) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, one_line_error
 
 COMMON = ["--dataset", "synthface", "--bs", "12", "--workers", "0", "--no-progress",
-          "--seed", "1", "--eval-every", "0"]
+          "--seed", "1", "--eval-every", "0", "--amp", "off"]
 SIZE = ["--synthface-identities", "4", "--synthface-images", "6"]
 
 

@@ -11,7 +11,7 @@ from utils.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_debug")
 
-COMMON = ["--bs", "12", "--no-progress", "--seed", "1", "--eval-every", "0"]
+COMMON = ["--bs", "12", "--no-progress", "--seed", "1", "--eval-every", "0", "--amp", "off"]
 
 
 def test_lowest_loss_epoch_is_kept_when_it_is_not_the_last(tiny_data_dir, run_cli, tmp_path,

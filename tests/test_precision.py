@@ -37,6 +37,7 @@ def test_resolve_amp():
 def test_auto_amp_on_cpu_needs_amx(monkeypatch, amx, avx512_bf16, expected):
     import utils.precision as precision
 
+    monkeypatch.delenv(precision.PROBE_ENV, raising=False)  # the real probe, patched
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
                         raising=False)
@@ -110,3 +111,56 @@ def test_amp_flag_in_help(capsys):
         opqn_main.main(["--help"])
     out = capsys.readouterr().out
     assert "--amp {auto,bf16,off}" in out
+
+
+@pytest.mark.parametrize("forced,amx,avx512_bf16", [
+    ("amx", True, True), ("avx512_bf16", False, True), ("none", False, False)])
+def test_probe_override_from_the_environment(monkeypatch, forced, amx, avx512_bf16):
+    import utils.precision as precision
+
+    # The hardware says the opposite of the override: the override wins.
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: not amx, raising=False)
+    monkeypatch.setenv(precision.PROBE_ENV, forced)
+    assert precision.cpu_bf16_hardware() == {"amx": amx, "avx512_bf16": avx512_bf16}
+    assert resolve_amp("auto", torch.device("cpu")) is amx
+    assert resolve_amp("off", torch.device("cpu")) is False
+
+
+def test_bad_probe_override_is_named(monkeypatch):
+    import utils.precision as precision
+
+    monkeypatch.setenv(precision.PROBE_ENV, "sapphire")
+    with pytest.raises(ValueError, match="OPQN_CPU_BF16_PROBE must be one of amx"):
+        precision.cpu_bf16_hardware()
+
+
+def test_bf16_training_from_the_cli(run_cli, tiny_data_dir, tmp_path, capsys, one_thread):
+    """--amp bf16 forces bf16 training on any CPU: the log says so, the convolutions ran in
+    bf16, the run trains past chance and its checkpoint evaluates in float32."""
+    import json
+
+    from conftest import TINY_SYNTHFACE
+    from models.backbone import FaceResNet20
+
+    seen = []
+    original = FaceResNet20.forward
+
+    def spy(self, images):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(self, images)
+
+    FaceResNet20.forward = spy
+    try:
+        code = run_cli("--dataset", "synthface", "--data-dir", str(tiny_data_dir),
+                       *TINY_SYNTHFACE, "--len", "12", "--num", "2", "--words", "64",
+                       "--epochs", "3", "--eval-every", "0", "--bs", "12", "--workers", "0",
+                       "--no-progress", "--width", "4", "--seed", "1", "--amp", "bf16",
+                       "--save", "b.tar")
+    finally:
+        FaceResNet20.forward = original
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "bf16 autocast on" in out
+    assert any(seen) and not seen[-1]  # bf16 in training, float32 in the evaluation
+    result = json.loads((tmp_path / "results" / "b.json").read_text())
+    assert result["amp"] is False and result["mAP"] > 0.3  # chance is about 0.17

@@ -34,7 +34,7 @@ def test_readme_python_snippets_run_as_written(tiny_data_dir, run_cli, tmp_path)
     (tmp_path / "data").symlink_to(tiny_data_dir, target_is_directory=True)
     # The names the README uses: the Quick start model, then its -e --export-faiss.
     assert run_cli("--dataset", "synthface", *COMMON, "--len", "36", "--num", "6", "--words",
-                   "64", "--epochs", "1", "--eval-every", "0") == 0
+                   "64", "--epochs", "1", "--eval-every", "0", "--amp", "off") == 0
     assert run_cli("-e", "--dataset", "synthface", *COMMON, "--load", "synthface_36bits.tar",
                    "--export-faiss", "gallery.faiss") == 0
     script = tmp_path / "readme_snippets.py"

@@ -23,7 +23,7 @@ from utils.checkpoint import load_checkpoint
 EPOCHS = 6
 COMMON = ["--dataset", "synthface", *TINY_SYNTHFACE, "--len", "12", "--num", "2", "--words",
           "64", "--bs", "12", "--workers", "0", "--eval-every", "0", "--no-progress",
-          "--device", "cpu", "--seed", "3"]
+          "--device", "cpu", "--seed", "3", "--amp", "off"]
 # One torch thread: faster on two shared cores, and the same reductions in every process.
 ENV = {**{k: v for k, v in os.environ.items() if k != "OPQN_DEBUG"},
        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

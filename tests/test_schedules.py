@@ -51,7 +51,8 @@ def _settings(tmp, epochs, resume=False):
 
     return TrainSettings(epochs=epochs, lr=0.05, batch_size=12, workers=0, eval_every=0,
                          schedule="cosine", warmup=1, best_path=tmp / "m.tar",
-                         last_path=tmp / "m.last.tar", resume=resume, progress=False, seed=5)
+                         last_path=tmp / "m.last.tar", resume=resume, progress=False, seed=5,
+                         amp="off")
 
 
 def test_cosine_run_reaches_zero_and_resume_reproduces_it(splits, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ def trained(tiny_data_dir, tmp_path_factory):
         code = opqn_main.main([
             "--dataset", "synthface", "--data-dir", str(tiny_data_dir), *TINY_SYNTHFACE,
             *COMMON, "--len", "12", "--num", "2", "--words", "64", "--epochs", "2",
-            "--eval-every", "0", "--seed", "3", "--save", str(root / "tiny.tar"),
+            "--eval-every", "0", "--seed", "3", "--amp", "off", "--save", str(root / "tiny.tar"),
             "--log-dir", str(root / "log"), "--out", str(root / "train_results")])
     assert code == 0
     gallery = root / "gallery"

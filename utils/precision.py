@@ -10,6 +10,7 @@ any head or loss, so heads and losses added later are covered without changes of
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable
 
 import torch
@@ -19,9 +20,26 @@ from models.precision import AUTOCAST_DEVICES, fp32_zone
 AMP_CHOICES = ("auto", "bf16", "off")
 
 
+# Overrides the CPU probe, so that the suite can be run as on a CPU with AMX or without it:
+# OPQN_CPU_BF16_PROBE=amx | avx512_bf16 | none.
+PROBE_ENV = "OPQN_CPU_BF16_PROBE"
+_PROBE_CHOICES = {"amx": {"amx": True, "avx512_bf16": True},
+                  "avx512_bf16": {"amx": False, "avx512_bf16": True},
+                  "none": {"amx": False, "avx512_bf16": False}}
+
+
 def cpu_bf16_hardware() -> dict[str, bool]:
     """What this torch build reports of bf16 matrix hardware on this CPU: ``amx`` (AMX
-    tiles) and ``avx512_bf16``. Without either, bf16 autocast is emulated and slow."""
+    tiles) and ``avx512_bf16``. Without either, bf16 autocast is emulated and slow.
+    The environment variable ``OPQN_CPU_BF16_PROBE`` (amx, avx512_bf16 or none) replaces
+    the probe's answer."""
+    forced = os.environ.get(PROBE_ENV)
+    if forced:
+        if forced not in _PROBE_CHOICES:
+            raise ValueError(f"{PROBE_ENV} must be one of {', '.join(_PROBE_CHOICES)}, "
+                             f"got {forced!r}")
+        return dict(_PROBE_CHOICES[forced])
+
     def probe(name: str) -> bool:
         check = getattr(torch.cpu, name, None)
         return bool(check is not None and check())
