@@ -116,7 +116,7 @@ def analyse(path: Path, splits, args, device) -> dict:
     out: dict = {"checkpoint_epoch": int(checkpoint["epoch"])}
     train_loader = make_loader(splits.train, 256, 0, device)
     gallery_loader = make_loader(splits.gallery, 256, 0, device)
-    codes = {}
+    codes, features = {}, {}
     for evaluation in EVALUATIONS:
         model = load_model(checkpoint, device)
         torch.manual_seed(0)  # the augmentation of "precise-aug"
@@ -130,10 +130,28 @@ def analyse(path: Path, splits, args, device) -> dict:
                                     progress=False)
         out[f"mAP_{evaluation}"], codes[evaluation] = _evaluate(model, splits, args, device)
         if evaluation in ("stored", "precise"):
-            features, _ = extract_features(model, gallery_loader, device, progress=False)
-            out[f"margin_{evaluation}"] = _assignment_margins(model, features)
+            features[evaluation], _ = extract_features(model, gallery_loader, device,
+                                                       progress=False)
+            out[f"margin_{evaluation}"] = _assignment_margins(model, features[evaluation])
+            out[f"last_bn_{evaluation}"] = _last_bn_summary(model)
     out["codes_changed"] = (codes["stored"] != codes["precise"]).any(1).double().mean().item()
+    # How far the stored statistics turn each sub-vector x_m away from the precise ones.
+    model = load_model(checkpoint, device)
+    books = model.quantizer.num_books if hasattr(model.quantizer, "num_books") else 1
+    cos = F.cosine_similarity(features["stored"].unflatten(1, (books, -1)),
+                              features["precise"].unflatten(1, (books, -1)), dim=-1)
+    out["subvector_cos"] = {"mean": cos.mean().item(), "p10": cos.quantile(0.1).item()}
     return out
+
+
+def _last_bn_summary(model) -> dict:
+    """The face head's last BatchNorm1d (the features' own): mean |beta| against the mean
+    normalised spread gamma (a large offset beta relative to gamma makes a sub-vector's
+    direction depend on the running statistics), and its mean running variance."""
+    last = model.backbone.head[-1]
+    return {"beta_abs": last.bias.abs().mean().item(),
+            "gamma_abs": last.weight.abs().mean().item(),
+            "running_var": last.running_var.mean().item()}
 
 
 def _head_inputs(model, loader, device) -> list[torch.Tensor]:
@@ -177,6 +195,12 @@ def write_table(records: dict, args, out: Path) -> Path:
     return path
 
 
+def _splits(args):
+    train_dir, test_dir = split_dirs(args.data_dir, args.dataset)
+    return build_splits(train_dir, test_dir, 32, cache=dataset_preset(args.dataset).cache,
+                        progress=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -194,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--bs", type=int, default=64)
     parser.add_argument("--out", default="results/amp_accuracy")
+    parser.add_argument("--reanalyse", action="store_true",
+                        help="redo the analysis of finished runs from their checkpoints")
     args = parser.parse_args(argv)
     args.extra = extra
     device = torch.device("cpu")
@@ -212,16 +238,17 @@ def main(argv: list[str] | None = None) -> int:
                          "extra": extra}
                 if record_path.is_file():
                     saved = json.loads(record_path.read_text())
+                    if saved.get("flags") == flags and args.reanalyse:
+                        splits = splits or _splits(args)
+                        saved.update(analyse(out / "checkpoint" / f"{name}.tar", splits,
+                                             args, device))
+                        record_path.write_text(json.dumps(saved, indent=1))
                     if saved.get("flags") == flags:
                         records[name] = saved
                         print(f"[{len(records)}/{total}] {name}: reused", flush=True)
                         continue
                 path, seconds = _train(args, method, variant, seed, out)
-                if splits is None:
-                    train_dir, test_dir = split_dirs(args.data_dir, args.dataset)
-                    splits = build_splits(train_dir, test_dir, 32,
-                                          cache=dataset_preset(args.dataset).cache,
-                                          progress=False)
+                splits = splits or _splits(args)
                 record = {"method": method, "variant": variant, "seed": seed, "flags": flags,
                           "train_seconds": seconds, **analyse(path, splits, args, device)}
                 record_path.write_text(json.dumps(record, indent=1))

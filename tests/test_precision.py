@@ -164,3 +164,18 @@ def test_bf16_training_from_the_cli(run_cli, tiny_data_dir, tmp_path, capsys, on
     assert any(seen) and not seen[-1]  # bf16 in training, float32 in the evaluation
     result = json.loads((tmp_path / "results" / "b.json").read_text())
     assert result["amp"] is False and result["mAP"] > 0.3  # chance is about 0.17
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_auto_is_float32_where_bf16_costs_accuracy(monkeypatch, device):
+    import utils.precision as precision
+
+    monkeypatch.setenv(precision.PROBE_ENV, "amx")
+    where = torch.device(device)
+    for method, needs_precise_bn in precision.BF16_HOLDS_ACCURACY.items():
+        assert resolve_amp("auto", where, method, precise_bn=True) is True
+        assert resolve_amp("auto", where, method, precise_bn=False) is (not needs_precise_bn)
+    assert precision.BF16_HOLDS_ACCURACY["opqn"] is True  # measured: it needs precise BN
+    for method in ("l2q", "dpq"):  # not measured in bf16: float32
+        assert resolve_amp("auto", where, method) is False
+        assert resolve_amp("bf16", where, method) is True

@@ -14,7 +14,7 @@ from data.loaders import RetrievalSplits, build_splits, make_loader
 from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, PretrainedUnavailable,
                     build_backbone, choose_feature_dim, parse_backbone_args)
 
-from .checkpoint import checkpoint_path, load_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .checkpoint_checks import (REQUIRED_KEYS, check_evaluation_choice, check_resumable,
                                 checked_config, checked_model, reconcile_spec)
 from .data_folders import prepare_folders, use_cache
@@ -22,10 +22,10 @@ from .evaluation import evaluate_model
 from .faiss_index import export_gallery_index, export_path
 from .logger import get_logger, setup_logging
 from .methods import METHOD_HYPERPARAMETERS, default_lr, default_optimizer
-from .precise_bn import precise_bn_checkpoint
+from .precise_bn import precise_bn_subset, recompute_bn_statistics
 from .precision import resolve_amp
-from .reporting import (curve_label, result_metadata, summary_line, write_pr_comparison,
-                        write_result)
+from .reporting import (curve_label, result_metadata, summary_line, training_provenance,
+                        write_pr_comparison, write_result)
 from .runtime import (DistInfo, cleanup_distributed, init_distributed, loader_workers,
                       memory_budget)
 from .schedules import describe_schedule
@@ -186,7 +186,7 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
         workers=loader_workers(args),
         seed=args.seed, eval_every=args.eval_every, best_path=best, last_path=last,
         resume=args.resume if resume is None else resume, progress=not args.no_progress,
-        schedule=schedule[0], warmup=schedule[1], amp=args.amp)
+        schedule=schedule[0], warmup=schedule[1], amp=args.amp, precise_bn=args.precise_bn)
     log.info("[config] dataset %s%s: %d identities, %d training images, %d test images",
              source, " (cross-dataset training)" if args.cross_dataset else "",
              splits.num_classes, len(splits.train), len(splits.queries))
@@ -195,7 +195,8 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
              "width %d, margin %.3f, scale %.1f, miu %.4f, bf16 autocast %s", config.bits,
              config.num_books, config.num_words, config.feature_dim, config.word_dim, config.input_size,
              config.input_size, config.width, config.margin, config.scale, config.miu,
-             "on" if resolve_amp(args.amp, device) else "off")
+             "on" if resolve_amp(args.amp, device, config.method, args.precise_bn > 0)
+             else "off")
     log.info("[config] backbone %s%s%s, %s margin", config.backbone,
              f" {config.backbone_args}" if config.backbone_args else "",
              " (timm pretrained)" if config.pretrained else "", config.margin_type)
@@ -213,7 +214,7 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
     checkpoint = load_checkpoint(best, map_location=device, required_keys=REQUIRED_KEYS)
     model = load_model(checkpoint, device)
     extra = {"checkpoint": str(best), "checkpoint_epoch": int(checkpoint["epoch"]),
-             "ties": args.ties}
+             "ties": args.ties, **training_provenance(checkpoint)}
     split = " (cross_train/cross_test)" if args.cross_dataset else ""
     _evaluate_and_report(model, config, splits, args, device, args.topk or preset.top_k,
                          best.stem, extra, title=f"{best.stem} on {source}{split}: "
@@ -223,13 +224,21 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
 def _precise_bn(args, splits: RetrievalSplits, device: torch.device, settings: TrainSettings,
                 best: Path, last: Path) -> None:
     """Precise BN in both saved models: their BatchNorm statistics recomputed in float32 over
-    the training images under the evaluation transform (utils.precise_bn)."""
-    for path in dict.fromkeys((best, last)):  # one pass when they are the same epoch
+    at most --precise-bn training images under the evaluation transform (utils.precise_bn),
+    saved back in place; each checkpoint records it under ``"precise_bn"``."""
+    subset = precise_bn_subset(splits.gallery, args.precise_bn, args.seed)
+    loader = make_loader(subset, settings.batch_size, settings.workers, device)
+    for path in dict.fromkeys((best, last)):
         if not path.is_file():
             continue
-        record = precise_bn_checkpoint(path, splits.gallery, device, args.precise_bn,
-                                       settings.batch_size, settings.workers, args.seed,
-                                       progress=not args.no_progress)
+        checkpoint = load_checkpoint(path, map_location=device)
+        model = load_model(checkpoint, device)
+        record = {**recompute_bn_statistics(model, loader, device,
+                                            progress=not args.no_progress),
+                  "transform": "evaluation", "precision": "float32"}
+        checkpoint["backbone"] = {k: v.cpu() for k, v in model.backbone.state_dict().items()}
+        checkpoint["precise_bn"] = record
+        save_checkpoint(checkpoint, path)
         get_logger().info("precise BN: %d BatchNorm layers recomputed over %d training images "
                           "(evaluation transform, float32) in %s", record["layers"],
                           record["images"], path)
@@ -306,7 +315,8 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
         # Its own name, never the training-time result's <stem>.json (see README).
         stem = f"{path.stem}_on_{args.dataset}{'_cross' if args.cross_dataset else ''}"
         extra = {"checkpoint": str(path), "checkpoint_epoch": int(checkpoint.get("epoch", 0)),
-                 "ties": args.ties, "identity_overlap": overlap}
+                 "ties": args.ties, "identity_overlap": overlap,
+                 **training_provenance(checkpoint)}
         title = (f"cross-dataset: {path.stem} on {args.dataset} (unseen identities)"
                  if args.cross_dataset else f"{path.stem} on {args.dataset}: precision-recall")
         result, (codes, _labels) = _evaluate_and_report(model, config, splits, args, device, k,

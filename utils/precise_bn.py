@@ -97,26 +97,3 @@ def recompute_bn_statistics(model: nn.Module, loader: DataLoader | Iterable,
         raise RuntimeError("precise BN: no batch of at least 2 readable images")
     return {"images": seen, "batches": batches, "layers": len(layers)}
 
-
-def precise_bn_checkpoint(path, dataset, device: torch.device, max_images: int,
-                          batch_size: int, workers: int, seed: int = 0,
-                          progress: bool = True) -> dict:
-    """Recompute the BatchNorm statistics of the model saved at ``path`` over ``dataset``
-    (the training images under the evaluation transform; at most ``max_images`` of them,
-    drawn with ``seed``) and save it back in place, atomically. The checkpoint records what
-    was done under ``"precise_bn"``; returns that record."""
-    from data.loaders import make_loader
-
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .training import load_model
-
-    checkpoint = load_checkpoint(path, map_location=device)
-    model = load_model(checkpoint, device)
-    subset = precise_bn_subset(dataset, max_images, seed)
-    loader = make_loader(subset, batch_size, workers, device)
-    record = {**recompute_bn_statistics(model, loader, device, progress=progress),
-              "transform": "evaluation", "precision": "float32"}
-    checkpoint["backbone"] = {k: v.cpu() for k, v in model.backbone.state_dict().items()}
-    checkpoint["precise_bn"] = record
-    save_checkpoint(checkpoint, path)
-    return record

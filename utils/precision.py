@@ -48,13 +48,22 @@ def cpu_bf16_hardware() -> dict[str, bool]:
             "avx512_bf16": probe("_is_avx512_bf16_supported")}
 
 
-def resolve_amp(choice: str, device: torch.device) -> bool:
-    """``--amp`` to a yes/no for ``device``; ``bf16`` and ``off`` force it.
+# Methods whose bf16 training holds mAP within 1 point of float32, each measured over 3
+# seeds on synthface and on a real image set (README, "Mixed precision"): ``True`` when that
+# holds only with precise BN (utils/precise_bn.py) after training. ``auto`` trains any other
+# method, and these without precise BN where it is needed, in float32.
+BF16_HOLDS_ACCURACY: dict[str, bool] = {"opqn": True, "gpq": False, "dcdh": False}
 
-    ``auto`` is bf16 on CUDA and on CPUs with AMX, float32 elsewhere. A CPU with
-    AVX512-BF16 but no AMX stays float32 by default: on this project's machine bf16 made
-    the README job only 1.14-1.27x faster and cost 1.8 and 4.8 points of mAP at seeds 0 and 1
-    (README, "Mixed precision"), so the speed is not worth it there.
+
+def resolve_amp(choice: str, device: torch.device, method: str = "opqn",
+                precise_bn: bool = True) -> bool:
+    """``--amp`` to a yes/no for training ``method`` on ``device``; ``bf16`` and ``off``
+    force it.
+
+    ``auto`` is bf16 on CUDA and on CPUs with AMX, for the methods of
+    :data:`BF16_HOLDS_ACCURACY` (OPQN only with ``precise_bn``), and float32 everywhere
+    else. A CPU with AVX512-BF16 but no AMX stays float32: there bf16 made the README job
+    only 1.14-1.27x faster; without either, bf16 is emulated and several times slower.
     """
     if choice not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {AMP_CHOICES}, got {choice!r}")
@@ -62,9 +71,17 @@ def resolve_amp(choice: str, device: torch.device) -> bool:
         return False
     if choice == "bf16":
         return True
+    needs_precise_bn = BF16_HOLDS_ACCURACY.get(method)
+    if needs_precise_bn is None or (needs_precise_bn and not precise_bn):
+        return False
     if device.type == "cuda":
         return True
     return device.type == "cpu" and cpu_bf16_hardware()["amx"]
+
+
+def precision_name(use_amp: bool) -> str:
+    """How a run's backbone trained: ``"bf16"`` (autocast) or ``"float32"``."""
+    return "bf16" if use_amp else "float32"
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:

@@ -28,8 +28,10 @@ def summary_line(result: dict) -> str:
         scores = (f"mAP {100 * result['mAP']:.2f}%  P@{result['k']} "
                   f"{100 * result['precision_at_k']:.2f}%  R@{result['k']} "
                   f"{100 * result['recall_at_k']:.2f}%")
+    trained = (f"  trained {result['train_precision']}" if result.get("train_precision")
+               else "")
     return (f"[{name}] {method} {result['bits']}-bit ({result['num_books']}x"
-            f"{result['num_words']}) {scores}  queries {result['num_queries']} "
+            f"{result['num_words']}) {scores}{trained}  queries {result['num_queries']} "
             f"(skipped {result['skipped_queries']})  gallery {result['num_database']}  "
             f"encode {result['encode_seconds']:.1f}s  search {result['search_seconds']:.3f}s")
 
@@ -120,6 +122,14 @@ def result_metadata(config, args: argparse.Namespace, device: torch.device) -> d
         "host": platform.node(),
         "date": datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def training_provenance(checkpoint: dict) -> dict:
+    """How a checkpoint's model was trained, for its results: ``train_precision`` (bf16 or
+    float32; None for checkpoints from before it was recorded) and ``precise_bn`` (the
+    images its BatchNorm statistics were recomputed over, 0 when they were not)."""
+    return {"train_precision": checkpoint.get("train_precision"),
+            "precise_bn": int(checkpoint.get("precise_bn", {}).get("images", 0))}
 
 
 def write_pr_comparison(curves: Sequence[tuple[str, dict]], out_dir: str | Path, dataset: str,

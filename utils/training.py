@@ -28,7 +28,8 @@ from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
 from .errors import first_line
 from .evaluation import evaluate_model
 from .logger import get_logger
-from .precision import autocast, resolve_amp, run_fp32, to_memory_format
+from .precise_bn import DEFAULT_PRECISE_BN_IMAGES
+from .precision import autocast, precision_name, resolve_amp, run_fp32, to_memory_format
 from .runtime import DistInfo, accumulator_dtype
 from .schedules import build_scheduler
 from .validation import UsageError
@@ -83,6 +84,7 @@ class TrainSettings:
     resume: bool = False
     progress: bool = True
     amp: str = "auto"  # bf16 autocast for the backbone (utils.precision.resolve_amp)
+    precise_bn: int = DEFAULT_PRECISE_BN_IMAGES  # images of precise BN after training; 0: off
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -144,7 +146,7 @@ def build_optimizer(params, settings: "TrainSettings") -> torch.optim.Optimizer:
 
 def checkpoint_state(config: OPQNConfig, model: OPQN, criterion: nn.Module,
                      optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
-                     settings: TrainSettings, classes: list[str]) -> dict:
+                     settings: TrainSettings, classes: list[str], use_amp: bool) -> dict:
     """Everything needed to evaluate or resume, as plain tensors and primitives."""
     return {
         "config": config.to_dict(),
@@ -159,6 +161,7 @@ def checkpoint_state(config: OPQNConfig, model: OPQN, criterion: nn.Module,
         "scheduler": scheduler.state_dict(),
         "rng": capture_rng_state(),
         "train_settings": settings.to_dict(),
+        "train_precision": precision_name(use_amp),
         "classes": list(classes),
     }
 
@@ -223,7 +226,7 @@ class TrainingRun:
 
 def build_run(config: OPQNConfig, settings: TrainSettings, device: torch.device) -> TrainingRun:
     """Model, loss, optimiser and schedule of a fresh run, seeded with ``settings.seed``."""
-    use_amp = resolve_amp(settings.amp, device)
+    use_amp = resolve_amp(settings.amp, device, config.method, settings.precise_bn > 0)
     torch.manual_seed(settings.seed)
     # --pretrained weights only start a fresh run; a resumed one loads its own.
     model = OPQN(config, load_pretrained=config.pretrained and not settings.resume).to(device)
@@ -406,7 +409,7 @@ def save_run(run: TrainingRun, config: OPQNConfig, state: TrainState, settings: 
     """Checkpoint the epoch: always as the last one, and as the best (the lowest training
     loss, the paper's choice) when it improved."""
     ckpt = checkpoint_state(config, run.model, run.criterion, run.optimizer, run.scheduler,
-                            state, settings, classes)
+                            state, settings, classes, run.use_amp)
     if improved:
         save_checkpoint(ckpt, settings.best_path)
     save_checkpoint(ckpt, settings.last_path)
