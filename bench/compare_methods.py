@@ -56,7 +56,8 @@ sys.path.insert(0, str(REPO))  # run from anywhere
 
 from data.datasets import dataset_preset, split_dirs  # noqa: E402
 from data.validation_split import (ValidationSplit, ValidationSplitError,  # noqa: E402
-                                   build_validation_split, split_listing)
+                                   build_validation_split, queries_per_identity,
+                                   split_listing)
 from utils.comparison import (ComparisonPlan, MethodPlan, RunKey, RunStore,  # noqa: E402
                               StaleRun, lr_grid, run_comparison)
 from utils.comparison_report import write_report  # noqa: E402
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_positive(int), default=3,
                    help="seeds 0..S-1 of the final runs (default 3)")
     p.add_argument("--val-per-identity", type=_positive(int), default=5,
-                   help="training images per identity held out as validation queries (5)")
+                   help="training images per identity held out as validation queries "
+                        "(default 5; at most a third of the smallest identity's images)")
     p.add_argument("--val-seed", type=int, default=0, help="seed of the validation split (0)")
     p.add_argument("--val-every", type=_count, default=5,
                    help="validation mAP every N epochs in the grid runs, for the curves "
@@ -343,8 +345,9 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
     tag = _tag(args, cross)
     work = out / f"runs_{tag}"
     train_dir, test_dirs, extra_files = prepare_data(args, given, cross)
+    held_out = queries_per_identity(train_dir, args.val_per_identity)
     validation = build_validation_split(train_dir, test_dirs, work / "validation",
-                                        train_dir.parent.name, cross, args.val_per_identity,
+                                        train_dir.parent.name, cross, held_out,
                                         args.val_seed, extra_files)
     preset = dataset_preset(args.dataset, cross=cross)
     epochs = args.epochs or preset.epochs

@@ -58,6 +58,17 @@ def split_listing(split_dir: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def queries_per_identity(train_dir: str | os.PathLike[str], wanted: int) -> int:
+    """``wanted``, or a third of the smallest identity's images when that is fewer (at
+    least 1): a tiny training split keeps two thirds of every identity for the gallery."""
+    _classes, files = scan_identity_folders(train_dir)
+    counts: dict[int, int] = {}
+    for _rel, label in files:
+        counts[label] = counts.get(label, 0) + 1
+    smallest = min(counts.values(), default=0)
+    return max(1, min(wanted, smallest // 3))
+
+
 def _real_files(split_dir: Path) -> dict[str, str]:
     """Relative path -> real path of every image of a split (links followed)."""
     _classes, files = scan_identity_folders(split_dir)

@@ -386,3 +386,11 @@ def test_the_tool_end_to_end_writes_the_table_and_reuses_finished_runs(tiny_data
     test = (tiny_data_dir / "synthface" / "test").resolve()
     assert not any(os.path.realpath(p).startswith(str(test)) for p in val.rglob("*.png"))
     assert not list((tmp_path / "runs_synthface_12bits" / "checkpoint").glob("tune_*"))
+
+
+def test_a_tiny_split_keeps_two_thirds_of_each_identity_for_the_gallery(tiny_data_dir):
+    from data.validation_split import queries_per_identity
+
+    train = tiny_data_dir / "synthface" / "train"  # 6 images per identity
+    assert queries_per_identity(train, 5) == 2
+    assert queries_per_identity(train, 1) == 1

@@ -18,10 +18,10 @@ def _pct(value: float | None) -> str:
 
 
 def mean_sd_text(mean: float | None, sd: float | None) -> str:
-    """``71.20 ± 1.31%`` (``± n/a`` with one seed)."""
+    """``71.20 ± 1.31%`` (just ``71.20%`` without an sd: one seed)."""
     if mean is None:
         return "n/a"
-    return f"{100 * mean:.2f} ± {'n/a' if sd is None else f'{100 * sd:.2f}'}%"
+    return f"{100 * mean:.2f}%" if sd is None else f"{100 * mean:.2f} ± {100 * sd:.2f}%"
 
 
 def _duration(seconds: float) -> str:
