@@ -50,6 +50,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere
@@ -59,7 +60,7 @@ from data.validation_split import (ValidationSplit, ValidationSplitError,  # noq
                                    build_validation_split, queries_per_identity,
                                    split_listing)
 from utils.comparison import (ComparisonPlan, MethodPlan, RunKey, RunStore,  # noqa: E402
-                              StaleRun, lr_grid, run_comparison)
+                              StaleRun, late_gain, lr_grid, run_comparison)
 from utils.comparison_report import write_report  # noqa: E402
 from utils.errors import OneLineParser, report_error  # noqa: E402
 from utils.methods import default_lr, default_optimizer  # noqa: E402
@@ -90,69 +91,57 @@ class RunFailed(RuntimeError):
     """An opqn_main.py run failed for another reason than a diverging loss."""
 
 
-def _positive(kind: type):
+def _number(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: ``kind(text)``, finite and passing ``ok``, else "must be <rule>"."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+            whole = "whole " if kind is int else ""
+            raise argparse.ArgumentTypeError(f"not a {whole}number: {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
     return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or positive, got {text}")
-    return value
+POSITIVE_INT = _number(int, lambda v: v > 0, "a positive number")
+POSITIVE_FLOAT = _number(float, lambda v: v > 0, "a positive number")
+COUNT = _number(int, lambda v: v >= 0, "zero or positive")
+FRACTION = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="synthface")
-    p.add_argument("--len", type=_positive(int), default=36, help="code length in bits (36)")
-    p.add_argument("--num", type=_positive(int), default=6,
+    p.add_argument("--len", type=POSITIVE_INT, default=36, help="code length in bits (36)")
+    p.add_argument("--num", type=POSITIVE_INT, default=6,
                    help="codebooks of the product-quantization methods (6)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--epochs", type=_positive(int),
+    p.add_argument("--epochs", type=POSITIVE_INT,
                    help="epochs of every final run (default: the dataset preset's)")
-    p.add_argument("--tune-epochs", type=_positive(int),
+    p.add_argument("--tune-epochs", type=POSITIVE_INT,
                    help="epochs of every run of the lr grid on validation (default: --epochs, "
                         "so that the choice is made at the budget it is used with)")
-    p.add_argument("--sgd-lrs", nargs="+", type=_positive(float), default=list(SGD_LRS),
+    p.add_argument("--sgd-lrs", nargs="+", type=POSITIVE_FLOAT, default=list(SGD_LRS),
                    metavar="LR", help="lr grid of the SGD methods (default 0.3 0.1 0.03 "
                                       "0.01 0.003; the method's own default is added)")
-    p.add_argument("--adam-lrs", nargs="+", type=_positive(float), default=list(ADAM_LRS),
+    p.add_argument("--adam-lrs", nargs="+", type=POSITIVE_FLOAT, default=list(ADAM_LRS),
                    metavar="LR", help="lr grid of the Adam methods (default 2e-3 5e-4 "
                                       "2e-4; the method's own default is added)")
-    p.add_argument("--seeds", type=_positive(int), default=3,
+    p.add_argument("--seeds", type=POSITIVE_INT, default=3,
                    help="seeds 0..S-1 of the final runs (default 3)")
-    p.add_argument("--val-per-identity", type=_positive(int), default=5,
+    p.add_argument("--val-per-identity", type=POSITIVE_INT, default=5,
                    help="training images per identity held out as validation queries "
                         "(default 5; at most a third of the smallest identity's images)")
     p.add_argument("--val-seed", type=int, default=0, help="seed of the validation split (0)")
-    p.add_argument("--val-every", type=_count, default=5,
+    p.add_argument("--val-every", type=COUNT, default=5,
                    help="validation mAP every N epochs in the grid runs, for the curves "
                         "(default 5; 0 = off)")
-    p.add_argument("--min-loss-drop", type=_fraction, default=0.05,
+    p.add_argument("--min-loss-drop", type=FRACTION, default=0.05,
                    help="did not train: the last epoch's loss is less than this fraction "
                         "below the first's (0.05)")
-    p.add_argument("--ce-margin", type=_fraction, default=0.1,
+    p.add_argument("--ce-margin", type=FRACTION, default=0.1,
                    help="did not train: the lowest cross-entropy stays above (1 - this) x "
                         "log C (0.1)")
     p.add_argument("--data-dir", default="./data")
@@ -173,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         argv, extra = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.methods = list(dict.fromkeys(args.methods))  # each once, in the order given
+    args.command = shlex.join(["python", "bench/compare_methods.py", *argv,
+                               *(["--", *extra] if extra else [])])
     return args, extra
 
 
@@ -181,16 +172,19 @@ def run_flags(extra: list[str]) -> tuple[argparse.Namespace, list[str]]:
     the flags every run gets: those, with ``--amp off`` unless --amp is among them and
     without ``--regenerate-synthface`` (the data is prepared once, before any run)."""
     import opqn_main
+    from utils.validation import check_options
 
     parser = opqn_main.build_parser()
     given, defaults = parser.parse_args(extra), parser.parse_args([])
     for dest, (flag, instead) in OWNED_FLAGS.items():
         if getattr(given, dest) != getattr(defaults, dest):
             raise UsageError(f"{flag} after -- is set by the protocol; use {instead}")
+    check_options(given)  # what every training run would refuse, refused before any run
     if given.regenerate_synthface and "--regenerate-synthface" not in extra:
         raise UsageError("spell --regenerate-synthface out in full after --")
     flags = [f for f in extra if f != "--regenerate-synthface"]
-    if not any(f == "--amp" or f.startswith("--amp=") for f in flags):
+    # argparse leaves a value already in the namespace alone unless the flag is given.
+    if parser.parse_args(extra, namespace=argparse.Namespace(amp=None)).amp is None:
         flags += ["--amp", "off"]  # float32 unless asked: bf16 costs mAP on some CPUs
         given.amp = "off"
     return given, flags
@@ -278,6 +272,7 @@ class OpqnMainRunner:
         """Run ``cmd`` with its output in ``log_path``; None, or its error line."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as log:
+            start = log.tell()  # earlier attempts' lines stay in the log, not in the verdict
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
             code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -285,7 +280,9 @@ class OpqnMainRunner:
             return None
         if code == 130:
             raise KeyboardInterrupt
-        lines = log_path.read_text(encoding="utf-8").strip().splitlines()
+        with open(log_path, encoding="utf-8") as log:
+            log.seek(start)
+            lines = log.read().strip().splitlines()
         errors = [line for line in lines if "error:" in line]
         return (errors or lines or [f"exit {code}"])[-1]
 
@@ -388,7 +385,7 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
              "precision": precision, "grid": {"sgd": args.sgd_lrs, "adam": args.adam_lrs},
              "did_not_train_rule": {"min_loss_drop": args.min_loss_drop,
                                     "ce_margin": args.ce_margin},
-             "command": shlex.join(["python", "bench/compare_methods.py", *sys.argv[1:]]),
+             "command": args.command,
              "flags": flags, **summary}
     _add_run_facts(table)
     write_report(table, out / f"compare_{tag}")
@@ -421,6 +418,8 @@ def _add_run_facts(table: dict) -> None:
                            if h.get("monitor_mAP") is not None]
             for g in entry["lr_grid"]}
         entry["pr_curve"] = _mean_curve([o["pr_curve"] for o in done if o.get("pr_curve")])
+        chosen = entry["val_curves"].get(str(entry["chosen_lr"]), [])
+        entry["val_late_gain"] = late_gain(chosen)
 
 
 def _mean_curve(curves: list[dict]) -> dict | None:

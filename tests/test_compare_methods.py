@@ -91,7 +91,7 @@ def test_training_failures_flag_a_flat_loss_and_a_cross_entropy_at_chance():
     at_chance = _history([9.0, 6.0, 4.5], ce_soft=[chance, chance, chance * 0.95],
                          ce_hard=[chance, chance, chance * 0.97])
     reasons = training_failures(at_chance, classes)
-    assert len(reasons) == 1 and "ce_soft" in reasons[0] and "log C" in reasons[0]
+    assert len(reasons) == 1 and "ce_soft" in reasons[0] and "chance level" in reasons[0]
     assert training_failures(at_chance, classes, ce_margin=0.01) == []
     # DCDH's "class" is a cross-entropy too; one epoch says nothing about the loss's fall.
     assert len(training_failures(_history([3.0], **{"class": [chance]}), classes)) == 1
@@ -150,8 +150,11 @@ class FakeRunner:
             [5.0 / (e + 1) for e in range(key.epochs)]
         score = 0.9 - 0.1 * distance if key.phase == "tune" else \
             {"opqn": 0.8, "dpq": 0.3, "dcdh": 0.7}[key.method] + 0.02 * key.seed ** 2
+        curve = {"precision": [score, score / 2], "recall": [0.5, 1.0], "cutoffs": [5, 10]}
         return {"status": "done", "mAP": score, "precision_at_k": score - 0.05, "k": 5,
-                "history": _history(losses), "num_classes": 10, "wall_seconds": 1.0}
+                "history": _history(losses), "num_classes": 10, "wall_seconds": 1.0,
+                "precision": "float32", "bits": 12, "num_books": 2, "num_words": 64,
+                "pr_curve": curve, "train_seconds_per_epoch": 0.5}
 
 
 def test_comparison_chooses_by_validation_and_aggregates_the_seeds(tmp_path):
@@ -295,9 +298,13 @@ def test_flags_the_protocol_sets_are_refused_after_the_separator(capsys):
     assert tool.main(["--", "--lr", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--lr after -- is set by the protocol" in err
+    # What a training run would refuse is refused before any run.
+    assert tool.main(["--", "--export-faiss", "g.faiss"]) == 2
+    assert "--export-faiss works with -e" in capsys.readouterr().err
     given, flags = tool.run_flags(["--bs", "8"])
     assert flags == ["--bs", "8", "--amp", "off"] and given.amp == "off"
     assert tool.run_flags(["--amp", "bf16"])[1] == ["--amp", "bf16"]
+    assert tool.run_flags(["--amp=auto"])[1] == ["--amp=auto"]
 
 
 def test_runner_commands_keep_the_test_split_for_the_final_evaluation(tmp_path, monkeypatch):
@@ -394,3 +401,61 @@ def test_a_tiny_split_keeps_two_thirds_of_each_identity_for_the_gallery(tiny_dat
     train = tiny_data_dir / "synthface" / "train"  # 6 images per identity
     assert queries_per_identity(train, 5) == 2
     assert queries_per_identity(train, 1) == 1
+
+
+def test_late_gain_tells_a_curve_that_still_rises_from_one_that_levelled_off():
+    from utils.comparison import late_gain
+
+    rising = [[5, 0.2], [10, 0.4], [15, 0.5], [20, 0.6], [25, 0.65], [30, 0.72]]
+    assert late_gain(rising) == pytest.approx(0.72 - 0.6)
+    flat = [[5, 0.2], [10, 0.6], [15, 0.7], [20, 0.71], [25, 0.70], [30, 0.71]]
+    assert late_gain(flat) == pytest.approx(0.0)
+    assert late_gain([[1, 0.1], [2, 0.2]]) is None
+
+
+def test_the_report_ranks_trained_methods_and_is_rebuilt_from_its_json(tmp_path):
+    from utils.comparison_report import markdown, write_report
+
+    tool = _load_tool()
+    plan = _plan()
+    summary = run_comparison(plan, RunStore(tmp_path / "records"), FakeRunner(),
+                             say=lambda _line: None)
+    table = {"protocol": "standard", "dataset": "synthface", "bits": 12,
+             "selection": "validation", "epochs": plan.epochs, "tune_epochs": plan.tune_epochs,
+             "validation": {"per_identity": 2, "identities": 6, "gallery_images": 24,
+                            "query_images": 12},
+             "schedule": {"name": "step", "lr_step": 15}, "seeds": plan.seeds, "amp": "off",
+             "precision": "float32", "command": "python bench/compare_methods.py", **summary}
+    tool._add_run_facts(table)
+    written = write_report(table, tmp_path / "compare_synthface_12bits")
+    assert [p.name for p in written] == [
+        "compare_synthface_12bits.json", "compare_synthface_12bits.md",
+        "compare_synthface_12bits_pr.png", "compare_synthface_12bits_loss.png"]
+    md = written[1].read_text()
+    assert markdown(json.loads(written[0].read_text())) == md  # rebuilt from the JSON alone
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "bits (" in line]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        ["| 1", "OPQN"], ["| 2", "DCDH"], ["| did not train", "DPQ"]]
+    opqn = table["methods"]["opqn"]
+    assert f"{100 * opqn['mean_mAP']:.2f} ± {100 * opqn['sd_mAP']:.2f}%" in rows[0]
+    assert "Did not train (not ranked):" in md and "- DPQ, seed 0: loss fell" in md
+    assert table["methods"]["dcdh"]["precision"] == ["float32"]
+    assert table["methods"]["opqn"]["pr_curve"]["precision"][0] == pytest.approx(
+        statistics.fmean(opqn["test_mAP"]))  # the mean curve over the seeds
+
+
+def test_a_diverged_run_is_recorded_and_any_other_failure_stops(tmp_path, monkeypatch):
+    tool = _load_tool()
+    args, _ = tool.parse_args(["--data-dir", str(tmp_path)])
+    split = type("Split", (), {"data_dir": tmp_path / "val"})()
+    runner = tool.OpqnMainRunner(args, [], tmp_path / "work", False, split, "off", "float32")
+    plan = MethodPlan("opqn", "sgd", 0.1, (0.3,))
+    key = RunKey("tune", "opqn", 0.3, 0, 2)
+    monkeypatch.setattr(runner, "_call", lambda _cmd, _log: (
+        "opqn_main.py: error: training loss became nan at epoch 2; stopped."))
+    outcome = runner(key, plan)
+    assert outcome["status"] == "diverged" and outcome.get("mAP") is None
+    assert "nan" in outcome["error"]
+    monkeypatch.setattr(runner, "_call", lambda _cmd, _log: "opqn_main.py: error: disk full")
+    with pytest.raises(tool.RunFailed, match="tune_opqn_lr0.3_seed0_e2 failed: .*disk full"):
+        runner(key, plan)

@@ -145,9 +145,20 @@ def training_failures(history: Sequence[dict], num_classes: int, min_loss_drop: 
             name, value = min(parts.items(), key=lambda item: item[1])
             chance = math.log(num_classes)
             if value >= (1 - ce_margin) * chance:
-                reasons.append(f"cross-entropy {name} {value:.3g} still near log C = "
-                               f"{chance:.3g} (C = {num_classes})")
+                reasons.append(f"cross-entropy {name} {value:.3g} not below chance level "
+                               f"(at least {1 - ce_margin:g} x log C = "
+                               f"{(1 - ce_margin) * chance:.3g}, C = {num_classes})")
     return reasons
+
+
+def late_gain(points: Sequence[Sequence[float]]) -> float | None:
+    """How much a validation curve (``[epoch, mAP]`` pairs) rose over the last third of its
+    epochs; None with fewer than three points or none in the first two thirds. A clear
+    rise means the budget was too short for the curve to level off."""
+    if len(points) < 3:
+        return None
+    earlier = [value for epoch, value in points if epoch <= points[-1][0] * 2 / 3]
+    return points[-1][1] - earlier[-1] if earlier else None
 
 
 class StaleRun(ValueError):

@@ -11,6 +11,7 @@ from .atomic_io import atomic_path, atomic_write_text
 from .reporting import _jsonable, plot_pr_curves, plt
 
 REFERENCE_NAME = "OPQN"
+RISING = 0.02  # a validation mAP gain over the grid budget's last third that gets a note
 
 
 def _pct(value: float | None) -> str:
@@ -88,6 +89,14 @@ def markdown(table: dict) -> str:
             cell = f"{g['lr']:g}: {_pct(g['val_mAP']) if g['status'] == 'done' else g['status']}"
             cells.append(f"**{cell}**" if g["lr"] == e["chosen_lr"] else cell)
         lines.append(f"| {e['name']} | {', '.join(cells)} |")
+    rising = [(table["methods"][m]["name"], table["methods"][m]["val_late_gain"])
+              for m in ordered_methods(table)
+              if (table["methods"][m].get("val_late_gain") or 0) > RISING]
+    if rising:
+        lines += ["", f"Validation mAP at the chosen lr still rose by more than "
+                  f"{100 * RISING:g} points over the last third of the grid budget, so the "
+                  f"budget may be too short: " + ", ".join(f"{name} +{100 * gain:.1f}"
+                                                            for name, gain in rising) + "."]
     failed = [(table["methods"][m]["name"], seed, reasons)
               for m in ordered_methods(table)
               for seed, reasons in table["methods"][m]["did_not_train"].items()]
