@@ -211,7 +211,7 @@ Runner = Callable[[RunKey, MethodPlan], dict]
 
 
 class _Progress:
-    """``[tag] run 3/25 ...`` lines: runs done (or reused) out of the total."""
+    """``[tag] runs 3/25: ...`` lines: runs done (or reused) out of the total."""
 
     def __init__(self, total: int, say: Callable[[str], None], tag: str) -> None:
         self.total, self.done, self.say, self.tag = total, 0, say, tag
