@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +63,7 @@ def queries_per_identity(train_dir: str | os.PathLike[str], wanted: int) -> int:
     """``wanted``, or a third of the smallest identity's images when that is fewer (at
     least 1): a tiny training split keeps two thirds of every identity for the gallery."""
     _classes, files = scan_identity_folders(train_dir)
-    counts: dict[int, int] = {}
-    for _rel, label in files:
-        counts[label] = counts.get(label, 0) + 1
-    smallest = min(counts.values(), default=0)
+    smallest = min(Counter(label for _rel, label in files).values(), default=0)
     return max(1, min(wanted, smallest // 3))
 
 
