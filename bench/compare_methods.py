@@ -16,8 +16,8 @@ Protocol (``utils/comparison.py``):
    is off in final runs). Test mAP and P@k are reported as mean ± sd, and OPQN's paired
    difference to every method with its sd over the seeds.
 4. **Did not train.** A method whose loss fell less than ``--min-loss-drop`` or whose
-   cross-entropy stayed within ``--ce-margin`` of log C in any seed is marked "did not
-   train" and not ranked.
+   lowest cross-entropy stayed at or above ``(1 - --ce-margin)·log C`` in any seed is
+   marked "did not train" and not ranked.
 
 Everything runs in float32 (``--amp off``) unless ``--amp`` is given after ``--``. Outputs
 under ``--out``, with ``<tag>`` = ``<dataset>[_cross]_<bits>bits``:
