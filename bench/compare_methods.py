@@ -1,22 +1,41 @@
-"""The paper's comparison under one protocol: OPQN, OPQN-l2q, DPQ, GPQ and DCDH.
+"""The paper's comparison under one protocol that gives every method the same chance:
+OPQN, OPQN-l2q, DPQ, GPQ and DCDH at one code length on one dataset.
 
-Trains every method at one code length on one dataset with the same backbone, data
-pipeline, epochs, batch size and seed (each method with its own default learning rate and
-optimiser, see ``utils/methods.py``), evaluates each with the same ADC engine, and writes
+Protocol (``utils/comparison.py``):
 
-* ``<out>/compare_<dataset>_<bits>bits.md`` and ``.json``: mAP, P@k, R@k, training seconds
-  per epoch, and bytes per gallery item (as stored, and bit-packed);
-* ``<out>/compare_<dataset>_<bits>bits_pr.png``: one PR figure with every method's curve;
+1. **Validation, never test, for choices.** ``--val-per-identity`` training images of every
+   identity are held out as queries, the rest of the training split is the gallery
+   (``data/validation_split.py``: a folder of symbolic links under ``--out``, leak-checked).
+2. **Learning rate per method, equal budget.** Every method trains ``--tune-epochs`` epochs
+   on the validation gallery at every lr of its optimiser's grid (``--sgd-lrs`` or
+   ``--adam-lrs``, plus its authors' default from ``utils/methods.py``); the lr with the
+   highest validation mAP is chosen. Epochs, schedule, batch, data and backbone are the
+   same for every method.
+3. **Seeds.** The chosen lr is retrained on the full training split with ``--seeds S``
+   seeds; each final model is evaluated once on the test split (the monitoring evaluation
+   is off in final runs). Test mAP and P@k are reported as mean ± sd, and OPQN's paired
+   difference to every method with its sd over the seeds.
+4. **Did not train.** A method whose loss fell less than ``--min-loss-drop`` or whose
+   lowest cross-entropy stayed at or above ``(1 - --ce-margin)·log C`` in any seed is
+   marked "did not train" and not ranked.
 
-and, with ``--cross`` (or ``--only-cross``), the same for the cross-dataset protocol (-c:
-train on the cross-training identities at 112x112, evaluate on ``--dataset``'s unseen
-identities), named ``compare_<dataset>_cross_<bits>bits.*``.
+Everything runs in float32 (``--amp off``) unless ``--amp`` is given after ``--``. Outputs
+under ``--out``, with ``<tag>`` = ``<dataset>[_cross]_<bits>bits``:
 
-Each method runs ``opqn_main.py`` in its own process, so a run is exactly what a user gets
-from the command line. Example::
+* ``compare_<tag>.md``: the table; ``compare_<tag>.json``: every run and the summary;
+* ``compare_<tag>_pr.png``: the PR curves (mean over seeds); ``compare_<tag>_loss.png``:
+  every method's training loss per epoch (chosen lr, first seed);
+  ``compare_<tag>_val.png``: validation mAP per epoch of every lr tried;
+* ``runs_<tag>/``: one JSON record per finished run (``records/``), checkpoints, logs,
+  results and the validation split. An interrupted comparison continues where it stopped
+  when the same command is run again: finished runs are reused, never replaced; a record
+  made with other settings is an error.
+
+Each run is an ``opqn_main.py`` process, so a run is exactly what a user gets from the
+command line. Examples::
 
     python bench/compare_methods.py --dataset synthface --len 36
-    python bench/compare_methods.py --dataset synthface --len 36 --epochs 20 --cross
+    python bench/compare_methods.py --dataset synthface --len 36 --cross --seeds 3
 
 Product-quantization methods use ``--num`` codebooks (default 6) of ``2**(len/num)`` words;
 DCDH uses ``--len`` bits. Extra ``opqn_main.py`` flags go after ``--``.
@@ -26,53 +45,149 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere
 
-from utils.reporting import plot_pr_curves  # noqa: E402
-from utils.validation import HASHING_METHODS, METHODS  # noqa: E402
+from data.datasets import dataset_preset, split_dirs  # noqa: E402
+from data.validation_split import (ValidationSplit, ValidationSplitError,  # noqa: E402
+                                   build_validation_split, queries_per_identity,
+                                   split_listing)
+from utils.comparison import (ComparisonPlan, MethodPlan, RunKey, RunStore,  # noqa: E402
+                              StaleRun, late_gain, lr_grid, run_comparison)
+from utils.comparison_report import write_report  # noqa: E402
+from utils.errors import OneLineParser, report_error  # noqa: E402
+from utils.methods import default_lr, default_optimizer  # noqa: E402
+from utils.validation import HASHING_METHODS, METHODS, UsageError  # noqa: E402
 
+PROG = "compare_methods.py"
 NAMES = {"opqn": "OPQN", "l2q": "OPQN-l2q", "dpq": "DPQ", "gpq": "GPQ", "dcdh": "DCDH"}
+SGD_LRS = (0.3, 0.1, 0.03, 0.01, 0.003)
+ADAM_LRS = (2e-3, 5e-4, 2e-4)
+# opqn_main.py flags the protocol sets itself, with what to use instead.
+OWNED_FLAGS = {
+    "lr": ("--lr", "--sgd-lrs/--adam-lrs"), "optimizer": ("--optimizer", "each method's own"),
+    "epochs": ("--epochs", "--epochs/--tune-epochs before --"), "seed": ("--seed", "--seeds"),
+    "save": ("--save", "--out"), "load": ("--load", "--out"), "out": ("--out", "--out"),
+    "checkpoint_dir": ("--checkpoint-dir", "--out"), "log_dir": ("--log-dir", "--out"),
+    "data_dir": ("--data-dir", "--data-dir before --"),
+    "dataset": ("--dataset", "--dataset before --"), "method": ("--method", "--methods"),
+    "len": ("--len", "--len before --"), "num": ("--num", "--num before --"),
+    "words": ("--words", "--len and --num"), "cross_dataset": ("-c", "--cross"),
+    "evaluate": ("-e", "nothing: the tool evaluates"), "search": ("--search", "nothing"),
+    "resume": ("--resume", "nothing: the tool resumes"),
+    "overwrite": ("--overwrite", "nothing: finished runs are kept"),
+    "eval_every": ("--eval-every", "--val-every"),
+}
+
+
+class RunFailed(RuntimeError):
+    """An opqn_main.py run failed for another reason than a diverging loss."""
+
+
+def _number(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: ``kind(text)``, finite and passing ``ok``, else "must be <rule>"."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            whole = "whole " if kind is int else ""
+            raise argparse.ArgumentTypeError(f"not a {whole}number: {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE_INT = _number(int, lambda v: v > 0, "a positive number")
+POSITIVE_FLOAT = _number(float, lambda v: v > 0, "a positive number")
+COUNT = _number(int, lambda v: v >= 0, "zero or positive")
+FRACTION = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="synthface")
+    p.add_argument("--len", type=POSITIVE_INT, default=36, help="code length in bits (36)")
+    p.add_argument("--num", type=POSITIVE_INT, default=6,
+                   help="codebooks of the product-quantization methods (6)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--epochs", type=POSITIVE_INT,
+                   help="epochs of every final run (default: the dataset preset's)")
+    p.add_argument("--tune-epochs", type=POSITIVE_INT,
+                   help="epochs of every run of the lr grid on validation (default: --epochs, "
+                        "so that the choice is made at the budget it is used with)")
+    p.add_argument("--sgd-lrs", nargs="+", type=POSITIVE_FLOAT, default=list(SGD_LRS),
+                   metavar="LR", help="lr grid of the SGD methods (default 0.3 0.1 0.03 "
+                                      "0.01 0.003; the method's own default is added)")
+    p.add_argument("--adam-lrs", nargs="+", type=POSITIVE_FLOAT, default=list(ADAM_LRS),
+                   metavar="LR", help="lr grid of the Adam methods (default 2e-3 5e-4 "
+                                      "2e-4; the method's own default is added)")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=3,
+                   help="seeds 0..S-1 of the final runs (default 3)")
+    p.add_argument("--val-per-identity", type=POSITIVE_INT, default=5,
+                   help="training images per identity held out as validation queries "
+                        "(default 5; at most a third of the smallest identity's images)")
+    p.add_argument("--val-seed", type=int, default=0, help="seed of the validation split (0)")
+    p.add_argument("--val-every", type=COUNT, default=5,
+                   help="validation mAP every N epochs in the grid runs, for the curves "
+                        "(default 5; 0 = off)")
+    p.add_argument("--min-loss-drop", type=FRACTION, default=0.05,
+                   help="did not train: the last epoch's loss is less than this fraction "
+                        "below the first's (0.05)")
+    p.add_argument("--ce-margin", type=FRACTION, default=0.1,
+                   help="did not train: the lowest cross-entropy stays above (1 - this) x "
+                        "log C (0.1)")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--out", default="results/compare", help="folder of every output")
+    p.add_argument("-c", "--cross", action="store_true", help="also run the -c protocol")
+    p.add_argument("--only-cross", action="store_true", help="run only the -c protocol")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the grid runs' checkpoints (default: only the final runs')")
+    return p
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="synthface")
-    p.add_argument("--len", type=int, default=36, help="code length in bits (36)")
-    p.add_argument("--num", type=int, default=6,
-                   help="codebooks of the product-quantization methods (6)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--epochs", type=int, help="epochs for every method (default: preset)")
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--out", default="results/compare", help="folder of every output")
-    p.add_argument("--cross", action="store_true", help="also run the -c protocol")
-    p.add_argument("--only-cross", action="store_true", help="run only the -c protocol")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-done", action="store_true",
-                   help="reuse the methods an earlier run with the same flags finished "
-                        "(delete a method's results/<name>.json to redo it)")
+    """The tool's flags, and the ``opqn_main.py`` flags after ``--``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    return p.parse_args(argv), extra
+    args = build_parser().parse_args(argv)
+    args.methods = list(dict.fromkeys(args.methods))  # each once, in the order given
+    args.command = shlex.join(["python", "bench/compare_methods.py", *argv,
+                               *(["--", *extra] if extra else [])])
+    return args, extra
 
 
-def _run(cmd: list[str], log_path: Path) -> None:
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    if code != 0:
-        tail = log_path.read_text(encoding="utf-8").strip().splitlines()[-1:]
-        raise SystemExit(f"compare_methods: {' '.join(cmd[1:4])}... failed (exit {code}): "
-                         f"{tail[0] if tail else ''} (log: {log_path})")
+def run_flags(extra: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """``opqn_main.py``'s reading of the flags after ``--`` (a bad one exits 2 there), and
+    the flags every run gets: those, with ``--amp off`` unless --amp is among them and
+    without ``--regenerate-synthface`` (the data is prepared once, before any run)."""
+    import opqn_main
+    from utils.validation import check_options
+
+    parser = opqn_main.build_parser()
+    given, defaults = parser.parse_args(extra), parser.parse_args([])
+    for dest, (flag, instead) in OWNED_FLAGS.items():
+        if getattr(given, dest) != getattr(defaults, dest):
+            raise UsageError(f"{flag} after -- is set by the protocol; use {instead}")
+    check_options(given)  # what every training run would refuse, refused before any run
+    if given.regenerate_synthface and "--regenerate-synthface" not in extra:
+        raise UsageError("spell --regenerate-synthface out in full after --")
+    flags = [f for f in extra if f != "--regenerate-synthface"]
+    # argparse leaves a value already in the namespace alone unless the flag is given.
+    if parser.parse_args(extra, namespace=argparse.Namespace(amp=None)).amp is None:
+        flags += ["--amp", "off"]  # float32 unless asked: bf16 costs mAP on some CPUs
+        given.amp = "off"
+    return given, flags
 
 
 def _code_flags(method: str, bits: int, num: int) -> list[str]:
@@ -87,96 +202,255 @@ def _bytes_per_item(result: dict) -> tuple[int, int]:
     return result["num_books"] * per_code, math.ceil(result["bits"] / 8)
 
 
-def run_protocol(args: argparse.Namespace, extra: list[str], cross: bool) -> dict:
-    """Train and evaluate every method; returns the table as a dict."""
-    out = Path(args.out).resolve()
-    tag = f"{args.dataset}{'_cross' if cross else ''}_{args.len}bits"
-    work = out / f"runs_{tag}"
-    work.mkdir(parents=True, exist_ok=True)
-    log_path = work / "commands.log"
-    common = ["--dataset", args.dataset, "--data-dir", str(Path(args.data_dir).resolve()),
-              "--seed", str(args.seed), "--checkpoint-dir", str(work / "checkpoint"),
-              "--log-dir", str(work / "log"), "--out", str(work / "results"), "--no-progress",
-              *extra]
-    epochs = ["--epochs", str(args.epochs)] if args.epochs else []
-    rows = []
-    for method in args.methods:
-        name = f"{method}_{tag}.tar"
-        train = [sys.executable, str(REPO / "opqn_main.py"), "--method", method,
-                 *_code_flags(method, args.len, args.num), "--save", name, *common, *epochs]
-        if cross:
-            train.insert(2, "-c")
-        stem = Path(name).stem
-        if cross:
-            stem = f"{stem}_on_{args.dataset}_cross"
-        done = (work / "results" / f"{stem}.json").is_file()
+def _precision(amp: str, device_name: str) -> str:
+    """What ``--amp`` gives on this machine's device: "bf16" or "float32"."""
+    from utils.precision import resolve_amp
+    from utils.runtime import resolve_device
+
+    return "bf16" if resolve_amp(amp, resolve_device(device_name)) else "float32"
+
+
+def prepare_data(args: argparse.Namespace, given: argparse.Namespace,
+                 cross: bool) -> tuple[Path, tuple[Path, ...], tuple[Path, ...]]:
+    """Generate synthface if needed; returns (training split, the test splits the
+    validation split must not touch, the extra files the validation folder needs)."""
+    from utils.data_folders import prepare_folders
+    from utils.validation import check_split_dir
+
+    ns = argparse.Namespace(**{**vars(given), "dataset": args.dataset,
+                               "data_dir": args.data_dir, "no_progress": False})
+    train_dir, own_test = prepare_folders(ns, cross_train=cross)
+    tests = [own_test]
+    if cross:  # the unseen identities the final models are evaluated on
+        gallery, queries = split_dirs(args.data_dir, args.dataset)
+        for folder, role in ((gallery, "evaluation gallery"), (queries, "evaluation query")):
+            check_split_dir(folder, role)
+        tests += [gallery, queries]
+    extra = (train_dir.parent / "synthface.json",) if args.dataset == "synthface" else ()
+    return train_dir.resolve(), tuple(t.resolve() for t in tests), extra
+
+
+class OpqnMainRunner:
+    """Runs one :class:`RunKey` as ``opqn_main.py`` processes and reads back its outcome.
+
+    Grid runs train on the validation gallery and are evaluated on the validation queries
+    by ``opqn_main.py`` itself (``--eval-every`` gives the validation curve). Final runs
+    train on the training split with the monitoring evaluation off, so the test split is
+    used once, by the final evaluation (with -c: ``-e -c`` on the unseen identities). A run
+    with a checkpoint but no record (interrupted) continues with ``--resume``.
+    """
+
+    def __init__(self, args: argparse.Namespace, flags: list[str], work: Path, cross: bool,
+                 validation: ValidationSplit, amp: str, precision: str) -> None:
+        self.args, self.flags, self.work, self.cross = args, flags, work, cross
+        self.validation, self.amp, self.precision = validation, amp, precision
+        self.data_dir = str(Path(args.data_dir).resolve())
+
+    def _command(self, key: RunKey, method: MethodPlan) -> list[str]:
+        tune = key.phase == "tune"
+        best = self.work / "checkpoint" / f"{key.name}.tar"
+        last = best.with_name(f"{key.name}.last.tar")
+        cmd = [sys.executable, str(REPO / "opqn_main.py"), *(["-c"] if self.cross else []),
+               "--method", key.method, *_code_flags(key.method, self.args.len, self.args.num),
+               "--dataset", self.args.dataset,
+               "--data-dir", str(self.validation.data_dir.resolve()) if tune else self.data_dir,
+               "--seed", str(key.seed), "--epochs", str(key.epochs), "--lr", repr(key.lr),
+               "--optimizer", method.optimizer, "--save", best.name,
+               "--eval-every", str(self.args.val_every if tune else 0), *self._paths(),
+               *self.flags]
+        if last.is_file():
+            cmd.append("--resume")  # an interrupted run continues from its last epoch
+        elif best.is_file():
+            cmd.append("--overwrite")  # a stray checkpoint without its run's record
+        return cmd
+
+    def _paths(self) -> list[str]:
+        return ["--checkpoint-dir", str(self.work / "checkpoint"), "--log-dir",
+                str(self.work / "log"), "--out", str(self.work / "results"), "--no-progress"]
+
+    def _call(self, cmd: list[str], log_path: Path) -> str | None:
+        """Run ``cmd`` with its output in ``log_path``; None, or its error line."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as log:
+            start = log.tell()  # earlier attempts' lines stay in the log, not in the verdict
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        if code == 0:
+            return None
+        if code == 130:
+            raise KeyboardInterrupt
+        with open(log_path, encoding="utf-8") as log:
+            log.seek(start)
+            lines = log.read().strip().splitlines()
+        errors = [line for line in lines if "error:" in line]
+        return (errors or lines or [f"exit {code}"])[-1]
+
+    def __call__(self, key: RunKey, method: MethodPlan) -> dict:
+        best = self.work / "checkpoint" / f"{key.name}.tar"
+        log_path = self.work / "log" / f"{key.name}.out"
         start = time.perf_counter()
-        if not (args.skip_done and done):
-            _run(train, log_path)
-            if cross:  # evaluate on the unseen identities of --dataset
-                evaluate = [sys.executable, str(REPO / "opqn_main.py"), "-e", "-c", "--load",
-                            str(work / "checkpoint" / name), *common]
-                _run(evaluate, log_path)
+        cmd = self._command(key, method)
+        error = self._call(cmd, log_path)
+        stem = key.name
+        if error is None and self.cross and key.phase == "final":
+            error = self._call([sys.executable, str(REPO / "opqn_main.py"), "-e", "-c",
+                                "--dataset", self.args.dataset, "--data-dir", self.data_dir,
+                                "--load", str(best), *self._paths(), *self.flags], log_path)
+            stem = f"{key.name}_on_{self.args.dataset}_cross"
         wall = time.perf_counter() - start
-        result = json.loads((work / "results" / f"{stem}.json").read_text(encoding="utf-8"))
-        history = _history(work / "checkpoint" / name)
+        if error is not None and "training loss became" not in error:
+            raise RunFailed(f"{key.name} failed: {error} (log: {log_path})")
+        outcome = {"status": "done" if error is None else "diverged", "error": error,
+                   "wall_seconds": wall, "amp": self.amp, "precision": self.precision,
+                   "command": shlex.join(cmd), "log": str(log_path),
+                   "data": "validation" if key.phase == "tune" else "test"}
+        outcome.update(self._checkpoint_facts(best.with_name(f"{key.name}.last.tar")))
+        if error is None:
+            result = json.loads((self.work / "results" / f"{stem}.json").read_text("utf-8"))
+            outcome.update({k: result.get(k) for k in (
+                "mAP", "precision_at_k", "recall_at_k", "k", "pr_curve", "num_queries",
+                "num_database", "bits", "num_books", "num_words", "checkpoint_epoch")})
+        if key.phase == "tune" and not self.args.keep_checkpoints:
+            for path in (best, best.with_name(f"{key.name}.last.tar")):
+                path.unlink(missing_ok=True)  # its record keeps what the table needs
+        return outcome
+
+    @staticmethod
+    def _checkpoint_facts(last: Path) -> dict:
+        """Per-epoch history and class count from the run's last checkpoint."""
+        if not last.is_file():
+            return {"history": [], "num_classes": 0}
+        from utils.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(last, map_location="cpu")
+        history = list(checkpoint.get("history", []))
         seconds = [h["seconds"] for h in history]
-        stored, packed = _bytes_per_item(result)
-        rows.append({
-            "method": method, "name": NAMES[method], "mAP": result["mAP"],
-            "precision_at_k": result["precision_at_k"], "recall_at_k": result["recall_at_k"],
-            "k": result["k"], "bits": result["bits"],
-            "code": f"{result['num_books']}x{result['num_words']}",
-            "train_seconds_per_epoch": sum(seconds) / max(1, len(seconds)),
-            "epochs": len(history), "checkpoint_epoch": result.get("checkpoint_epoch"),
-            "bytes_per_item": stored, "packed_bytes_per_item": packed,
-            "wall_seconds": wall, "pr_curve": result["pr_curve"],
-            "num_queries": result["num_queries"], "num_database": result["num_database"],
-        })
-        print(f"[{tag}] {NAMES[method]}: mAP {100 * result['mAP']:.2f}%  "
-              f"P@{result['k']} {100 * result['precision_at_k']:.2f}%", flush=True)
-    table = {"dataset": args.dataset, "cross_dataset": cross, "bits": args.len,
-             "command": " ".join(["python", "bench/compare_methods.py", *sys.argv[1:]]),
-             "rows": rows}
-    write_table(table, out / f"compare_{tag}")
+        return {"history": history, "num_classes": int(checkpoint["config"]["num_classes"]),
+                "train_seconds_per_epoch": sum(seconds) / max(1, len(seconds))}
+
+
+def _tag(args: argparse.Namespace, cross: bool) -> str:
+    return f"{args.dataset}{'_cross' if cross else ''}_{args.len}bits"
+
+
+def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: list[str],
+                 cross: bool) -> dict:
+    """Tune, retrain and evaluate every method under one protocol; writes its outputs and
+    returns the table as a dict (the JSON's content)."""
+    out = Path(args.out).resolve()
+    tag = _tag(args, cross)
+    work = out / f"runs_{tag}"
+    train_dir, test_dirs, extra_files = prepare_data(args, given, cross)
+    held_out = queries_per_identity(train_dir, args.val_per_identity)
+    validation = build_validation_split(train_dir, test_dirs, work / "validation",
+                                        train_dir.parent.name, cross, held_out,
+                                        args.val_seed, extra_files)
+    preset = dataset_preset(args.dataset, cross=cross)
+    epochs = args.epochs or preset.epochs
+    tune_epochs = args.tune_epochs or epochs
+    precision = _precision(given.amp, given.device)
+    schedule = {"name": given.schedule or "step", "lr_step": preset.lr_step,
+                "warmup": given.warmup or 0}
+    settings = {"dataset": args.dataset, "protocol": "cross" if cross else "standard",
+                "bits": args.len, "num_books": args.num, "data_dir": str(Path(args.data_dir)
+                                                                        .resolve()),
+                "flags": flags, "amp": given.amp, "precision": precision,
+                "val_every": args.val_every,
+                "validation": {k: validation.info[k] for k in ("per_identity", "seed")},
+                "train_listing": split_listing(train_dir),
+                "test_listing": [split_listing(t) for t in test_dirs]}
+    plans = []
+    for method in args.methods:
+        optimizer = default_optimizer(method, preset.input_size)
+        plans.append(MethodPlan(method, optimizer, default_lr(method, optimizer),
+                                lr_grid(method, optimizer, args.sgd_lrs, args.adam_lrs)))
+    plan = ComparisonPlan(plans, list(range(args.seeds)), epochs, tune_epochs, settings,
+                          min_loss_drop=args.min_loss_drop, ce_margin=args.ce_margin)
+    print(f"[{tag}] validation split {validation.data_dir}: {validation.info['identities']} "
+          f"identities, {validation.info['gallery_images']} gallery and "
+          f"{validation.info['query_images']} query images; {plan.total_runs} runs, "
+          f"{precision}", flush=True)
+    runner = OpqnMainRunner(args, flags, work, cross, validation, given.amp, precision)
+    summary = run_comparison(plan, RunStore(work / "records"), runner,
+                             say=lambda line: print(line, flush=True), tag=tag)
+    if [split_listing(t) for t in test_dirs] != settings["test_listing"]:
+        raise ValidationSplitError("a test split changed during the comparison")
+    table = {"protocol": settings["protocol"], "dataset": args.dataset,
+             "train_dataset": train_dir.parent.name, "bits": args.len,
+             "num_books": args.num, "selection": "validation",
+             "validation": {**validation.info, "folder": str(validation.data_dir)},
+             "epochs": epochs, "tune_epochs": tune_epochs, "schedule": schedule,
+             "seeds": plan.seeds, "tune_seed": plan.tune_seed, "amp": given.amp,
+             "precision": precision, "grid": {"sgd": args.sgd_lrs, "adam": args.adam_lrs},
+             "did_not_train_rule": {"min_loss_drop": args.min_loss_drop,
+                                    "ce_margin": args.ce_margin},
+             "command": args.command,
+             "flags": flags, **summary}
+    _add_run_facts(table)
+    write_report(table, out / f"compare_{tag}")
     return table
 
 
-def _history(path: Path) -> list[dict]:
-    from utils.checkpoint import load_checkpoint
+def _add_run_facts(table: dict) -> None:
+    """Per method: name, code, bytes per item, seconds, precision and the curves the
+    figures draw, from its runs' records."""
+    runs = {RunKey(**r["key"]).name: r["outcome"] for r in table["runs"]}
+    table["wall_seconds"] = sum(o.get("wall_seconds", 0.0) for o in runs.values())
+    table["k"] = next((o["k"] for o in runs.values() if o.get("k")), 5)
+    for method, entry in table["methods"].items():
+        finals = [runs[name] for name in entry["runs"]]
+        done = [o for o in finals if o["status"] == "done"]
+        entry["name"] = NAMES[method]
+        if done:
+            entry["code"] = f"{done[0]['num_books']}x{done[0]['num_words']}"
+            entry["bytes_per_item"], entry["packed_bytes_per_item"] = _bytes_per_item(done[0])
+        entry["precision"] = sorted({o["precision"] for o in finals}) or [table["precision"]]
+        entry["wall_seconds"] = [o.get("wall_seconds") for o in finals]
+        seconds = [o["train_seconds_per_epoch"] for o in finals
+                   if o.get("train_seconds_per_epoch")]
+        entry["train_seconds_per_epoch"] = sum(seconds) / len(seconds) if seconds else None
+        entry["tune_wall_seconds"] = sum(runs[g["run"]].get("wall_seconds", 0.0)
+                                         for g in entry["lr_grid"])
+        entry["loss_curve"] = [h["loss"] for h in finals[0]["history"]] if finals else []
+        entry["val_curves"] = {
+            str(g["lr"]): [[h["epoch"], h["monitor_mAP"]] for h in runs[g["run"]]["history"]
+                           if h.get("monitor_mAP") is not None]
+            for g in entry["lr_grid"]}
+        entry["pr_curve"] = _mean_curve([o["pr_curve"] for o in done if o.get("pr_curve")])
+        chosen = entry["val_curves"].get(str(entry["chosen_lr"]), [])
+        entry["val_late_gain"] = late_gain(chosen)
 
-    return list(load_checkpoint(path, map_location="cpu").get("history", []))
 
-
-def write_table(table: dict, stem: Path) -> None:
-    """``stem.json``, ``stem.md`` and ``stem_pr.png``."""
-    rows = table["rows"]
-    k = rows[0]["k"] if rows else 5
-    lines = [f"| method | code | mAP | P@{k} | R@{k} | train s/epoch | bytes/item (stored, "
-             f"packed) |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['bits']} bits ({r['code']}) | {100 * r['mAP']:.2f}% | "
-                     f"{100 * r['precision_at_k']:.2f}% | {100 * r['recall_at_k']:.2f}% | "
-                     f"{r['train_seconds_per_epoch']:.1f} | {r['bytes_per_item']}, "
-                     f"{r['packed_bytes_per_item']} |")
-    protocol = "cross-dataset (-c, unseen identities)" if table["cross_dataset"] else "standard"
-    header = (f"{table['dataset']}, {table['bits']} bits, {protocol} protocol: "
-              f"`{table['command']}`\n\n")
-    stem.with_suffix(".md").write_text(header + "\n".join(lines) + "\n", encoding="utf-8")
-    stem.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-    curves = [(f"{r['name']} (mAP {100 * r['mAP']:.1f}%)", r["pr_curve"]) for r in rows]
-    plot_pr_curves(curves, stem.with_name(stem.name + "_pr.png"),
-                   title=f"{table['dataset']}{' -c' if table['cross_dataset'] else ''}: "
-                         f"{table['bits']} bits")
+def _mean_curve(curves: list[dict]) -> dict | None:
+    """The PR curve averaged over seeds (same cutoffs: the same gallery), else the first."""
+    if not curves:
+        return None
+    if any(c.get("cutoffs") != curves[0].get("cutoffs") for c in curves):
+        return curves[0]
+    mean = {}
+    for field in ("precision", "recall"):
+        columns = zip(*(c[field] for c in curves))
+        mean[field] = [None if None in col else sum(col) / len(col) for col in columns]
+    return {**mean, "cutoffs": curves[0].get("cutoffs")}
 
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     protocols = [True] if args.only_cross else [False, True] if args.cross else [False]
-    for cross in protocols:
-        table = run_protocol(args, extra, cross)
-        print(Path(args.out) / f"compare_{table['dataset']}{'_cross' if cross else ''}_"
-              f"{table['bits']}bits.md")
+    try:
+        given, flags = run_flags(extra)
+        for cross in protocols:
+            run_protocol(args, given, flags, cross)
+            print(Path(args.out) / f"compare_{_tag(args, cross)}.md", flush=True)
+    except (UsageError, ValidationSplitError, StaleRun) as exc:
+        return report_error(PROG, str(exc), 2)
+    except RunFailed as exc:
+        return report_error(PROG, str(exc), 1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to continue (finished runs "
+              f"are reused)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,0 +1,461 @@
+"""The comparison protocol (issue 18): lr chosen on a held-out validation split, seeds,
+paired differences, the did-not-train flag, resumable run records, and the tool itself."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from data.validation_split import (ValidationSplitError, build_validation_split,
+                                   check_validation_split)
+from utils.comparison import (ComparisonPlan, MethodPlan, RunKey, RunStore, StaleRun,
+                              choose_lr, lr_grid, mean_sd, paired_difference, run_comparison,
+                              summarise, training_failures)
+from utils.methods import default_lr, default_optimizer
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("compare_methods",
+                                                  REPO / "bench" / "compare_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------- selection and statistics
+
+
+@pytest.mark.parametrize("method", ["opqn", "dpq", "gpq", "dcdh"])
+def test_lr_grid_is_the_optimisers_grid_plus_the_authors_default(method):
+    optimizer = default_optimizer(method, 32)
+    sgd, adam = [0.3, 0.03], [7e-4]
+    grid = lr_grid(method, optimizer, sgd, adam)
+    assert set(grid) == set(sgd if optimizer == "sgd" else adam) | \
+        {default_lr(method, optimizer)}
+    assert list(grid) == sorted(grid, reverse=True) and len(set(grid)) == len(grid)
+    # The default already in the grid is not added twice.
+    assert len(lr_grid(method, optimizer, [default_lr(method, optimizer)],
+                       [default_lr(method, optimizer)])) == 1
+
+
+def test_choose_lr_is_the_argmax_of_validation_map():
+    grid = [{"lr": 0.1, "val_mAP": 0.4}, {"lr": 0.03, "val_mAP": 0.7},
+            {"lr": 0.3, "val_mAP": None}, {"lr": 0.01, "val_mAP": 0.5}]
+    assert choose_lr(grid, 0.1) == 0.03
+    # A tie goes to the authors' default, else to the smallest lr.
+    tied = [{"lr": 0.1, "val_mAP": 0.2}, {"lr": 0.01, "val_mAP": 0.2},
+            {"lr": 0.03, "val_mAP": 0.2}]
+    assert choose_lr(tied, 0.03) == 0.03 and choose_lr(tied, 0.3) == 0.01
+    assert choose_lr([{"lr": 0.1, "val_mAP": None}], 0.1) is None
+
+
+def test_mean_sd_is_the_sample_sd_and_skips_missing_values():
+    values = [0.61, 0.64, 0.70]
+    assert mean_sd(values) == pytest.approx((statistics.fmean(values),
+                                             statistics.stdev(values)))
+    assert mean_sd([0.5, None]) == (0.5, None)
+    assert mean_sd([]) == (None, None)
+
+
+def test_paired_difference_is_taken_seed_by_seed():
+    ref = {0: 0.8, 1: 0.7, 2: 0.9}
+    other = {0: 0.5, 1: 0.6, 2: None, 3: 0.1}
+    diff = paired_difference(ref, other)
+    assert diff["seeds"] == [0, 1]
+    assert diff["values"] == pytest.approx([0.3, 0.1])
+    assert diff["mean"] == pytest.approx(0.2)
+    assert diff["sd"] == pytest.approx(statistics.stdev([0.3, 0.1]))
+
+
+def _history(losses, **parts):
+    return [{"epoch": i + 1, "loss": loss, **{k: v[i] for k, v in parts.items()}}
+            for i, loss in enumerate(losses)]
+
+
+def test_training_failures_flag_a_flat_loss_and_a_cross_entropy_at_chance():
+    classes = 50
+    chance = math.log(classes)
+    good = _history([9.0, 5.0, 2.0], ce_x=[8.0, 4.0, 1.0], entropy=[4.0, 4.0, 4.0])
+    assert training_failures(good, classes) == []
+    flat = _history([9.0, 8.9, 8.8], ce_x=[8.0, 3.0, 1.0])
+    assert len(training_failures(flat, classes)) == 1
+    assert "loss fell" in training_failures(flat, classes)[0]
+    assert training_failures(flat, classes, min_loss_drop=0.02) == []
+    at_chance = _history([9.0, 6.0, 4.5], ce_soft=[chance, chance, chance * 0.95],
+                         ce_hard=[chance, chance, chance * 0.97])
+    reasons = training_failures(at_chance, classes)
+    assert len(reasons) == 1 and "ce_soft" in reasons[0] and "chance level" in reasons[0]
+    assert training_failures(at_chance, classes, ce_margin=0.01) == []
+    # DCDH's "class" is a cross-entropy too; one epoch says nothing about the loss's fall.
+    assert len(training_failures(_history([3.0], **{"class": [chance]}), classes)) == 1
+    assert training_failures(_history([3.0], **{"class": [1.0]}), classes) == []
+
+
+# ---------------------------------------------------------------- run records and resuming
+
+
+SETTINGS = {"dataset": "synthface", "flags": ["--amp", "off"], "bits": 12}
+
+
+def test_run_store_reuses_a_record_and_refuses_one_made_with_other_settings(tmp_path):
+    store = RunStore(tmp_path)
+    key = RunKey("tune", "opqn", 0.1, 0, 2)
+    assert store.get(key, SETTINGS) is None
+    store.put(key, SETTINGS, {"status": "done", "mAP": 0.5})
+    assert store.get(key, dict(SETTINGS))["outcome"]["mAP"] == 0.5
+    with pytest.raises(StaleRun, match=r"settings\.flags.*never replaced silently"):
+        store.get(key, {**SETTINGS, "flags": ["--amp", "bf16"]})
+    with pytest.raises(StaleRun, match="settings.extra"):
+        store.get(key, {**SETTINGS, "extra": 1})
+    assert json.loads(store.path(key).read_text())["outcome"]["mAP"] == 0.5  # not replaced
+
+
+BEST_LR = {"opqn": 0.03, "dpq": 0.01, "dcdh": 5e-4}
+FLAT = {"dpq"}  # a fake method whose loss never falls
+
+
+def _plan(methods=("opqn", "dpq", "dcdh"), seeds=3):
+    plans = []
+    for m in methods:
+        optimizer = default_optimizer(m, 32)
+        plans.append(MethodPlan(m, optimizer, default_lr(m, optimizer),
+                                lr_grid(m, optimizer, [0.3, 0.1, 0.03, 0.01], [2e-3, 5e-4])))
+    return ComparisonPlan(plans, list(range(seeds)), epochs=4, tune_epochs=3,
+                          settings=SETTINGS)
+
+
+class FakeRunner:
+    """Validation mAP peaks at BEST_LR; test mAP depends on method and seed; a run at
+    lr 0.3 diverges. Counts its calls and can be told to be interrupted."""
+
+    def __init__(self, interrupt_at: int | None = None):
+        self.calls: list[RunKey] = []
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, key: RunKey, method: MethodPlan) -> dict:
+        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        self.calls.append(key)
+        if key.lr == 0.3:
+            return {"status": "diverged", "error": "training loss became nan", "history": []}
+        distance = abs(math.log10(key.lr) - math.log10(BEST_LR[key.method]))
+        losses = [5.0] * key.epochs if key.method in FLAT else \
+            [5.0 / (e + 1) for e in range(key.epochs)]
+        score = 0.9 - 0.1 * distance if key.phase == "tune" else \
+            {"opqn": 0.8, "dpq": 0.3, "dcdh": 0.7}[key.method] + 0.02 * key.seed ** 2
+        curve = {"precision": [score, score / 2], "recall": [0.5, 1.0], "cutoffs": [5, 10]}
+        return {"status": "done", "mAP": score, "precision_at_k": score - 0.05, "k": 5,
+                "history": _history(losses), "num_classes": 10, "wall_seconds": 1.0,
+                "precision": "float32", "bits": 12, "num_books": 2, "num_words": 64,
+                "pr_curve": curve, "train_seconds_per_epoch": 0.5}
+
+
+def test_comparison_chooses_by_validation_and_aggregates_the_seeds(tmp_path):
+    lines = []
+    plan = _plan()
+    runner = FakeRunner()
+    summary = run_comparison(plan, RunStore(tmp_path), runner, say=lines.append)
+    assert len(runner.calls) == plan.total_runs
+    assert lines[-1].startswith(f"[compare] runs {plan.total_runs}/{plan.total_runs}:")
+    methods = summary["methods"]
+    for m, entry in methods.items():
+        scored = [g for g in entry["lr_grid"] if g["val_mAP"] is not None]
+        assert entry["chosen_lr"] == max(scored, key=lambda g: g["val_mAP"])["lr"]
+        assert entry["chosen_lr"] == BEST_LR[m]
+        assert [g["status"] for g in entry["lr_grid"] if g["lr"] == 0.3] in ([], ["diverged"])
+        assert entry["seeds"] == plan.seeds
+        assert entry["mean_mAP"] == pytest.approx(statistics.fmean(entry["test_mAP"]))
+        assert entry["sd_mAP"] == pytest.approx(statistics.stdev(entry["test_mAP"]))
+        finals = [k for k in runner.calls if k.phase == "final" and k.method == m]
+        assert {k.lr for k in finals} == {entry["chosen_lr"]} and \
+            all(k.epochs == plan.epochs for k in finals)
+    # dpq's loss never fell: it did not train and is not ranked.
+    assert not methods["dpq"]["trained"] and methods["dpq"]["rank"] is None
+    assert set(methods["dpq"]["did_not_train"]) == {"0", "1", "2"}
+    assert (methods["opqn"]["rank"], methods["dcdh"]["rank"]) == (1, 2)
+    diff = methods["dcdh"]["paired_difference"]["mAP"]
+    assert diff["values"] == pytest.approx([a - b for a, b in zip(
+        methods["opqn"]["test_mAP"], methods["dcdh"]["test_mAP"])])
+    assert diff["sd"] == pytest.approx(statistics.stdev(diff["values"]))
+    assert "paired_difference" not in methods["opqn"]
+
+
+def test_an_interrupted_comparison_continues_and_reuses_the_finished_runs(tmp_path):
+    plan = _plan()
+    first = FakeRunner(interrupt_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(plan, RunStore(tmp_path), first, say=lambda _line: None)
+    assert len(list(tmp_path.glob("*.json"))) == 5  # each finished run was recorded
+    lines = []
+    second = FakeRunner()
+    resumed = run_comparison(plan, RunStore(tmp_path), second, say=lines.append)
+    assert len(second.calls) == plan.total_runs - 5
+    assert not set(first.calls) & set(second.calls)
+    assert sum("reused" in line for line in lines) == 5
+    uninterrupted = run_comparison(plan, RunStore(tmp_path / "fresh"), FakeRunner(),
+                                   say=lambda _line: None)
+    assert resumed["methods"] == uninterrupted["methods"]
+    third = FakeRunner()
+    run_comparison(plan, RunStore(tmp_path), third, say=lambda _line: None)
+    assert third.calls == []  # everything reused
+    # More seeds later: only the new seed's runs are trained.
+    fourth = FakeRunner()
+    run_comparison(_plan(seeds=4), RunStore(tmp_path), fourth, say=lambda _line: None)
+    assert {(k.phase, k.seed) for k in fourth.calls} == {("final", 3)}
+    plan.settings = {**SETTINGS, "bits": 16}
+    with pytest.raises(StaleRun):
+        run_comparison(plan, RunStore(tmp_path), FakeRunner(), say=lambda _line: None)
+
+
+def test_a_method_whose_grid_all_diverged_gets_no_final_runs(tmp_path):
+    plan = _plan(methods=("opqn",), seeds=2)
+    plan.methods = [MethodPlan("opqn", "sgd", 0.3, (0.3,))]
+    lines = []
+    summary = run_comparison(plan, RunStore(tmp_path), FakeRunner(), say=lines.append)
+    entry = summary["methods"]["opqn"]
+    assert entry["chosen_lr"] is None and entry["seeds"] == [] and not entry["trained"]
+    assert entry["mean_mAP"] is None and entry["rank"] is None
+    assert "2 runs dropped, 1 in all now" in lines[-1]
+    assert summarise(plan, summary["runs"])["methods"] == summary["methods"]
+
+
+# ---------------------------------------------------------------- the validation split
+
+
+def test_validation_split_holds_out_training_images_without_copying(tiny_data_dir, tmp_path):
+    train, test = tiny_data_dir / "synthface" / "train", tiny_data_dir / "synthface" / "test"
+    meta = tiny_data_dir / "synthface" / "synthface.json"
+    split = build_validation_split(train, (test,), tmp_path / "val", "synthface", False, 2,
+                                   extra_files=(meta,))
+    assert split.info["identities"] == 6
+    assert (split.info["gallery_images"], split.info["query_images"]) == (6 * 4, 6 * 2)
+    files = [p for p in (tmp_path / "val").rglob("*.png")]
+    assert len(files) == 36 and all(p.is_symlink() for p in files)
+    assert all(os.path.realpath(p).startswith(str(train.resolve())) for p in files)
+    gallery = {os.path.realpath(p) for p in split.gallery_dir.rglob("*.png")}
+    queries = {os.path.realpath(p) for p in split.query_dir.rglob("*.png")}
+    assert not gallery & queries
+    # opqn_main.py reads it as the synthface it was made from.
+    from data.synthface import use_synthface
+
+    assert "using" in use_synthface(split.data_dir)[1]
+    # Reused when made the same way; refused when made otherwise.
+    again = build_validation_split(train, (test,), tmp_path / "val", "synthface", False, 2)
+    assert again.info == split.info
+    with pytest.raises(ValidationSplitError, match="per_identity"):
+        build_validation_split(train, (test,), tmp_path / "val", "synthface", False, 3)
+
+
+def test_validation_leak_check_catches_a_query_in_the_gallery_and_a_test_file(tiny_data_dir,
+                                                                             tmp_path):
+    train, test = tiny_data_dir / "synthface" / "train", tiny_data_dir / "synthface" / "test"
+    split = build_validation_split(train, (test,), tmp_path / "val", "synthface", False, 1)
+    query = next(split.query_dir.rglob("*.png"))
+    leak = split.gallery_dir / query.parent.name / "leak.png"
+    leak.symlink_to(os.path.realpath(query))
+    with pytest.raises(ValidationSplitError, match="also in the validation gallery"):
+        check_validation_split(split.gallery_dir, split.query_dir, train, (test,))
+    leak.unlink()
+    test_file = next(test.rglob("*.png"))
+    leak.symlink_to(test_file.resolve())
+    with pytest.raises(ValidationSplitError, match="in the test split"):
+        check_validation_split(split.gallery_dir, split.query_dir, train, (test,))
+
+
+# ---------------------------------------------------------------- the tool
+
+
+def _tool(*argv, cwd=REPO, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "bench" / "compare_methods.py"), *argv],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--sgd-lrs", "-0.1"], "--sgd-lrs: must be a positive number"),
+    (["--seeds", "0"], "--seeds: must be a positive number"),
+    (["--min-loss-drop", "1.5"], "--min-loss-drop: must be in [0, 1)"),
+])
+def test_bad_flags_are_one_line_errors(argv, fragment, capsys):
+    tool = _load_tool()
+    with pytest.raises(SystemExit) as exc:
+        tool.parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("compare_methods.py: error:")
+    assert fragment in err
+
+
+def test_flags_the_protocol_sets_are_refused_after_the_separator(capsys):
+    tool = _load_tool()
+    assert tool.main(["--", "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--lr after -- is set by the protocol" in err
+    # What a training run would refuse is refused before any run.
+    assert tool.main(["--", "--export-faiss", "g.faiss"]) == 2
+    assert "--export-faiss works with -e" in capsys.readouterr().err
+    given, flags = tool.run_flags(["--bs", "8"])
+    assert flags == ["--bs", "8", "--amp", "off"] and given.amp == "off"
+    assert tool.run_flags(["--amp", "bf16"])[1] == ["--amp", "bf16"]
+    assert tool.run_flags(["--amp=auto"])[1] == ["--amp=auto"]
+
+
+def test_runner_commands_keep_the_test_split_for_the_final_evaluation(tmp_path, monkeypatch):
+    """Grid runs read the validation folder and monitor it; final runs read the real data
+    with the monitoring off; with -c the final model is evaluated by -e -c."""
+    tool = _load_tool()
+    args, _ = tool.parse_args(["--len", "12", "--num", "2", "--data-dir", str(tmp_path / "d"),
+                               "--val-every", "2"])
+    split = type("Split", (), {"data_dir": tmp_path / "val"})()
+    runner = tool.OpqnMainRunner(args, ["--amp", "off"], tmp_path / "work", True, split,
+                                 "off", "float32")
+    calls = []
+
+    def fake_call(cmd, _log):
+        calls.append(cmd)
+        results = tmp_path / "work" / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        name = cmd[cmd.index("--save") + 1][:-4] if "--save" in cmd else \
+            os.path.basename(cmd[cmd.index("--load") + 1])[:-4] + "_on_synthface_cross"
+        (results / f"{name}.json").write_text(json.dumps({"mAP": 0.5, "k": 5}))
+
+    monkeypatch.setattr(runner, "_call", fake_call)
+    monkeypatch.setattr(runner, "_checkpoint_facts", lambda _last: {"history": []})
+    plan = MethodPlan("opqn", "sgd", 0.1, (0.1,))
+    # A run interrupted after an epoch (its last checkpoint is there) continues.
+    checkpoints = tmp_path / "work" / "checkpoint"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "final_opqn_lr0.1_seed2_e3.last.tar").touch()
+    assert "--resume" in runner._command(RunKey("final", "opqn", 0.1, 2, 3), plan)
+    assert "--resume" not in runner._command(RunKey("final", "opqn", 0.1, 1, 3), plan)
+    tune = runner(RunKey("tune", "opqn", 0.1, 0, 2), plan)
+    final = runner(RunKey("final", "opqn", 0.1, 1, 3), plan)
+    assert tune["mAP"] == final["mAP"] == 0.5 and final["data"] == "test"
+    grid_cmd, train_cmd, eval_cmd = calls
+    value = lambda cmd, flag: cmd[cmd.index(flag) + 1]  # noqa: E731
+    assert value(grid_cmd, "--data-dir") == str(tmp_path / "val")
+    assert value(grid_cmd, "--eval-every") == "2" and "-c" in grid_cmd
+    assert value(train_cmd, "--data-dir") == str((tmp_path / "d").resolve())
+    assert value(train_cmd, "--eval-every") == "0" and value(train_cmd, "--seed") == "1"
+    assert value(train_cmd, "--amp") == "off" and value(train_cmd, "--epochs") == "3"
+    assert eval_cmd[2:4] == ["-e", "-c"] and value(eval_cmd, "--data-dir") == \
+        str((tmp_path / "d").resolve())
+
+
+@pytest.mark.slow
+def test_the_tool_end_to_end_writes_the_table_and_reuses_finished_runs(tiny_data_dir,
+                                                                       tmp_path):
+    """Real runs on the tiny synthface (one method, one lr, one seed: two opqn_main.py
+    processes), then the same command again, as after an interruption: every finished run
+    is reused and its record left untouched."""
+    argv = ["--methods", "opqn", "--len", "12", "--num", "2", "--seeds", "1", "--sgd-lrs",
+            "0.1", "--tune-epochs", "1", "--epochs", "1", "--val-per-identity", "2",
+            "--val-every", "1", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path),
+            "--", "--width", "8", "--bs", "8", "--workers", "0"]
+    first = _tool(*argv)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "runs 2/2" in first.stdout and "reused" not in first.stdout
+    records = tmp_path / "runs_synthface_12bits" / "records"
+    stamps = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
+    assert len(stamps) == 2
+    second = _tool(*argv)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.count("reused") == 2 and "starting" not in second.stdout
+    assert all(records.joinpath(n).stat().st_mtime_ns == t for n, t in stamps.items())
+    table = json.loads((tmp_path / "compare_synthface_12bits.json").read_text())
+    assert (table["protocol"], table["dataset"], table["bits"], table["selection"]) == \
+        ("standard", "synthface", 12, "validation")
+    assert table["precision"] == "float32" and table["validation"]["query_images"] == 12
+    entry = table["methods"]["opqn"]
+    assert [g["lr"] for g in entry["lr_grid"]] == [0.1] and entry["chosen_lr"] == 0.1
+    assert entry["lr_grid"][0]["val_mAP"] is not None and entry["seeds"] == [0]
+    run = json.loads((records / "final_opqn_lr0.1_seed0_e1.json").read_text())["outcome"]
+    assert entry["test_mAP"] == [run["mAP"]] == [entry["mean_mAP"]]
+    assert run["precision"] == "float32" and run["wall_seconds"] > 0
+    assert run["num_queries"] == 30 and run["num_database"] == 36  # the test split
+    tune = json.loads((records / "tune_opqn_lr0.1_seed0_e1.json").read_text())["outcome"]
+    assert tune["num_queries"] == 12 and tune["num_database"] == 24  # the validation split
+    assert tune["history"][0]["monitor_mAP"] is not None  # the validation curve
+    assert "monitor_mAP" not in run["history"][0]  # the test split is used once
+    md = (tmp_path / "compare_synthface_12bits.md").read_text()
+    assert "| OPQN |" in md and "float32" in md
+    for suffix in ("_pr.png", "_loss.png", "_val.png"):
+        assert (tmp_path / f"compare_synthface_12bits{suffix}").stat().st_size > 0
+    # The test split was never linked into the validation folder; grid checkpoints are gone.
+    val = tmp_path / "runs_synthface_12bits" / "validation"
+    test = (tiny_data_dir / "synthface" / "test").resolve()
+    assert not any(os.path.realpath(p).startswith(str(test)) for p in val.rglob("*.png"))
+    assert not list((tmp_path / "runs_synthface_12bits" / "checkpoint").glob("tune_*"))
+
+
+def test_a_tiny_split_keeps_two_thirds_of_each_identity_for_the_gallery(tiny_data_dir):
+    from data.validation_split import queries_per_identity
+
+    train = tiny_data_dir / "synthface" / "train"  # 6 images per identity
+    assert queries_per_identity(train, 5) == 2
+    assert queries_per_identity(train, 1) == 1
+
+
+def test_late_gain_tells_a_curve_that_still_rises_from_one_that_levelled_off():
+    from utils.comparison import late_gain
+
+    rising = [[5, 0.2], [10, 0.4], [15, 0.5], [20, 0.6], [25, 0.65], [30, 0.72]]
+    assert late_gain(rising) == pytest.approx(0.72 - 0.6)
+    flat = [[5, 0.2], [10, 0.6], [15, 0.7], [20, 0.71], [25, 0.70], [30, 0.71]]
+    assert late_gain(flat) == pytest.approx(0.0)
+    assert late_gain([[1, 0.1], [2, 0.2]]) is None
+
+
+def test_the_report_ranks_trained_methods_and_is_rebuilt_from_its_json(tmp_path):
+    from utils.comparison_report import markdown, write_report
+
+    tool = _load_tool()
+    plan = _plan()
+    summary = run_comparison(plan, RunStore(tmp_path / "records"), FakeRunner(),
+                             say=lambda _line: None)
+    table = {"protocol": "standard", "dataset": "synthface", "bits": 12,
+             "selection": "validation", "epochs": plan.epochs, "tune_epochs": plan.tune_epochs,
+             "validation": {"per_identity": 2, "identities": 6, "gallery_images": 24,
+                            "query_images": 12},
+             "schedule": {"name": "step", "lr_step": 15}, "seeds": plan.seeds, "amp": "off",
+             "precision": "float32", "command": "python bench/compare_methods.py", **summary}
+    tool._add_run_facts(table)
+    written = write_report(table, tmp_path / "compare_synthface_12bits")
+    assert [p.name for p in written] == [
+        "compare_synthface_12bits.json", "compare_synthface_12bits.md",
+        "compare_synthface_12bits_pr.png", "compare_synthface_12bits_loss.png"]
+    md = written[1].read_text()
+    assert markdown(json.loads(written[0].read_text())) == md  # rebuilt from the JSON alone
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "bits (" in line]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        ["| 1", "OPQN"], ["| 2", "DCDH"], ["| did not train", "DPQ"]]
+    opqn = table["methods"]["opqn"]
+    assert f"{100 * opqn['mean_mAP']:.2f} ± {100 * opqn['sd_mAP']:.2f}%" in rows[0]
+    assert "Did not train (not ranked):" in md and "- DPQ, seed 0: loss fell" in md
+    assert table["methods"]["dcdh"]["precision"] == ["float32"]
+    assert table["methods"]["opqn"]["pr_curve"]["precision"][0] == pytest.approx(
+        statistics.fmean(opqn["test_mAP"]))  # the mean curve over the seeds
+
+
+def test_a_diverged_run_is_recorded_and_any_other_failure_stops(tmp_path, monkeypatch):
+    tool = _load_tool()
+    args, _ = tool.parse_args(["--data-dir", str(tmp_path)])
+    split = type("Split", (), {"data_dir": tmp_path / "val"})()
+    runner = tool.OpqnMainRunner(args, [], tmp_path / "work", False, split, "off", "float32")
+    plan = MethodPlan("opqn", "sgd", 0.1, (0.3,))
+    key = RunKey("tune", "opqn", 0.3, 0, 2)
+    monkeypatch.setattr(runner, "_call", lambda _cmd, _log: (
+        "opqn_main.py: error: training loss became nan at epoch 2; stopped."))
+    outcome = runner(key, plan)
+    assert outcome["status"] == "diverged" and outcome.get("mAP") is None
+    assert "nan" in outcome["error"]
+    monkeypatch.setattr(runner, "_call", lambda _cmd, _log: "opqn_main.py: error: disk full")
+    with pytest.raises(tool.RunFailed, match="tune_opqn_lr0.3_seed0_e2 failed: .*disk full"):
+        runner(key, plan)

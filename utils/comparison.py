@@ -1,0 +1,329 @@
+"""The protocol of ``bench/compare_methods.py``, apart from the runs themselves.
+
+* Each method's learning rate is chosen on the validation split from a grid for its
+  optimiser that always holds its authors' default (:func:`lr_grid`, :func:`choose_lr`).
+* The chosen rate is retrained on the full training split with several seeds; test mAP and
+  P@k are reported as mean ± sd (:func:`mean_sd`), and OPQN's paired difference to every
+  method with its sd over the seeds (:func:`paired_difference`).
+* A method whose training loss barely fell, or whose cross-entropy stayed near chance,
+  "did not train" (:func:`training_failures`) and is not ranked.
+* Every finished run is a JSON record (:class:`RunStore`), keyed by phase, method, lr, seed
+  and epochs and checked against the comparison's settings: an interrupted comparison
+  continues where it stopped, and a finished run is never silently replaced.
+
+:func:`run_comparison` drives it all with a runner given by the caller (a subprocess of
+``opqn_main.py`` in the tool, a fake one in the tests) and :func:`summarise` turns the
+records into the table's numbers, so that a table can always be rebuilt from its records.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from .atomic_io import atomic_write_text
+from .methods import default_lr
+
+PHASES = ("tune", "final")
+REFERENCE = "opqn"  # the paired differences are OPQN minus each method
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """What identifies one training run of a comparison."""
+
+    phase: str  # "tune": validation split; "final": full training split, test split
+    method: str
+    lr: float
+    seed: int
+    epochs: int
+
+    @property
+    def name(self) -> str:
+        """File-name stem of the run's record, checkpoint, results and log."""
+        return f"{self.phase}_{self.method}_lr{self.lr:.6g}_seed{self.seed}_e{self.epochs}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """One method's optimiser, its authors' default lr and the grid tried on validation."""
+
+    method: str
+    optimizer: str
+    default_lr: float
+    grid: tuple[float, ...]
+
+
+@dataclass
+class ComparisonPlan:
+    """Everything :func:`run_comparison` needs besides the runner and the store."""
+
+    methods: list[MethodPlan]
+    seeds: list[int]
+    epochs: int
+    tune_epochs: int
+    settings: dict  # what every record must have been made with (flags, data, precision)
+    tune_seed: int = 0
+    min_loss_drop: float = 0.05
+    ce_margin: float = 0.1
+
+    @property
+    def total_runs(self) -> int:
+        return sum(len(m.grid) for m in self.methods) + len(self.methods) * len(self.seeds)
+
+
+def lr_grid(method: str, optimizer: str, sgd_lrs: Sequence[float],
+            adam_lrs: Sequence[float]) -> tuple[float, ...]:
+    """The grid of the method's optimiser plus its authors' default (from
+    :func:`utils.methods.default_lr`, so it follows the method's defaults), largest first."""
+    grid = set(sgd_lrs if optimizer == "sgd" else adam_lrs)
+    grid.add(default_lr(method, optimizer))
+    return tuple(sorted(grid, reverse=True))
+
+
+def choose_lr(grid: Sequence[dict], default: float) -> float | None:
+    """The lr of the highest ``val_mAP`` in ``grid`` (entries ``{"lr", "val_mAP"}``; None
+    for a run that diverged). Ties (e.g. every lr at chance) go to the authors' default,
+    else to the smallest lr. None when no run of the grid finished."""
+    scored = [g for g in grid if g.get("val_mAP") is not None]
+    if not scored:
+        return None
+    best = max(g["val_mAP"] for g in scored)
+    tied = [g["lr"] for g in scored if g["val_mAP"] == best]
+    return default if default in tied else min(tied)
+
+
+def mean_sd(values: Iterable[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n − 1) of the values that are not None; the sd
+    is None below two values, both are None without values."""
+    kept = [v for v in values if v is not None]
+    if not kept:
+        return None, None
+    return statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else None
+
+
+def paired_difference(reference: dict[int, float | None],
+                      other: dict[int, float | None]) -> dict:
+    """``reference − other`` seed by seed over the seeds both have, with its mean and sd."""
+    seeds = sorted(s for s in set(reference) & set(other)
+                   if reference[s] is not None and other[s] is not None)
+    values = [reference[s] - other[s] for s in seeds]
+    mean, sd = mean_sd(values)
+    return {"seeds": seeds, "values": values, "mean": mean, "sd": sd}
+
+
+def cross_entropy_parts(record: dict) -> list[str]:
+    """The loss parts of an epoch record that are cross-entropies over the identities
+    (``ce_x``, ``ce_s``, ``ce_soft``, ``ce_hard``, ``ce``, DCDH's ``class``)."""
+    return [k for k in record if k.startswith("ce") or k == "class"]
+
+
+def training_failures(history: Sequence[dict], num_classes: int, min_loss_drop: float = 0.05,
+                      ce_margin: float = 0.1) -> list[str]:
+    """Why a run "did not train" (empty when it did), from its per-epoch records:
+
+    * its last epoch's loss is less than ``min_loss_drop`` (relative) below its first's;
+    * even its lowest cross-entropy part in the last epoch is at least
+      ``(1 − ce_margin)·log C``, the loss of a classifier that knows nothing.
+    """
+    reasons: list[str] = []
+    if len(history) >= 2:
+        first, last = history[0]["loss"], history[-1]["loss"]
+        drop = (first - last) / abs(first) if first else 0.0
+        if drop < min_loss_drop:
+            reasons.append(f"loss fell {100 * drop:.1f}% from epoch 1 ({first:.4g}) to epoch "
+                           f"{len(history)} ({last:.4g}), under {100 * min_loss_drop:g}%")
+    if history and num_classes >= 2:
+        parts = {p: history[-1][p] for p in cross_entropy_parts(history[-1])}
+        if parts:
+            name, value = min(parts.items(), key=lambda item: item[1])
+            chance = math.log(num_classes)
+            if value >= (1 - ce_margin) * chance:
+                reasons.append(f"cross-entropy {name} {value:.3g} not below chance level "
+                               f"(at least {1 - ce_margin:g} x log C = "
+                               f"{(1 - ce_margin) * chance:.3g}, C = {num_classes})")
+    return reasons
+
+
+def late_gain(points: Sequence[Sequence[float]]) -> float | None:
+    """How much a validation curve (``[epoch, mAP]`` pairs) rose over the last third of its
+    epochs; None with fewer than three points or none in the first two thirds. A clear
+    rise means the budget was too short for the curve to level off."""
+    if len(points) < 3:
+        return None
+    earlier = [value for epoch, value in points if epoch <= points[-1][0] * 2 / 3]
+    return points[-1][1] - earlier[-1] if earlier else None
+
+
+class StaleRun(ValueError):
+    """A finished run's record was made with other settings than the comparison's."""
+
+
+def _plain(value):
+    """``value`` as JSON gives it back (tuples become lists), so that records compare."""
+    return json.loads(json.dumps(value))
+
+
+class RunStore:
+    """One JSON record per finished run, ``<folder>/<key.name>.json``."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, key: RunKey) -> Path:
+        return self.folder / f"{key.name}.json"
+
+    def get(self, key: RunKey, settings: dict) -> dict | None:
+        """The finished run's record, None when it has not run; :class:`StaleRun` when the
+        record exists but was made with other settings."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text(encoding="utf-8"))
+        wanted = {"key": key.to_dict(), "settings": _plain(settings)}
+        differs = sorted(
+            f"{part}.{name}" for part in wanted
+            for name in set(wanted[part]) | set(record.get(part, {}))
+            if record.get(part, {}).get(name) != wanted[part].get(name))
+        if differs:
+            raise StaleRun(f"the finished run {path} was made with other settings "
+                           f"({', '.join(differs)}); it is never replaced silently: use "
+                           f"another --out, or delete that file to redo the run")
+        return record
+
+    def put(self, key: RunKey, settings: dict, outcome: dict) -> dict:
+        """Record a finished run atomically; returns the record."""
+        record = _plain({"key": key.to_dict(), "settings": settings, "outcome": outcome})
+        atomic_write_text(self.path(key), json.dumps(record, indent=1) + "\n")
+        return record
+
+
+Runner = Callable[[RunKey, MethodPlan], dict]
+"""Trains (and evaluates) one run; returns its outcome: ``status`` ("done" or "diverged"),
+``mAP``, ``precision_at_k``, ``k``, ``history`` (per-epoch records), ``num_classes``,
+``wall_seconds``, and anything else worth keeping."""
+
+
+class _Progress:
+    """``[tag] runs 3/25: ...`` lines: runs done (or reused) out of the total."""
+
+    def __init__(self, total: int, say: Callable[[str], None], tag: str) -> None:
+        self.total, self.done, self.say, self.tag = total, 0, say, tag
+
+    def report(self, key: RunKey, outcome: dict, how: str) -> None:
+        self.done += 1
+        score = outcome.get("mAP")
+        what = "val" if key.phase == "tune" else "test"
+        score = f"{what} mAP {100 * score:.2f}%" if score is not None else outcome["status"]
+        self.say(f"[{self.tag}] runs {self.done}/{self.total}: {key.phase} {key.method} lr "
+                 f"{key.lr:g} seed {key.seed} ({key.epochs} epochs) {how}: {score}")
+
+    def skip(self, count: int, why: str) -> None:
+        self.total -= count
+        self.say(f"[{self.tag}] {why}: {count} runs dropped, {self.total} in all now")
+
+
+def run_comparison(plan: ComparisonPlan, store: RunStore, runner: Runner,
+                   say: Callable[[str], None] = print, tag: str = "compare") -> dict:
+    """Tune every method on validation, then retrain the chosen lr with every seed.
+
+    Finished runs found in ``store`` are reused (never run again, never replaced); the
+    others are run by ``runner`` and recorded as soon as they finish. Returns
+    :func:`summarise` of all the records.
+    """
+    progress = _Progress(plan.total_runs, say, tag)
+    records: list[dict] = []
+
+    def fetch(key: RunKey, method: MethodPlan) -> dict:
+        record = store.get(key, plan.settings)
+        how = "reused"
+        if record is None:
+            say(f"[{tag}] starting {key.phase} {key.method} lr {key.lr:g} seed {key.seed} "
+                f"({key.epochs} epochs)")
+            record = store.put(key, plan.settings, runner(key, method))
+            how = f"done in {record['outcome'].get('wall_seconds', 0.0):.0f}s"
+        progress.report(key, record["outcome"], how)
+        records.append(record)
+        return record
+
+    for method in plan.methods:
+        for lr in method.grid:
+            fetch(RunKey("tune", method.method, lr, plan.tune_seed, plan.tune_epochs), method)
+    for method in plan.methods:
+        tuned = [r for r in records
+                 if r["key"]["phase"] == "tune" and r["key"]["method"] == method.method]
+        chosen = choose_lr(_grid_entries(tuned), method.default_lr)
+        if chosen is None:
+            progress.skip(len(plan.seeds), f"{method.method}: no lr of its grid finished")
+            continue
+        for seed in plan.seeds:
+            fetch(RunKey("final", method.method, chosen, seed, plan.epochs), method)
+    return summarise(plan, records)
+
+
+def _grid_entries(tune_records: Sequence[dict]) -> list[dict]:
+    entries = []
+    for record in tune_records:
+        outcome = record["outcome"]
+        entries.append({"lr": record["key"]["lr"], "val_mAP": outcome.get("mAP"),
+                        "val_precision_at_k": outcome.get("precision_at_k"),
+                        "status": outcome["status"], "run": RunKey(**record["key"]).name})
+    return sorted(entries, key=lambda e: -e["lr"])
+
+
+def _failures(outcome: dict, plan: ComparisonPlan) -> list[str]:
+    if outcome["status"] != "done":
+        return [f"training {outcome['status']}" + (f": {outcome['error']}"
+                                                   if outcome.get("error") else "")]
+    return training_failures(outcome.get("history", []), int(outcome.get("num_classes", 0)),
+                             plan.min_loss_drop, plan.ce_margin)
+
+
+def summarise(plan: ComparisonPlan, records: Sequence[dict]) -> dict:
+    """Per method: its lr grid with val mAP, the chosen lr, test mAP / P@k per seed with
+    mean and sd, whether it trained (every seed), its rank among the methods that trained,
+    and OPQN's paired difference to it; plus every record under ``runs``."""
+    by_phase = {phase: [r for r in records if r["key"]["phase"] == phase] for phase in PHASES}
+    methods: dict[str, dict] = {}
+    for method in plan.methods:
+        m = method.method
+        grid = _grid_entries([r for r in by_phase["tune"] if r["key"]["method"] == m])
+        finals = sorted((r for r in by_phase["final"] if r["key"]["method"] == m),
+                        key=lambda r: r["key"]["seed"])
+        outcomes = [r["outcome"] for r in finals]
+        test_map = [o.get("mAP") for o in outcomes]
+        test_pk = [o.get("precision_at_k") for o in outcomes]
+        failures = {r["key"]["seed"]: _failures(r["outcome"], plan) for r in finals}
+        mean_map, sd_map = mean_sd(test_map)
+        mean_pk, sd_pk = mean_sd(test_pk)
+        methods[m] = {
+            "optimizer": method.optimizer, "default_lr": method.default_lr,
+            "lr_grid": grid, "chosen_lr": choose_lr(grid, method.default_lr),
+            "seeds": [r["key"]["seed"] for r in finals],
+            "test_mAP": test_map, "mean_mAP": mean_map, "sd_mAP": sd_map,
+            "test_precision_at_k": test_pk, "mean_precision_at_k": mean_pk,
+            "sd_precision_at_k": sd_pk,
+            "trained": bool(finals) and mean_map is not None and not any(failures.values()),
+            "did_not_train": {str(s): f for s, f in failures.items() if f},
+            "runs": [RunKey(**r["key"]).name for r in finals],
+        }
+        if not finals:
+            methods[m]["did_not_train"] = {"all": ["no lr of the grid finished training"]}
+    ranked = sorted((m for m in methods if methods[m]["trained"]),
+                    key=lambda m: -methods[m]["mean_mAP"])
+    for m, entry in methods.items():
+        entry["rank"] = ranked.index(m) + 1 if m in ranked else None
+    if REFERENCE in methods:
+        for metric, field in (("mAP", "test_mAP"), ("precision_at_k", "test_precision_at_k")):
+            reference = dict(zip(methods[REFERENCE]["seeds"], methods[REFERENCE][field]))
+            for m, entry in methods.items():
+                if m != REFERENCE:
+                    entry.setdefault("paired_difference", {})[metric] = paired_difference(
+                        reference, dict(zip(entry["seeds"], entry[field])))
+    return {"methods": methods, "runs": list(records)}

@@ -1,0 +1,188 @@
+"""The outputs of ``bench/compare_methods.py``: the Markdown table, the JSON, and the PR,
+training-loss and validation-mAP figures, all from the table dict (so that they can be
+rebuilt from the JSON alone: :func:`write_report`)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .atomic_io import atomic_path, atomic_write_text
+from .reporting import _jsonable, plot_pr_curves, plt
+
+REFERENCE_NAME = "OPQN"
+RISING = 0.02  # a validation mAP gain over the grid budget's last third that gets a note
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def mean_sd_text(mean: float | None, sd: float | None) -> str:
+    """``71.20 ± 1.31%`` (just ``71.20%`` without an sd: one seed)."""
+    if mean is None:
+        return "n/a"
+    return f"{100 * mean:.2f}%" if sd is None else f"{100 * mean:.2f} ± {100 * sd:.2f}%"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def ordered_methods(table: dict) -> list[str]:
+    """Ranked methods first (by rank), then those that did not train, in the given order."""
+    methods = table["methods"]
+    ranked = sorted((m for m in methods if methods[m]["rank"] is not None),
+                    key=lambda m: methods[m]["rank"])
+    return ranked + [m for m in methods if methods[m]["rank"] is None]
+
+
+def _val_at_chosen(entry: dict) -> float | None:
+    return next((g["val_mAP"] for g in entry["lr_grid"] if g["lr"] == entry["chosen_lr"]),
+                None)
+
+
+def markdown(table: dict) -> str:
+    """The comparison as Markdown: a header with the protocol, the main table, the
+    validation mAP of every lr tried, and why a method did not train."""
+    k = table["k"]
+    val = table["validation"]
+    protocol = ("cross-dataset (-c, unseen identities)" if table["protocol"] == "cross"
+                else "standard")
+    lines = [
+        f"{table['dataset']}, {table['bits']} bits, {protocol} protocol, learning rate "
+        f"chosen on validation: {val['per_identity']} training images per identity held out "
+        f"as queries ({val['identities']} identities, {val['gallery_images']} gallery and "
+        f"{val['query_images']} query images); the test split used once per final model. "
+        f"Grid runs {table['tune_epochs']} epochs, final runs {table['epochs']} epochs, "
+        f"schedule {table['schedule']['name']} (lr step {table['schedule']['lr_step']}), the "
+        f"same for every method; seeds {', '.join(map(str, table['seeds']))}; precision "
+        f"{table['precision']} (--amp {table['amp']}); wall time of all runs "
+        f"{_duration(table['wall_seconds'])}.", "", f"`{table['command']}`", "",
+        f"| rank | method | code | optimizer, chosen lr (authors' default) | val mAP | test mAP "
+        f"| P@{k} | {REFERENCE_NAME} − method, mAP | precision | train s/epoch | bytes/item "
+        f"(stored, packed) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for method in ordered_methods(table):
+        e = table["methods"][method]
+        diff = e.get("paired_difference", {}).get("mAP")
+        seconds = e.get("train_seconds_per_epoch")
+        lr = "n/a" if e["chosen_lr"] is None else f"{e['chosen_lr']:g}"
+        lines.append(
+            f"| {e['rank'] if e['rank'] is not None else 'did not train'} | {e['name']} | "
+            f"{table['bits']} bits ({e.get('code', 'n/a')}) | {e['optimizer']}, {lr} "
+            f"({e['default_lr']:g}) | {_pct(_val_at_chosen(e))} | "
+            f"{mean_sd_text(e['mean_mAP'], e['sd_mAP'])} | "
+            f"{mean_sd_text(e['mean_precision_at_k'], e['sd_precision_at_k'])} | "
+            f"{'—' if diff is None else mean_sd_text(diff['mean'], diff['sd'])} | "
+            f"{', '.join(e['precision'])} | {'n/a' if seconds is None else f'{seconds:.1f}'} | "
+            f"{e.get('bytes_per_item', 'n/a')}, {e.get('packed_bytes_per_item', 'n/a')} |")
+    lines += ["", "Mean ± sample sd over the seeds; the paired difference is taken seed by "
+              "seed. Validation mAP of every learning rate tried (chosen in bold):", "",
+              "| method | lr: validation mAP |", "| --- | --- |"]
+    for method in ordered_methods(table):
+        e = table["methods"][method]
+        cells = []
+        for g in e["lr_grid"]:
+            cell = f"{g['lr']:g}: {_pct(g['val_mAP']) if g['status'] == 'done' else g['status']}"
+            cells.append(f"**{cell}**" if g["lr"] == e["chosen_lr"] else cell)
+        lines.append(f"| {e['name']} | {', '.join(cells)} |")
+    rising = [(table["methods"][m]["name"], table["methods"][m]["val_late_gain"])
+              for m in ordered_methods(table)
+              if (table["methods"][m].get("val_late_gain") or 0) > RISING]
+    if rising:
+        lines += ["", f"Validation mAP at the chosen lr still rose by more than "
+                  f"{100 * RISING:g} points over the last third of the grid budget, so the "
+                  f"budget may be too short: " + ", ".join(f"{name} +{100 * gain:.1f}"
+                                                            for name, gain in rising) + "."]
+    failed = [(table["methods"][m]["name"], seed, reasons)
+              for m in ordered_methods(table)
+              for seed, reasons in table["methods"][m]["did_not_train"].items()]
+    if failed:
+        lines += ["", "Did not train (not ranked):", ""]
+        lines += [f"- {name}, seed {seed}: {'; '.join(reasons)}" for name, seed, reasons in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _grid(count: int) -> tuple:
+    cols = min(3, max(1, count))
+    rows = math.ceil(max(1, count) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=110,
+                             squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def _save(fig, path: Path) -> Path:
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_losses(table: dict, path: Path) -> Path:
+    """Every method's training loss per epoch (chosen lr, first seed), one panel each."""
+    methods = ordered_methods(table)
+    fig, axes = _grid(len(methods))
+    for ax, method in zip(axes, methods):
+        e = table["methods"][method]
+        curve = e["loss_curve"]
+        ax.plot(range(1, len(curve) + 1), curve, marker="." if len(curve) < 30 else None)
+        seed = e["seeds"][0] if e["seeds"] else "-"
+        flag = "" if e["trained"] else ", did not train"
+        ax.set_title(f"{e['name']} (lr {e['chosen_lr'] if e['chosen_lr'] else 'n/a'}, seed "
+                     f"{seed}{flag})", fontsize="small", color="black" if e["trained"] else "red")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training loss")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{table['dataset']} {table['protocol']}: {table['bits']} bits, training loss",
+                 fontsize="medium")
+    return _save(fig, path)
+
+
+def plot_validation(table: dict, path: Path) -> Path:
+    """Validation mAP per epoch of every lr of every method's grid (the monitoring
+    evaluation of the grid runs): does each budget level off?"""
+    methods = ordered_methods(table)
+    fig, axes = _grid(len(methods))
+    for ax, method in zip(axes, methods):
+        e = table["methods"][method]
+        for lr, points in e["val_curves"].items():
+            if points:
+                chosen = e["chosen_lr"] is not None and float(lr) == e["chosen_lr"]
+                ax.plot(*zip(*points), label=f"lr {float(lr):g}", linewidth=2.2 if chosen else 1)
+        ax.set_title(e["name"], fontsize="small")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation mAP")
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="x-small")
+    fig.suptitle(f"{table['dataset']} {table['protocol']}: validation mAP of the lr grid "
+                 f"({table['tune_epochs']} epochs)", fontsize="medium")
+    return _save(fig, path)
+
+
+def write_report(table: dict, stem: Path) -> list[Path]:
+    """``stem.json``, ``stem.md``, ``stem_pr.png``, ``stem_loss.png`` and, when the grid
+    runs were monitored, ``stem_val.png``; returns the paths written."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(_jsonable(table), indent=1) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), markdown(table))
+    curves = [(f"{e['name']} (mAP {mean_sd_text(e['mean_mAP'], e['sd_mAP'])}"
+               f"{'' if e['trained'] else ', did not train'})", e["pr_curve"])
+              for e in (table["methods"][m] for m in ordered_methods(table)) if e["pr_curve"]]
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md"),
+               plot_pr_curves(curves, stem.with_name(stem.name + "_pr.png"),
+                              title=f"{table['dataset']}{' -c' if table['protocol'] == 'cross' else ''}"
+                                    f": {table['bits']} bits, mean over seeds"),
+               plot_losses(table, stem.with_name(stem.name + "_loss.png"))]
+    if any(points for e in table["methods"].values() for points in e["val_curves"].values()):
+        written.append(plot_validation(table, stem.with_name(stem.name + "_val.png")))
+    return written
