@@ -47,16 +47,21 @@ INDEX_TYPES = ("flat", "ivf")
 # k-means sample: faiss's guidance is 39 to 256 points per centroid; 64 keeps training a few
 # seconds at nlist 1024 on 2 cores with the same list balance.
 POINTS_PER_CENTROID = 64
+MIN_POINTS_PER_LIST = 39  # below this faiss's k-means warns that it lacks training points
 KMEANS_ITERATIONS = 20
 # Items routed per block: bounds the (block, D) float32 reconstructions in memory.
 ROUTE_BLOCK = 65536
 
 
 def default_nlist(n: int) -> int:
-    """A power of two near ``4 * sqrt(n)`` (the usual IVF rule), at most ``n``."""
+    """A power of two near ``4 * sqrt(n)`` (the usual IVF rule), lowered until every list
+    can get ``MIN_POINTS_PER_LIST`` items (k-means needs them), at least 1."""
     if n < 1:
         raise ValueError("an IVF index needs at least one item")
-    return max(1, min(n, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))))
+    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    while nlist > 1 and nlist * MIN_POINTS_PER_LIST > n:
+        nlist //= 2
+    return nlist
 
 
 def default_nprobe(nlist: int) -> int:
