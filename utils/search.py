@@ -161,15 +161,18 @@ def _run_search(args: argparse.Namespace, device: torch.device, info: DistInfo,
     barrier(info)
     if not info.is_main:  # process 0 saved the merged index
         index = load_index(index_path)
-    log.info("gallery index %s: %s (%d images%s)", status, index_path, len(index),
-             f", {len(index.skipped)} unreadable" if index.skipped else "")
+    else:
+        log.info("gallery index %s: %s (%d images%s)", status, index_path, len(index),
+                 f", {len(index.skipped)} unreadable" if index.skipped else "")
     ivf = None
     if args.index_type == "ivf":
         nlist = args.nlist or default_nlist(len(index))
         ivf, ivf_status, ivf_folder = open_or_build_ivf(
             model.quantizer, index, index_path, nlist, args.nprobe or default_nprobe(nlist),
             info, seed=args.seed)
-        log.info("IVF index %s: %s (nlist %d)", ivf_status, ivf_folder, nlist)
+        if info.is_main:
+            log.info("IVF index %s: %s (nlist %d, nprobe %d)", ivf_status, ivf_folder, nlist,
+                     ivf.nprobe)
     if not info.is_main:  # only process 0 searches and writes the results
         return {}
 
