@@ -130,9 +130,9 @@ def test_shards_merged_on_disk_equal_one_index(method, tmp_path):
 
 
 def test_default_nlist_and_bad_nlist():
-    assert default_nlist(1) == 1 and default_nlist(36) == 1 and default_nlist(10 ** 6) == 4096
-    assert default_nlist(1000) == 16  # 4 * sqrt(1000) rounds to 128, but 39 items per list
-    assert default_nlist(10 ** 7) == 16384
+    assert default_nlist(1) == 1 and default_nlist(36) == 1 and default_nlist(10 ** 6) == 1024
+    assert default_nlist(1000) == 16  # sqrt(1000) rounds to 32, but 39 items per list
+    assert default_nlist(10 ** 7) == 4096
     head, codes, _ = _case("opqn", n=20)
     with pytest.raises(ValueError, match="nlist 21"):
         train_ivf(head, codes, 21)

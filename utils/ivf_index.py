@@ -54,11 +54,14 @@ ROUTE_BLOCK = 65536
 
 
 def default_nlist(n: int) -> int:
-    """A power of two near ``4 * sqrt(n)`` (the usual IVF rule), lowered until every list
-    can get ``MIN_POINTS_PER_LIST`` items (k-means needs them), at least 1."""
+    """A power of two near ``sqrt(n)``, lowered until every list can get
+    ``MIN_POINTS_PER_LIST`` items (k-means needs them), at least 1.
+
+    Routing costs ``nlist * D`` per item and per query (D = 512 or more here), so this stays
+    below the ``4 * sqrt(n)`` often used for short vectors; see the README's table."""
     if n < 1:
         raise ValueError("an IVF index needs at least one item")
-    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    nlist = 2 ** round(math.log2(max(1.0, math.sqrt(n))))
     while nlist > 1 and nlist * MIN_POINTS_PER_LIST > n:
         nlist //= 2
     return nlist
