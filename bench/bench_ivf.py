@@ -24,9 +24,9 @@ The last line reads
 smallest swept nprobe reaching ``--target-recall`` (else the largest).
 
 Usage: ``python bench/bench_ivf.py [--n 1000000] [--nlist 1024] [--nprobe 1 2 4 8 16 32]
-[--load CKPT] [--epochs 20] [--data-dir data]``; without ``--load`` it uses
+[--load CKPT] [--epochs 2] [--data-dir data]``; without ``--load`` it uses
 ``checkpoint/bench_ivf_36bits.tar`` and trains it first when absent (``python opqn_main.py
---dataset synthface --len 36 --num 6 --words 64 --epochs 20 --eval-every 0 --save
+--dataset synthface --len 36 --num 6 --words 64 --epochs 2 --eval-every 0 --save
 bench_ivf_36bits.tar``).
 """
 from __future__ import annotations
@@ -102,8 +102,8 @@ def identity_distributions(codes: torch.Tensor, labels: torch.Tensor, k: int) ->
     return counts / counts.sum(-1, keepdim=True)
 
 
-def synthetic_gallery(dist: torch.Tensor, n: int, per_identity: int,
-                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_gallery(dist: torch.Tensor, n: int, per_identity: int, gen: torch.Generator,
+                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes (n, M) uint8, identity (n,))``: identity ``j`` draws book ``m``'s word from
     the distribution of real identity ``profile[j, m]`` (the first R identities are the real
     ones, unmixed)."""
@@ -116,7 +116,8 @@ def synthetic_gallery(dist: torch.Tensor, n: int, per_identity: int,
     cdf[..., -1] = 1.0
     identity = torch.arange(n) // per_identity
     codes = torch.empty(n, m, dtype=torch.uint8)
-    for start in tqdm(range(0, n, SAMPLE_BLOCK), desc="sample codes", leave=False):
+    for start in tqdm(range(0, n, SAMPLE_BLOCK), desc="sample codes", leave=False,
+                      disable=not progress):
         ident = identity[start : start + SAMPLE_BLOCK]
         for book in range(m):
             rows = cdf[profile[ident, book], book]  # (b, K)
@@ -148,12 +149,16 @@ def main() -> None:
     p.add_argument("--per-identity", type=int, default=30, help="items per identity (30)")
     p.add_argument("--load", help="a trained synthface checkpoint (default: checkpoint/"
                    f"{MODEL_NAME}, trained first if absent)")
-    p.add_argument("--epochs", type=int, default=20,
-                   help="epochs when the default model is trained here (20)")
+    p.add_argument("--epochs", type=int, default=2,
+                   help="epochs when the default model is trained here (2: minutes on 2 "
+                        "shared cores; more epochs give sharper codes)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--adc-queries", type=int, default=100,
                    help="queries timed with search_adc (it is the slowest)")
+    p.add_argument("--spherical", action="store_true",
+                   help="spherical k-means for the coarse quantizer (normalised centroids)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args()
     faiss = _faiss()
     torch.manual_seed(args.seed)
@@ -173,7 +178,7 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(args.seed)
     (codes, identity), t_gen = timed(synthetic_gallery, identity_distributions(db.codes, labels, k),
-                                     args.n, args.per_identity, gen)
+                                     args.n, args.per_identity, gen, not args.no_progress)
     distinct, agreement = code_stats(codes[:min(args.n, 2_000_000)],
                                      identity[:min(args.n, 2_000_000)], k)
     print(f"gallery: N={args.n} in {int(identity[-1]) + 1} identities ({t_gen:.1f}s); "
@@ -193,10 +198,11 @@ def main() -> None:
     del flat
 
     nlist = args.nlist or default_nlist(args.n)
-    ivf, t_build = timed(build_ivf_index, head, codes, nlist, 1, args.seed)
+    ivf, t_build = timed(build_ivf_index, head, codes, nlist, 1, args.seed, args.spherical)
     size = faiss.serialize_index(ivf).nbytes
     sizes = np.array([ivf.invlists.list_size(i) for i in range(nlist)])
-    print(f"IVF: nlist={nlist} built in {t_build:.1f}s; index {size / 2**20:.1f} MiB "
+    kind = " (spherical k-means)" if args.spherical else ""
+    print(f"IVF: nlist={nlist}{kind} built in {t_build:.1f}s; index {size / 2**20:.1f} MiB "
           f"({size / args.n:.1f} bytes/item); list sizes median {int(np.median(sizes))}, "
           f"max {sizes.max()}, empty {int((sizes == 0).sum())}")
     print("| nprobe | recall@10 | queries/s | vs flat | vs search_adc |")

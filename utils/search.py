@@ -154,7 +154,8 @@ def _run_search(args: argparse.Namespace, device: torch.device, info: DistInfo,
     index_path = Path(args.index) if explicit else default_index_path(out, ckpt, gallery.root)
     sharded = ShardedEncoder(_encoder(model, args, device, "gallery", allow_empty=True),
                              shard_dir(index_path), (model_fingerprint(model),
-                                                     gallery.fingerprint), info)
+                                                     gallery.fingerprint), info,
+                             reuse=not args.rebuild_index)
     index, status = open_or_build(model, gallery, index_path, explicit, sharded,
                                   rebuild=args.rebuild_index, is_main=info.is_main)
     sharded.cleanup()

@@ -72,12 +72,13 @@ class ShardedEncoder:
         encode: absolute paths -> ``(codes, positions)`` of the readable ones, returning
             ``(M`` columns, 0 rows) when none is readable.
         fingerprints: ``(model, gallery)`` SHA-256 strings the shards must carry.
+        reuse: resume from finished shards (False for ``--rebuild-index``).
     """
 
     def __init__(self, encode: Encoder, directory: Path, fingerprints: tuple[str, str],
-                 info: DistInfo) -> None:
+                 info: DistInfo, reuse: bool = True) -> None:
         self.encode, self.directory, self.info = encode, directory, info
-        self.fingerprints = fingerprints
+        self.fingerprints, self.reuse = fingerprints, reuse
         self.encoded = self.reused = 0
 
     def _file(self, start: int, end: int) -> Path:
@@ -103,7 +104,7 @@ class ShardedEncoder:
         mine = ranges[self.info.rank :: self.info.world_size]
         for number, (start, end) in enumerate(mine, 1):
             path = self._file(start, end)
-            if self._current(path, start, end) is not None:
+            if self.reuse and self._current(path, start, end) is not None:
                 self.reused += 1
                 continue
             codes, positions = self.encode(paths[start:end])
