@@ -179,3 +179,12 @@ def test_two_shard_servers_on_loopback_equal_one_index(method):
     finally:
         for server in servers:
             server.close()
+
+
+def test_serve_command_refuses_a_file_that_is_no_index(tmp_path, capsys):
+    from utils.shard_search import main
+
+    (tmp_path / "junk.faiss").write_bytes(b"not an index")
+    assert main(["serve", str(tmp_path / "junk.faiss"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read" in err[0] and "junk.faiss" in err[0]

@@ -8,7 +8,10 @@ query tables with the top-k search :func:`utils.retrieval.search_adc`.
 
 Codes and tables come from :func:`utils.evaluation.encode_gallery` and
 :func:`utils.evaluation.encode_queries`, the same functions the evaluation uses, so a search
-ranks exactly as ``-e`` scores.
+ranks exactly as ``-e`` scores. The gallery is encoded in shards (:mod:`utils.shards`), split
+over the processes under torchrun and resumed after an interruption; process 0 alone
+searches and writes the results. ``--index-type ivf`` searches an inverted-file index over
+the same codes (:mod:`utils.ivf_index`) with the head's faiss query vectors instead.
 
 Outputs under ``--out``: ``search.json`` (every query's ranked paths, identities, scores),
 ``search.png`` (the retrieval grid of the first ``--grid-rows`` queries) and
@@ -152,9 +155,9 @@ def _run_search(args: argparse.Namespace, device: torch.device, info: DistInfo,
     out = Path(args.out)
     explicit = args.index is not None
     index_path = Path(args.index) if explicit else default_index_path(out, ckpt, gallery.root)
+    fingerprints = (model_fingerprint(model), gallery.fingerprint)
     sharded = ShardedEncoder(_encoder(model, args, device, "gallery", allow_empty=True),
-                             shard_dir(index_path), (model_fingerprint(model),
-                                                     gallery.fingerprint), info,
+                             shard_dir(index_path), fingerprints, info,
                              reuse=not args.rebuild_index)
     index, status = open_or_build(model, gallery, index_path, explicit, sharded,
                                   rebuild=args.rebuild_index, is_main=info.is_main)
