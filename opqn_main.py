@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with -e -c: evaluate even if the evaluation set shares identities "
                         "with the model's training set (the protocol needs them disjoint)")
     p.add_argument("--export-faiss", nargs="+", metavar="PATH",
-                   help="with -e: write each model's gallery as a faiss index file (IndexPQ, "
-                        "IndexIVFPQ with --index-type ivf; a bare name goes under --out), with its id->image list <stem>.ids.csv beside")
+                   help="with -e: write each model's gallery as a faiss index file (IndexPQ; "
+                        "IndexIVFPQ with --index-type ivf; a bare name goes under --out), "
+                        "with its id->image list <stem>.ids.csv beside")
     p.add_argument("--synthface-identities", type=int,
                    help="synthface only: number of identities to generate (default 100; the "
                         "disjoint -c set gets half as many, 60 by default)")
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ivf (inverted file over the model's own codes) scans --nprobe of "
                         "--nlist lists")
     p.add_argument("--nlist", type=int, help="--index-type ivf: number of lists (default: a "
-                   "power of two near 4*sqrt(gallery size))")
+                   "power of two near sqrt(gallery size), at least 39 items a list)")
     p.add_argument("--nprobe", type=int, help="--index-type ivf: lists scanned per query "
                    "(default nlist/16; nprobe = nlist gives the flat index's results)")
     _add_method_flags(p)
