@@ -81,8 +81,10 @@ def test_export_faiss_ivf_searched_with_faiss_equals_engine(search_model, tiny_d
     assert not index.by_residual and index.ntotal == 36
 
     model = load_model(load_checkpoint(model_path), torch.device("cpu"))
-    loader = lambda paths: make_loader(ImageList(paths, build_transform(32, train=False)),  # noqa: E731
-                                       12, 0, torch.device("cpu"))
+    def loader(paths):
+        return make_loader(ImageList(paths, build_transform(32, train=False)), 12, 0,
+                           torch.device("cpu"))
+
     ids = (tmp_path / "results" / "g.ids.csv").read_text().splitlines()[1:]
     codes, _ = encode_gallery(model, loader([row.split(",")[1] for row in ids]),
                               torch.device("cpu"), progress=False)

@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from models.heads.base import QuantHead
+
 from .faiss_index import _faiss, pack_bits, pack_codes, set_pq_centroids
+
+FaissIndex = Any  # faiss.IndexIVFPQ or faiss.IndexBinaryIVF (faiss is imported lazily)
 
 __all__ = [
     "INDEX_TYPES",
@@ -75,7 +79,7 @@ def default_nprobe(nlist: int) -> int:
     return max(1, nlist // 16)
 
 
-def reconstruct(head, codes: Tensor) -> np.ndarray:
+def reconstruct(head: QuantHead, codes: Tensor) -> np.ndarray:
     """The items' points for the coarse quantizer: ``(N, M*d')`` float32, the concatenated
     codewords ``c_{m,code_m}`` of ``head.faiss_centroids()`` (``(M, d', K)``)."""
     words = head.faiss_centroids().detach().to("cpu", torch.float32).permute(0, 2, 1)  # M,K,d
@@ -91,7 +95,8 @@ def _sample(n: int, size: int, seed: int) -> Tensor:
     return torch.randperm(n, generator=gen)[:size].sort().values
 
 
-def train_ivf(head, codes: Tensor, nlist: int, seed: int = 0, spherical: bool = False):
+def train_ivf(head: QuantHead, codes: Tensor, nlist: int, seed: int = 0,
+              spherical: bool = False) -> FaissIndex:
     """An empty IVF index for ``head`` whose coarse quantizer is trained on ``codes``
     ``(n, M)`` (a sample of the gallery is enough: at most ``POINTS_PER_CENTROID * nlist``
     rows are used). ``spherical`` normalises the centroids (inner-product heads only; off
@@ -137,7 +142,8 @@ def train_ivf(head, codes: Tensor, nlist: int, seed: int = 0, spherical: bool = 
     return index
 
 
-def add_to_ivf(index, head, codes: Tensor, ids: Tensor | None = None) -> None:
+def add_to_ivf(index: FaissIndex, head: QuantHead, codes: Tensor,
+               ids: Tensor | None = None) -> None:
     """Add ``codes`` ``(n, M)`` unchanged to ``index`` (from :func:`train_ivf`), with int64
     ``ids`` ``(n,)`` (default: ``ntotal, ntotal + 1, ...``), in blocks of ``ROUTE_BLOCK``."""
     faiss = _faiss()
@@ -162,8 +168,9 @@ def add_to_ivf(index, head, codes: Tensor, ids: Tensor | None = None) -> None:
                            block_ids)
 
 
-def build_ivf_index(head, codes: Tensor, nlist: int | None = None, nprobe: int | None = None,
-                    seed: int = 0, spherical: bool = False):
+def build_ivf_index(head: QuantHead, codes: Tensor, nlist: int | None = None,
+                    nprobe: int | None = None, seed: int = 0,
+                    spherical: bool = False) -> FaissIndex:
     """An in-memory IVF index of a gallery's ``codes`` ``(N, M)``, item ids ``0..N-1``.
 
     ``nlist`` defaults to :func:`default_nlist`, ``nprobe`` to :func:`default_nprobe`;
@@ -176,15 +183,15 @@ def build_ivf_index(head, codes: Tensor, nlist: int | None = None, nprobe: int |
     return index
 
 
-def set_nprobe(index, nprobe: int) -> int:
+def set_nprobe(index: FaissIndex, nprobe: int) -> int:
     """Scan ``min(nprobe, nlist)`` lists per query; returns the value set."""
     nprobe = max(1, min(int(nprobe), index.nlist))
     index.nprobe = nprobe
     return nprobe
 
 
-def merge_on_disk(trained, shard_files: Sequence[Union[str, os.PathLike]],
-                  ivfdata: Union[str, os.PathLike]):
+def merge_on_disk(trained: FaissIndex, shard_files: Sequence[Union[str, os.PathLike]],
+                  ivfdata: Union[str, os.PathLike]) -> FaissIndex:
     """Merge IVF shard files (all from the same :func:`train_ivf` index) into ``trained``
     (left empty by the caller), with the inverted lists in the file ``ivfdata``.
 
@@ -213,7 +220,7 @@ def merge_on_disk(trained, shard_files: Sequence[Union[str, os.PathLike]],
     return trained
 
 
-def read_ivf(path: Union[str, os.PathLike]):
+def read_ivf(path: Union[str, os.PathLike]) -> FaissIndex:
     """Read an IVF index file (float or binary); on-disk inverted lists are looked for beside
     it (so the folder may move) and memory-mapped by faiss: the lists stay on disk."""
     faiss = _faiss()

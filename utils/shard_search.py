@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from .faiss_index import _faiss
+from .ivf_index import FaissIndex
 
 __all__ = ["ShardServer", "ShardFront", "main"]
 
@@ -51,7 +52,7 @@ class ShardServer:
     Works for IVF indexes (float or binary) and flat ones (then ``set_nprobe`` is refused).
     """
 
-    def __init__(self, index, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, index: FaissIndex, port: int = 0, host: str = "127.0.0.1") -> None:
         client_server, _ = _rpc()
         faiss = _faiss()
         self.index = index

@@ -30,9 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from models.heads.base import QuantHead
+
 from .atomic_io import atomic_write_text
 from .checkpoint import load_checkpoint, save_checkpoint
+from .faiss_index import load_faiss_index, save_faiss_index
 from .gallery_index import GalleryIndex
+from .ivf_index import FaissIndex, add_to_ivf, merge_on_disk, read_ivf, set_nprobe, train_ivf
 from .logger import get_logger
 from .runtime import DistInfo
 from .validation import UsageError
@@ -148,7 +152,7 @@ def ivf_dir(index_path: Path, nlist: int) -> Path:
     return index_path.with_name(f"{index_path.name}.ivf{nlist}")
 
 
-def _ivf_meta(index: GalleryIndex, head, nlist: int) -> dict:
+def _ivf_meta(index: GalleryIndex, head: QuantHead, nlist: int) -> dict:
     return {"kind": IVF_KIND, "method": head.method, "nlist": nlist, "ntotal": len(index),
             "model_fingerprint": index.model_fingerprint,
             "gallery_fingerprint": index.gallery_fingerprint}
@@ -161,8 +165,9 @@ def _read_meta(path: Path) -> dict | None:
         return None
 
 
-def open_or_build_ivf(head, index: GalleryIndex, index_path: Path, nlist: int, nprobe: int,
-                      info: DistInfo, seed: int = 0):
+def open_or_build_ivf(head: QuantHead, index: GalleryIndex, index_path: Path, nlist: int,
+                      nprobe: int, info: DistInfo,
+                      seed: int = 0) -> tuple[FaissIndex | None, str, Path]:
     """The IVF index of ``index``'s codes: reused from ``<index>.ivf<nlist>/`` when its
     fingerprints match, else built there (sharded over the processes, merged on disk).
 
@@ -170,9 +175,6 @@ def open_or_build_ivf(head, index: GalleryIndex, index_path: Path, nlist: int, n
     memory-mapped, with ``nprobe`` set; other processes get None.
     Raises ``UsageError`` when ``nlist`` exceeds the gallery size.
     """
-    from .faiss_index import load_faiss_index, save_faiss_index
-    from .ivf_index import add_to_ivf, merge_on_disk, read_ivf, set_nprobe, train_ivf
-
     if nlist > len(index):
         raise UsageError(f"--nlist {nlist} exceeds the {len(index)} gallery items: give "
                          f"--nlist {len(index)} or fewer")
