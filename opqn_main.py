@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with -e -c: evaluate even if the evaluation set shares identities "
                         "with the model's training set (the protocol needs them disjoint)")
     p.add_argument("--export-faiss", nargs="+", metavar="PATH",
-                   help="with -e: write each model's gallery as a faiss IndexPQ file (a bare "
-                        "name goes under --out), with its id->image list <stem>.ids.csv beside")
+                   help="with -e: write each model's gallery as a faiss index file (IndexPQ; "
+                        "IndexIVFPQ with --index-type ivf; a bare name goes under --out), "
+                        "with its id->image list <stem>.ids.csv beside")
     p.add_argument("--synthface-identities", type=int,
                    help="synthface only: number of identities to generate (default 100; the "
                         "disjoint -c set gets half as many, 60 by default)")
@@ -146,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --search: encode the gallery again even if the index is current")
     p.add_argument("--grid-rows", type=int, default=20,
                    help="with --search: queries drawn in search.png (default 20)")
+    p.add_argument("--index-type", choices=("flat", "ivf"), default="flat",
+                   help="with --search or --export-faiss: flat scans every code (default); "
+                        "ivf (inverted file over the model's own codes) scans --nprobe of "
+                        "--nlist lists")
+    p.add_argument("--nlist", type=int, help="--index-type ivf: number of lists (default: a "
+                   "power of two near sqrt(gallery size), at least 39 items a list)")
+    p.add_argument("--nprobe", type=int, help="--index-type ivf: lists scanned per query "
+                   "(default nlist/16; nprobe = nlist gives the flat index's results)")
     _add_method_flags(p)
     return p
 

@@ -14,6 +14,7 @@ if str(REPO) not in sys.path:
 # What `--synthface-identities 6 --synthface-images 6` asks for (see utils.data_folders).
 TINY_SYNTHFACE = ["--synthface-identities", "6", "--synthface-images", "6"]
 PROG = "opqn_main.py: error: "
+SEARCH_COMMON = ["--workers", "0", "--no-progress", "--bs", "12"]
 
 
 def one_line_error(capsys, *fragments: str) -> str:
@@ -37,6 +38,27 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     ensure_synthface(data_dir, num_identities=6, train_per_identity=6, cross_identities=3,
                      progress=False)
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def search_model(tiny_data_dir, tmp_path_factory):
+    """For --search tests: a tiny synthface model trained 2 epochs (12 bits, 2x64), a private
+    copy of the gallery (train split) and the test split: ``(checkpoint, gallery, test)``."""
+    import shutil
+
+    import opqn_main
+
+    root = tmp_path_factory.mktemp("search")
+    with opqn_logger_restored():
+        code = opqn_main.main([
+            "--dataset", "synthface", "--data-dir", str(tiny_data_dir), *TINY_SYNTHFACE,
+            *SEARCH_COMMON, "--len", "12", "--num", "2", "--words", "64", "--epochs", "2",
+            "--eval-every", "0", "--seed", "3", "--amp", "off", "--save", str(root / "tiny.tar"),
+            "--log-dir", str(root / "log"), "--out", str(root / "train_results")])
+    assert code == 0
+    gallery = root / "gallery"
+    shutil.copytree(tiny_data_dir / "synthface" / "train", gallery)
+    return root / "tiny.tar", gallery, tiny_data_dir / "synthface" / "test"
 
 
 @pytest.fixture(scope="module")

@@ -8,28 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_SYNTHFACE, one_line_error, opqn_logger_restored
+from conftest import SEARCH_COMMON as COMMON, one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-COMMON = ["--workers", "0", "--no-progress", "--bs", "12"]
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data_dir, tmp_path_factory):
+def trained(search_model):
     """A tiny synthface model trained 2 epochs, and a private copy of the gallery."""
-    import opqn_main
-
-    root = tmp_path_factory.mktemp("search")
-    with opqn_logger_restored():
-        code = opqn_main.main([
-            "--dataset", "synthface", "--data-dir", str(tiny_data_dir), *TINY_SYNTHFACE,
-            *COMMON, "--len", "12", "--num", "2", "--words", "64", "--epochs", "2",
-            "--eval-every", "0", "--seed", "3", "--amp", "off", "--save", str(root / "tiny.tar"),
-            "--log-dir", str(root / "log"), "--out", str(root / "train_results")])
-    assert code == 0
-    gallery = root / "gallery"
-    shutil.copytree(tiny_data_dir / "synthface" / "train", gallery)
-    return root / "tiny.tar", gallery, tiny_data_dir / "synthface" / "test"
+    return search_model
 
 
 def _search(run_cli, model, gallery, *extra):

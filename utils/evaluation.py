@@ -91,6 +91,15 @@ def encode_queries(model: OPQN, loader: DataLoader, device: torch.device,
                            model.quantizer.query_tables)
 
 
+@torch.no_grad()
+def encode_faiss_queries(model: OPQN, loader: DataLoader, device: torch.device,
+                         progress: bool = True, amp: bool = False) -> tuple[Tensor, Tensor]:
+    """The queries as a faiss index of the head expects them: ``(vectors, labels (Q,))``,
+    vectors float32 ``(Q, D')`` (uint8 bits ``(Q, L)`` for dcdh), batch by batch."""
+    return _encode_batches(model, loader, device, "encode queries", progress, amp,
+                           model.quantizer.faiss_queries)
+
+
 def evaluate_model(model: OPQN, gallery_loader: DataLoader, query_loader: DataLoader,
                    device: torch.device, k: int, ties: str = "expected",
                    progress: bool = True, amp: bool = False) -> tuple[dict, Tensor, Tensor]:

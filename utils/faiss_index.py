@@ -28,6 +28,9 @@ __all__ = [
     "load_faiss_index",
     "search_faiss",
     "pack_codes",
+    "pack_bits",
+    "set_pq_centroids",
+    "search_head_queries",
     "build_head_index",
     "search_head_index",
     "export_path",
@@ -97,15 +100,21 @@ def build_faiss_index(codebooks: Tensor, codes: Tensor, chunk: int = 1 << 20,
         raise ValueError(f"code values must lie in [0, {k})")
     faiss_metric = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}[metric]
     index = faiss.IndexPQ(m * d, m, nbits, faiss_metric)
-    # faiss stores centroids as (M, ksub, dsub).
-    cent = codebooks.detach().to("cpu", torch.float32).permute(0, 2, 1).contiguous().numpy()
-    faiss.copy_array_to_vector(cent.ravel(), index.pq.centroids)
-    if hasattr(index.pq, "sync_transposed_centroids"):
-        index.pq.sync_transposed_centroids()
+    set_pq_centroids(index.pq, codebooks)
     index.is_trained = True
     for i in range(0, codes.shape[0], chunk):
         _append_codes(faiss, index, pack_codes(codes[i : i + chunk], nbits))
     return index
+
+
+def set_pq_centroids(pq, codebooks: Tensor) -> None:
+    """Copy the codewords ``(M, d, K)`` into a faiss ``ProductQuantizer`` (layout M, K, d),
+    so that faiss decodes and scores the model's own codes; the PQ is never trained."""
+    faiss = _faiss()
+    cent = codebooks.detach().to("cpu", torch.float32).permute(0, 2, 1).contiguous().numpy()
+    faiss.copy_array_to_vector(cent.ravel(), pq.centroids)
+    if hasattr(pq, "sync_transposed_centroids"):
+        pq.sync_transposed_centroids()
 
 
 def _append_codes(faiss, index, packed: np.ndarray) -> None:
@@ -180,7 +189,7 @@ def search_faiss(index, tables: Tensor, codebooks: Tensor, topk: int) -> Tuple[T
 # --------------------------------------------------------------------------------------
 
 
-def _pack_bits(bits: Tensor) -> np.ndarray:
+def pack_bits(bits: Tensor) -> np.ndarray:
     """``(N, L)`` 0/1 -> ``(N, ceil(L / 8))`` uint8, zero-padded (padding never differs)."""
     b = bits.detach().cpu().numpy().astype(np.uint8, copy=False)
     pad = (-b.shape[1]) % 8
@@ -206,7 +215,7 @@ def build_head_index(head, codes: Tensor):
         return build_faiss_index(head.faiss_centroids().detach().cpu(), codes, metric=metric)
     if metric == "hamming":
         faiss = _faiss()
-        packed = _pack_bits(codes)
+        packed = pack_bits(codes)
         index = faiss.IndexBinaryFlat(packed.shape[1] * 8)
         index.add(packed)
         return index
@@ -220,9 +229,15 @@ def search_head_index(index, head, features: Tensor, topk: int) -> Tuple[Tensor,
     the engine's scale (higher is better): L2 distances negated, Hamming distances
     subtracted from ``L``.
     """
-    queries = head.faiss_queries(features)
+    return search_head_queries(index, head, head.faiss_queries(features), topk)
+
+
+def search_head_queries(index, head, queries: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    """:func:`search_head_index` from the head's faiss query vectors ``queries``
+    (``head.faiss_queries(features)``: float ``(Q, D')``, or uint8 bits ``(Q, L)`` for
+    dcdh); works for any faiss index over the head's codes (flat, IVF, a shard front)."""
     if head.faiss_metric == "hamming":
-        dist, idx = index.search(_pack_bits(queries), topk)
+        dist, idx = index.search(pack_bits(queries), topk)
         scores = head.num_books - torch.from_numpy(dist.astype(np.float32))
     else:
         x = queries.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -239,18 +254,31 @@ def export_path(value: str, out_dir: str) -> Path:
     return path if path.parent.parts else Path(out_dir) / path
 
 
-def export_gallery_index(model, codes: Tensor, gallery, index_path: Path) -> None:
+def export_gallery_index(model, codes: Tensor, gallery, index_path: Path,
+                         index_type: str = "flat", nlist: int | None = None,
+                         nprobe: int | None = None) -> None:
     """--export-faiss: the faiss index of the gallery codes ``(N, M)`` for the method's score
-    (:func:`build_head_index`), and ``<stem>.ids.csv`` beside it: the image of each faiss id,
-    without which the ids mean nothing."""
+    (:func:`build_head_index`, or with ``index_type="ivf"``
+    :func:`utils.ivf_index.build_ivf_index`, ``nprobe`` stored in the file), and
+    ``<stem>.ids.csv`` beside it: the image of each faiss id, without which the ids mean
+    nothing."""
     from .logger import get_logger
+    from .validation import UsageError
 
     paths = readable_items(gallery) or []
     if len(paths) != codes.shape[0]:
         raise RuntimeError(f"{codes.shape[0]} gallery codes but {len(paths)} gallery files: "
                            f"cannot write the id list of {index_path}")
     index_path.parent.mkdir(parents=True, exist_ok=True)
-    faiss_index = build_head_index(model.quantizer, codes.cpu())
+    if index_type == "ivf":
+        from .ivf_index import build_ivf_index
+
+        if nlist is not None and nlist > codes.shape[0]:
+            raise UsageError(f"--nlist {nlist} exceeds the {codes.shape[0]} gallery items: "
+                             f"give --nlist {codes.shape[0]} or fewer")
+        faiss_index = build_ivf_index(model.quantizer, codes.cpu(), nlist, nprobe)
+    else:
+        faiss_index = build_head_index(model.quantizer, codes.cpu())
     save_faiss_index(faiss_index, index_path)
     ids_path = index_path.with_name(f"{index_path.stem}.ids.csv")
     with open(ids_path, "w", newline="", encoding="utf-8") as handle:
@@ -258,5 +286,7 @@ def export_gallery_index(model, codes: Tensor, gallery, index_path: Path) -> Non
         writer.writerow(["id", "path", "identity"])
         for i, (file, identity) in enumerate(paths):
             writer.writerow([i, file, identity])
-    get_logger().info("faiss %s with %d gallery codes written to %s (ids: %s)",
-                      type(faiss_index).__name__, codes.shape[0], index_path, ids_path)
+    lists = f" (nlist {faiss_index.nlist}, nprobe {faiss_index.nprobe})" \
+        if index_type == "ivf" else ""
+    get_logger().info("faiss %s%s with %d gallery codes written to %s (ids: %s)",
+                      type(faiss_index).__name__, lists, codes.shape[0], index_path, ids_path)

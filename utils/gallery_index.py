@@ -130,7 +130,7 @@ def load_index(path: str | Path) -> GalleryIndex:
 
 def open_or_build(model: OPQN, gallery: GalleryFiles, index_path: Path, explicit: bool,
                   encode: Callable[[list[str]], tuple[Tensor, Tensor]],
-                  rebuild: bool = False) -> tuple[GalleryIndex, str]:
+                  rebuild: bool = False, is_main: bool = True) -> tuple[GalleryIndex, str]:
     """The gallery's index: reused from ``index_path`` when the model and the gallery files
     are unchanged, else built with ``encode`` and saved there.
 
@@ -139,6 +139,8 @@ def open_or_build(model: OPQN, gallery: GalleryFiles, index_path: Path, explicit
             ones (positions index into the given list).
         explicit: ``index_path`` was named by the user: an index there that another model
             built is a ``UsageError`` unless ``rebuild``.
+        is_main: only the main process of a torchrun job saves the index (the others get
+            what ``encode`` returned to them, see :class:`utils.shards.ShardedEncoder`).
     Returns:
         ``(index, status)``, ``status`` saying whether it was reused, built or rebuilt and why.
     """
@@ -170,6 +172,7 @@ def open_or_build(model: OPQN, gallery: GalleryFiles, index_path: Path, explicit
     index = GalleryIndex(gallery.root, [gallery.paths[i] for i in kept], codes.cpu(),
                          fingerprint, gallery.fingerprint,
                          [rel for i, rel in enumerate(gallery.paths) if i not in readable])
-    os.makedirs(index_path.parent, exist_ok=True)
-    save_index(index, index_path)
+    if is_main:
+        os.makedirs(index_path.parent, exist_ok=True)
+        save_index(index, index_path)
     return index, status

@@ -331,7 +331,8 @@ def run_evaluation(args: argparse.Namespace, specs: list[CodeSpec], device: torc
                        result["pr_curve"]))
         if args.export_faiss:
             export_gallery_index(model, codes, splits.gallery,
-                                 export_path(args.export_faiss[index], args.out))
+                                 export_path(args.export_faiss[index], args.out),
+                                 args.index_type, args.nlist, args.nprobe)
     if len(curves) > 1:
         path = write_pr_comparison(curves, args.out, args.dataset, args.cross_dataset)
         log.info("PR curves of all models: %s", path)

@@ -8,7 +8,10 @@ query tables with the top-k search :func:`utils.retrieval.search_adc`.
 
 Codes and tables come from :func:`utils.evaluation.encode_gallery` and
 :func:`utils.evaluation.encode_queries`, the same functions the evaluation uses, so a search
-ranks exactly as ``-e`` scores.
+ranks exactly as ``-e`` scores. The gallery is encoded in shards (:mod:`utils.shards`), split
+over the processes under torchrun and resumed after an interruption; process 0 alone
+searches and writes the results. ``--index-type ivf`` searches an inverted-file index over
+the same codes (:mod:`utils.ivf_index`) with the head's faiss query vectors instead.
 
 Outputs under ``--out``: ``search.json`` (every query's ranked paths, identities, scores),
 ``search.png`` (the retrieval grid of the first ``--grid-rows`` queries) and
@@ -29,17 +32,21 @@ from data.datasets import ImageList, list_images, readable_items
 from data.loaders import make_loader
 from data.transforms import build_transform
 from models import OPQN
+from models.heads.base import code_dtype
 
 from . import evaluation
 from .checkpoint import checkpoint_path, load_checkpoint
 from .checkpoint_checks import REQUIRED_KEYS, checked_model
 from .data_folders import prepare_folders
-from .gallery_index import GalleryIndex, open_or_build, scan_gallery
+from .faiss_index import search_head_queries
+from .gallery_index import GalleryIndex, load_index, model_fingerprint, open_or_build, scan_gallery
 from .gallery_view import GridRow, Hit, draw_grid, write_html
 from .logger import get_logger, setup_logging
 from .atomic_io import atomic_write_text
+from .ivf_index import default_nlist, default_nprobe
 from .retrieval import search_adc
-from .runtime import loader_workers
+from .runtime import DistInfo, cleanup_distributed, init_distributed, loader_workers
+from .shards import ShardedEncoder, barrier, open_or_build_ivf, shard_dir
 from .validation import UsageError
 
 DEFAULT_TOPK = 10
@@ -69,10 +76,16 @@ def collect_queries(entries: list[str]) -> tuple[list[Path], list[str]]:
     return files, missing
 
 
-def _encoder(model: OPQN, args: argparse.Namespace, device: torch.device, which: str):
-    """paths -> (codes or tables, positions of the readable paths), via utils.evaluation."""
+_ENCODERS = {"gallery": "encode_gallery", "query": "encode_queries",
+             "faiss-query": "encode_faiss_queries"}
+
+
+def _encoder(model: OPQN, args: argparse.Namespace, device: torch.device, which: str,
+             allow_empty: bool = False):
+    """paths -> (codes, tables or faiss query vectors, positions of the readable paths), via
+    utils.evaluation; with ``allow_empty`` no readable image gives ``(M`` columns, 0 rows)."""
     transform = build_transform(model.config.input_size, train=False)
-    fn = evaluation.encode_gallery if which == "gallery" else evaluation.encode_queries
+    fn = getattr(evaluation, _ENCODERS[which])  # looked up late: tests replace them
 
     def encode(paths: list[str]) -> tuple[Tensor, Tensor]:
         loader = make_loader(ImageList(paths, transform), args.bs or 256, loader_workers(args),
@@ -80,9 +93,13 @@ def _encoder(model: OPQN, args: argparse.Namespace, device: torch.device, which:
         try:
             return fn(model, loader, device, progress=not args.no_progress)
         except RuntimeError as exc:
-            if "no readable images" in str(exc):
-                raise UsageError(f"none of the {len(paths)} {which} images could be read")
-            raise
+            if "no readable images" not in str(exc):
+                raise
+            if allow_empty:
+                books = model.quantizer.num_books
+                return (torch.empty(0, books, dtype=code_dtype(model.config.num_words)),
+                        torch.empty(0, dtype=torch.int64))
+            raise UsageError(f"none of the {len(paths)} {which} images could be read")
     return encode
 
 
@@ -110,8 +127,18 @@ def ranked_rows(query_paths: list[str], query_identities: list[str | None], scor
 
 
 def run_search(args: argparse.Namespace, device: torch.device) -> dict:
-    """The whole ``--search`` command; returns the JSON written to ``search.json``."""
+    """The whole ``--search`` command; returns the JSON written to ``search.json`` (an empty
+    dict in the other processes of a torchrun job, which only encode and build shards)."""
     log = setup_logging(None)
+    info = init_distributed(args.device)
+    try:
+        return _run_search(args, device, info, log)
+    finally:
+        cleanup_distributed()
+
+
+def _run_search(args: argparse.Namespace, device: torch.device, info: DistInfo,
+                log) -> dict:
     ckpt = checkpoint_path(args.load[0], args.checkpoint_dir)
     model = checked_model(load_checkpoint(ckpt, map_location="cpu",
                                           required_keys=REQUIRED_KEYS), ckpt).to(device)
@@ -128,18 +155,42 @@ def run_search(args: argparse.Namespace, device: torch.device) -> dict:
     out = Path(args.out)
     explicit = args.index is not None
     index_path = Path(args.index) if explicit else default_index_path(out, ckpt, gallery.root)
-    index, status = open_or_build(model, gallery, index_path, explicit,
-                                  _encoder(model, args, device, "gallery"),
-                                  rebuild=args.rebuild_index)
-    log.info("gallery index %s: %s (%d images%s)", status, index_path, len(index),
-             f", {len(index.skipped)} unreadable" if index.skipped else "")
+    fingerprints = (model_fingerprint(model), gallery.fingerprint)
+    sharded = ShardedEncoder(_encoder(model, args, device, "gallery", allow_empty=True),
+                             shard_dir(index_path), fingerprints, info,
+                             reuse=not args.rebuild_index)
+    index, status = open_or_build(model, gallery, index_path, explicit, sharded,
+                                  rebuild=args.rebuild_index, is_main=info.is_main)
+    sharded.cleanup()
+    barrier(info)
+    if not info.is_main:  # process 0 saved the merged index
+        index = load_index(index_path)
+    else:
+        log.info("gallery index %s: %s (%d images%s)", status, index_path, len(index),
+                 f", {len(index.skipped)} unreadable" if index.skipped else "")
+    ivf = None
+    if args.index_type == "ivf":
+        nlist = args.nlist or default_nlist(len(index))
+        ivf, ivf_status, ivf_folder = open_or_build_ivf(
+            model.quantizer, index, index_path, nlist, args.nprobe or default_nprobe(nlist),
+            info, seed=args.seed)
+        if info.is_main:
+            log.info("IVF index %s: %s (nlist %d, nprobe %d)", ivf_status, ivf_folder, nlist,
+                     ivf.nprobe)
+    if not info.is_main:  # only process 0 searches and writes the results
+        return {}
 
-    tables, kept = _encoder(model, args, device, "query")([str(p) for p in query_files])
+    which = "faiss-query" if ivf is not None else "query"
+    queries, kept = _encoder(model, args, device, which)([str(p) for p in query_files])
     kept_list = kept.cpu().tolist()
     readable = set(kept_list)
     unreadable = [str(p) for i, p in enumerate(query_files) if i not in readable] + missing
     topk = args.topk or DEFAULT_TOPK
-    scores, positions = rank(tables, index, topk)
+    if ivf is None:
+        scores, positions = rank(queries, index, topk)
+    else:
+        scores, positions = search_head_queries(ivf, model.quantizer, queries.cpu(),
+                                                min(topk, len(index)))
 
     identities = index.identities()
     gallery_ids = [index.identity(i) for i in range(len(index))]
@@ -155,7 +206,9 @@ def run_search(args: argparse.Namespace, device: torch.device) -> dict:
         "num_words": model.config.num_words,
         "gallery": str(gallery.root), "gallery_size": len(index),
         "gallery_unreadable": [str(gallery.root / p) for p in index.skipped],
-        "index": str(index_path), "index_status": status,
+        "index": str(index_path), "index_status": status, "index_type": args.index_type,
+        **({"ivf_index": str(ivf_folder), "ivf_status": ivf_status, "nlist": ivf.nlist,
+            "nprobe": ivf.nprobe} if ivf is not None else {}),
         "topk": topk, "score": "sum_m P_m[code_m] (asymmetric, higher is closer)",
         "queries": [{"path": row.query_path, "identity": row.query_identity,
                      "results": [{"rank": i + 1, "path": h.path, "identity": h.identity,

@@ -178,6 +178,7 @@ def check_options(args) -> None:
     if overwrite and args.resume:
         raise UsageError("--overwrite and --resume contradict each other: --resume continues "
                          "the existing checkpoint, --overwrite replaces it")
+    _check_index_type(args)
     search_flags = (("--gallery", args.gallery), ("--query", args.query),
                     ("--index", args.index), ("--rebuild-index", args.rebuild_index))
     if args.search:
@@ -218,6 +219,24 @@ def check_options(args) -> None:
             raise UsageError("--load is for evaluation (-e); training writes --save")
         if args.export_faiss:
             raise UsageError("--export-faiss works with -e")
+
+
+def _check_index_type(args) -> None:
+    """--index-type ivf with --search or --export-faiss; --nlist/--nprobe only with it."""
+    index_type = getattr(args, "index_type", "flat")
+    nlist, nprobe = getattr(args, "nlist", None), getattr(args, "nprobe", None)
+    _check_positive("--nlist", nlist)
+    _check_positive("--nprobe", nprobe)
+    if index_type != "ivf":
+        for flag, given in (("--nlist", nlist), ("--nprobe", nprobe)):
+            if given is not None:
+                raise UsageError(f"{flag} applies to --index-type ivf")
+        return
+    if not args.search and not args.export_faiss:
+        raise UsageError("--index-type ivf works with --search or -e --export-faiss")
+    if nlist is not None and nprobe is not None and nprobe > nlist:
+        raise UsageError(f"--nprobe {nprobe} exceeds --nlist {nlist}: at most every list "
+                         f"can be scanned")
 
 
 def check_feature_dim(feature_dim: int, num_books: int, num_words: int,

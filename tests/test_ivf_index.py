@@ -1,0 +1,190 @@
+"""The IVF index over a model's own codes (utils.ivf_index) and the shard front
+(utils.shard_search), for every method's head."""
+import numpy as np
+import pytest
+import torch
+
+faiss = pytest.importorskip("faiss")
+
+from models.heads import build_head  # noqa: E402
+from models.opqn import OPQNConfig  # noqa: E402
+from utils.faiss_index import (build_head_index, pack_bits, pack_codes,  # noqa: E402
+                               save_faiss_index, search_head_index, search_head_queries)
+from utils.ivf_index import (add_to_ivf, build_ivf_index, default_nlist,  # noqa: E402
+                             merge_on_disk, read_ivf, set_nprobe, train_ivf)
+from utils.retrieval import search_adc  # noqa: E402
+
+# method -> (M, K, D): small heads, each method's own constraints (opqn: K <= d; dcdh: L x 2).
+HEADS = {"opqn": (4, 16, 64), "l2q": (4, 16, 32), "dpq": (4, 16, 32), "gpq": (4, 16, 32),
+         "dcdh": (24, 2, 24)}
+NLIST = 8
+TOPK = 10
+
+
+def _case(method, n=300, q=9, seed=0):
+    m, k, d = HEADS[method]
+    torch.manual_seed(seed)
+    head = build_head(OPQNConfig(num_books=m, num_words=k, feature_dim=d, num_classes=4,
+                                 method=method)).eval()
+    # Clustered features, as a trained backbone gives: 12 centres plus noise.
+    centres = torch.randn(12, d) * 2
+    feats = centres[torch.randint(0, 12, (n,))] + 0.5 * torch.randn(n, d)
+    queries = centres[torch.randint(0, 12, (q,))] + 0.5 * torch.randn(q, d)
+    return head, head.encode(feats), queries
+
+
+def _clone(index):
+    return (faiss.clone_binary_index if isinstance(index, faiss.IndexBinary)
+            else faiss.clone_index)(index)
+
+
+def _exact(head, codes, queries, positions):
+    """The ADC engine's score of each returned item (-1 positions excluded by the caller)."""
+    tables = head.query_tables(queries)
+    c = codes.long()[positions.clamp_min(0)]  # (Q, k, M)
+    books = torch.arange(c.shape[2])
+    return tables[torch.arange(tables.shape[0])[:, None, None], books, c].sum(-1)
+
+
+@pytest.mark.parametrize("method", list(HEADS))
+def test_all_lists_probed_gives_the_flat_scores(method):
+    head, codes, queries = _case(method)
+    ivf = build_ivf_index(head, codes, nlist=NLIST, nprobe=NLIST)
+    assert ivf.ntotal == codes.shape[0] and ivf.nlist == NLIST and ivf.nprobe == NLIST
+    assert isinstance(ivf, faiss.IndexBinaryIVF if method == "dcdh" else faiss.IndexIVFPQ)
+    flat_scores, _ = search_adc(head.query_tables(queries), codes, TOPK)
+    scores, positions = search_head_index(ivf, head, queries, TOPK)
+    np.testing.assert_allclose(scores.numpy(), flat_scores.numpy(), atol=1e-5)
+    faiss_flat, _ = search_head_index(build_head_index(head, codes), head, queries, TOPK)
+    np.testing.assert_allclose(scores.numpy(), faiss_flat.numpy(), atol=1e-5)
+    # Every returned score is the engine's score of the item returned.
+    np.testing.assert_allclose(scores.numpy(), _exact(head, codes, queries, positions).numpy(),
+                               atol=1e-5)
+
+    # Fewer lists: still valid items with their exact scores, never better than the flat top.
+    set_nprobe(ivf, 1)
+    few, few_pos = search_head_index(ivf, head, queries, TOPK)
+    ok = few_pos >= 0
+    assert ok[:, 0].all()
+    assert int(few_pos.max()) < codes.shape[0]
+    exact = _exact(head, codes, queries, few_pos)
+    assert torch.allclose(few[ok], exact[ok], atol=1e-5)
+    assert bool((few[:, 0] <= flat_scores[:, 0] + 1e-5).all())
+
+
+@pytest.mark.parametrize("method", ["opqn", "l2q", "dcdh"])
+def test_lists_hold_the_models_codes_unchanged(method):
+    from faiss.contrib.inspect_tools import get_invlist
+
+    head, codes, _ = _case(method, n=200)
+    ivf = build_ivf_index(head, codes, nlist=NLIST)
+    binary = method == "dcdh"
+    want = pack_bits(codes) if binary else pack_codes(codes, ivf.pq.nbits)
+    seen = []
+    for lst in range(ivf.nlist):
+        ids, stored = get_invlist(ivf.invlists, lst)
+        np.testing.assert_array_equal(stored.reshape(len(ids), -1), want[ids])
+        seen += ids.tolist()
+    assert sorted(seen) == list(range(codes.shape[0]))
+    if not binary:
+        # Item lists = the quantizer's routing of the item's reconstruction, as for a query.
+        from utils.ivf_index import reconstruct
+
+        _, routed = ivf.quantizer.search(reconstruct(head, codes), 1)
+        for lst in range(ivf.nlist):
+            ids, _ = get_invlist(ivf.invlists, lst)
+            assert (routed[ids, 0] == lst).all()
+        # The PQ holds the head's codewords: decoding returns the reconstructions.
+        cent = head.faiss_centroids().detach().permute(0, 2, 1)
+        np.testing.assert_allclose(faiss.vector_to_array(ivf.pq.centroids),
+                                   cent.reshape(-1).numpy(), atol=0)
+
+
+@pytest.mark.parametrize("method", ["opqn", "dcdh"])
+def test_shards_merged_on_disk_equal_one_index(method, tmp_path):
+    head, codes, queries = _case(method)
+    trained = train_ivf(head, codes, NLIST)
+    cuts = [(0, 110), (110, 300)]
+    files = []
+    for i, (a, b) in enumerate(cuts):
+        shard = _clone(trained)
+        add_to_ivf(shard, head, codes[a:b], torch.arange(a, b))
+        files.append(tmp_path / f"shard{i}.faiss")
+        save_faiss_index(shard, files[-1])
+    whole = _clone(trained)
+    add_to_ivf(whole, head, codes)
+    merged = merge_on_disk(trained, files, tmp_path / "lists.ivfdata")
+    save_faiss_index(merged, tmp_path / "merged.faiss")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("merged.faiss", "lists.ivfdata"):  # the lists are found beside the index
+        (tmp_path / name).rename(moved / name)
+    loaded = read_ivf(moved / "merged.faiss")
+    assert "OnDisk" in type(faiss.downcast_InvertedLists(loaded.invlists)).__name__
+    assert loaded.ntotal == codes.shape[0]
+    for index in (whole, loaded):
+        set_nprobe(index, 3)
+    a = search_head_index(whole, head, queries, TOPK)
+    b = search_head_index(loaded, head, queries, TOPK)
+    assert torch.equal(a[0], b[0])
+
+
+def test_default_nlist_and_bad_nlist():
+    assert default_nlist(1) == 1 and default_nlist(36) == 1 and default_nlist(10 ** 6) == 1024
+    assert default_nlist(1000) == 16  # sqrt(1000) rounds to 32, but 39 items per list
+    assert default_nlist(10 ** 7) == 4096
+    head, codes, _ = _case("opqn", n=20)
+    with pytest.raises(ValueError, match="nlist 21"):
+        train_ivf(head, codes, 21)
+
+
+@pytest.mark.parametrize("method", ["opqn", "gpq", "l2q", "dcdh"])
+def test_two_shard_servers_on_loopback_equal_one_index(method):
+    from utils.shard_search import ShardFront, ShardServer
+
+    head, codes, queries = _case(method)
+    trained = train_ivf(head, codes, NLIST)
+    whole = _clone(trained)
+    add_to_ivf(whole, head, codes)
+    set_nprobe(whole, 4)
+    servers = []
+    try:
+        for a, b in [(0, 140), (140, 300)]:
+            shard = _clone(trained)
+            add_to_ivf(shard, head, codes[a:b], torch.arange(a, b))
+            servers.append(ShardServer(shard).start())
+        front = ShardFront([(s.host, s.port) for s in servers])
+        front.set_nprobe(4)
+        assert front.ntotal == codes.shape[0]
+        assert front.keep_max == (head.faiss_metric == "ip")
+        want = search_head_index(whole, head, queries, TOPK)
+        got = search_head_index(front, head, queries, TOPK)
+        assert torch.equal(want[0], got[0])
+        # Indices agree wherever scores are not tied (the last may tie with the 11th).
+        for q in range(queries.shape[0]):
+            s = want[0][q]
+            clear = torch.ones_like(s, dtype=torch.bool)
+            clear[-1] = False
+            clear[1:] &= s[1:] != s[:-1]
+            clear[:-1] &= s[:-1] != s[1:]
+            assert torch.equal(want[1][q][clear], got[1][q][clear])
+        if head.faiss_metric == "ip":
+            # The pitfall the front avoids: faiss's own ClientIndex keeps the lowest
+            # similarities, that is the worst matches.
+            from faiss.contrib.client_server import ClientIndex
+
+            naive = ClientIndex([(s.host, s.port) for s in servers])
+            dist, _ = naive.search(head.faiss_queries(queries).numpy(), TOPK)
+            assert (dist[:, 0] < want[0][:, 0].numpy() - 1e-4).all()
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_serve_command_refuses_a_file_that_is_no_index(tmp_path, capsys):
+    from utils.shard_search import main
+
+    (tmp_path / "junk.faiss").write_bytes(b"not an index")
+    assert main(["serve", str(tmp_path / "junk.faiss"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read" in err[0] and "junk.faiss" in err[0]

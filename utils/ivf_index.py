@@ -1,0 +1,230 @@
+"""An inverted-file (IVF) faiss index over a model's own codes: search that scans a few lists.
+
+The flat index (:func:`utils.faiss_index.build_head_index`) scans every code. The IVF index
+splits the gallery into ``nlist`` lists by a coarse quantizer and scans only the ``nprobe``
+lists nearest to the query. It holds the codes the model chose, unchanged: faiss never
+re-encodes an item, because OPQN picks codes by its learned assignment, not by the nearest
+codeword.
+
+* ``"ip"`` / ``"l2"`` heads (opqn, gpq / l2q, dpq): ``faiss.IndexIVFPQ`` with
+  ``by_residual = False``; its PQ centroids are the head's codewords (``pq.train`` is never
+  called) and the codes go in with ``add_sa_codes``. The coarse quantizer is k-means on the
+  items' reconstructions ``sum_m c_{m,code_m}``, and an item goes to the list that the same
+  quantizer would route a query to. For inner product the centroids stay the lists' means
+  (not normalised): a query's inner product with a mean is the list's mean score, and at
+  equal nprobe that found far more of the exhaustive top-10 than spherical k-means did
+  (``spherical=True``; README, "From one machine to many").
+* ``"hamming"`` (dcdh): ``faiss.IndexBinaryIVF`` over the bits (the bits are the vectors,
+  so training and adding cannot change them).
+
+With ``nprobe = nlist`` every list is scanned and the scores equal the flat index's.
+Galleries larger than memory are built as IVF shards that share one trained quantizer and
+are merged into on-disk inverted lists (:func:`merge_on_disk`), searched memory-mapped.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.heads.base import QuantHead
+
+from .faiss_index import _faiss, pack_bits, pack_codes, set_pq_centroids
+
+FaissIndex = Any  # faiss.IndexIVFPQ or faiss.IndexBinaryIVF (faiss is imported lazily)
+
+__all__ = [
+    "INDEX_TYPES",
+    "default_nlist",
+    "default_nprobe",
+    "reconstruct",
+    "train_ivf",
+    "add_to_ivf",
+    "build_ivf_index",
+    "set_nprobe",
+    "merge_on_disk",
+    "read_ivf",
+]
+
+INDEX_TYPES = ("flat", "ivf")
+# k-means sample: faiss's guidance is 39 to 256 points per centroid; 64 keeps training a few
+# seconds at nlist 1024 on 2 cores with the same list balance.
+POINTS_PER_CENTROID = 64
+MIN_POINTS_PER_LIST = 39  # below this faiss's k-means warns that it lacks training points
+KMEANS_ITERATIONS = 20
+# Items routed per block: bounds the (block, D) float32 reconstructions in memory.
+ROUTE_BLOCK = 65536
+
+
+def default_nlist(n: int) -> int:
+    """A power of two near ``sqrt(n)``, lowered until every list can get
+    ``MIN_POINTS_PER_LIST`` items (k-means needs them), at least 1.
+
+    Routing costs ``nlist * D`` per item and per query (D = 512 or more here), so this stays
+    below the ``4 * sqrt(n)`` often used for short vectors; see the README's table."""
+    if n < 1:
+        raise ValueError("an IVF index needs at least one item")
+    nlist = 2 ** round(math.log2(max(1.0, math.sqrt(n))))
+    while nlist > 1 and nlist * MIN_POINTS_PER_LIST > n:
+        nlist //= 2
+    return nlist
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists scanned per query by default: 1/16 of them (see the README's recall table)."""
+    return max(1, nlist // 16)
+
+
+def reconstruct(head: QuantHead, codes: Tensor) -> np.ndarray:
+    """The items' points for the coarse quantizer: ``(N, M*d')`` float32, the concatenated
+    codewords ``c_{m,code_m}`` of ``head.faiss_centroids()`` (``(M, d', K)``)."""
+    words = head.faiss_centroids().detach().to("cpu", torch.float32).permute(0, 2, 1)  # M,K,d
+    idx = codes.to("cpu", torch.int64)
+    parts = [words[m, idx[:, m]] for m in range(words.shape[0])]
+    return torch.cat(parts, dim=1).numpy()
+
+
+def _sample(n: int, size: int, seed: int) -> Tensor:
+    if n <= size:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:size].sort().values
+
+
+def train_ivf(head: QuantHead, codes: Tensor, nlist: int, seed: int = 0,
+              spherical: bool = False) -> FaissIndex:
+    """An empty IVF index for ``head`` whose coarse quantizer is trained on ``codes``
+    ``(n, M)`` (a sample of the gallery is enough: at most ``POINTS_PER_CENTROID * nlist``
+    rows are used). ``spherical`` normalises the centroids (inner-product heads only; off
+    by default, see the module docstring).
+
+    Returns ``faiss.IndexIVFPQ`` (``"ip"``/``"l2"``) or ``faiss.IndexBinaryIVF``
+    (``"hamming"``), ``ntotal = 0``, ``nprobe = 1``.
+    Raises ValueError when ``nlist`` exceeds the number of codes.
+    """
+    faiss = _faiss()
+    metric = getattr(head, "faiss_metric", None)
+    n = codes.shape[0]
+    if not 1 <= nlist <= n:
+        raise ValueError(f"nlist {nlist} must lie in [1, {n}] (the codes it is trained on)")
+    rows = codes[_sample(n, POINTS_PER_CENTROID * nlist, seed)]
+    if metric == "hamming":
+        packed = pack_bits(rows)
+        dbits = packed.shape[1] * 8
+        index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(dbits), dbits, nlist)
+        index.cp.seed = seed
+        index.cp.niter = KMEANS_ITERATIONS
+        index.cp.max_points_per_centroid = POINTS_PER_CENTROID
+        index.train(packed)  # trains the quantizer only: binary codes are stored as given
+        return index
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"faiss cannot express the score of method {getattr(head, 'method', '?')}")
+    centroids = head.faiss_centroids().detach().cpu()
+    m, d, k = centroids.shape
+    nbits = k.bit_length() - 1
+    points = np.ascontiguousarray(reconstruct(head, rows))
+    ip = metric == "ip"
+    kmeans = faiss.Kmeans(m * d, nlist, niter=KMEANS_ITERATIONS, seed=seed,
+                          spherical=spherical and ip,
+                          max_points_per_centroid=POINTS_PER_CENTROID, verbose=False)
+    kmeans.train(points)
+    quantizer = faiss.IndexFlatIP(m * d) if ip else faiss.IndexFlatL2(m * d)
+    quantizer.add(kmeans.centroids)
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
+    index = faiss.IndexIVFPQ(quantizer, m * d, nlist, m, nbits, faiss_metric)
+    index.by_residual = False  # the stored code is the model's code, not a residual's
+    set_pq_centroids(index.pq, centroids)
+    index.is_trained = True  # never index.train(): it would replace the codewords
+    return index
+
+
+def add_to_ivf(index: FaissIndex, head: QuantHead, codes: Tensor,
+               ids: Tensor | None = None) -> None:
+    """Add ``codes`` ``(n, M)`` unchanged to ``index`` (from :func:`train_ivf`), with int64
+    ``ids`` ``(n,)`` (default: ``ntotal, ntotal + 1, ...``), in blocks of ``ROUTE_BLOCK``."""
+    faiss = _faiss()
+    n = codes.shape[0]
+    if ids is None:
+        ids = torch.arange(index.ntotal, index.ntotal + n)
+    if ids.shape != (n,):
+        raise ValueError(f"{n} codes but ids of shape {tuple(ids.shape)}")
+    binary = isinstance(index, faiss.IndexBinary)
+    for i in range(0, n, ROUTE_BLOCK):
+        block = codes[i : i + ROUTE_BLOCK]
+        block_ids = np.ascontiguousarray(ids[i : i + ROUTE_BLOCK].numpy().astype(np.int64))
+        if binary:
+            index.add_with_ids(pack_bits(block), block_ids)
+            continue
+        # Route by the reconstruction, as a query is routed; then store list number and code.
+        _, lists = index.quantizer.search(np.ascontiguousarray(reconstruct(head, block)), 1)
+        width = index.coarse_code_size()
+        coarse = lists[:, 0].astype("<i8").view(np.uint8).reshape(-1, 8)[:, :width]
+        packed = pack_codes(block, index.pq.nbits)
+        index.add_sa_codes(np.ascontiguousarray(np.concatenate([coarse, packed], axis=1)),
+                           block_ids)
+
+
+def build_ivf_index(head: QuantHead, codes: Tensor, nlist: int | None = None,
+                    nprobe: int | None = None, seed: int = 0,
+                    spherical: bool = False) -> FaissIndex:
+    """An in-memory IVF index of a gallery's ``codes`` ``(N, M)``, item ids ``0..N-1``.
+
+    ``nlist`` defaults to :func:`default_nlist`, ``nprobe`` to :func:`default_nprobe`;
+    ``spherical`` as in :func:`train_ivf`.
+    """
+    nlist = nlist or default_nlist(codes.shape[0])
+    index = train_ivf(head, codes, nlist, seed, spherical)
+    add_to_ivf(index, head, codes)
+    set_nprobe(index, nprobe or default_nprobe(nlist))
+    return index
+
+
+def set_nprobe(index: FaissIndex, nprobe: int) -> int:
+    """Scan ``min(nprobe, nlist)`` lists per query; returns the value set."""
+    nprobe = max(1, min(int(nprobe), index.nlist))
+    index.nprobe = nprobe
+    return nprobe
+
+
+def merge_on_disk(trained: FaissIndex, shard_files: Sequence[Union[str, os.PathLike]],
+                  ivfdata: Union[str, os.PathLike]) -> FaissIndex:
+    """Merge IVF shard files (all from the same :func:`train_ivf` index) into ``trained``
+    (left empty by the caller), with the inverted lists in the file ``ivfdata``.
+
+    The shards are read memory-mapped, so their lists never need to fit in memory together.
+    Float indexes go through ``faiss.contrib.ondisk.merge_ondisk``; binary ones (which that
+    helper cannot unwrap) through the same ``OnDiskInvertedLists`` steps.
+    """
+    faiss = _faiss()
+    names = [os.fspath(f) for f in shard_files]
+    if os.path.exists(ivfdata):
+        os.remove(ivfdata)  # OnDiskInvertedLists appends to an existing file
+    if not isinstance(trained, faiss.IndexBinary):
+        from faiss.contrib.ondisk import merge_ondisk
+
+        merge_ondisk(trained, names, os.fspath(ivfdata))
+        return trained
+    shards = [faiss.read_index_binary(name, faiss.IO_FLAG_MMAP) for name in names]
+    lists = faiss.InvertedListsPtrVector()
+    for shard in shards:
+        shard.own_invlists = False  # the merge reads them after the shard object is gone
+        lists.push_back(shard.invlists)
+    ondisk = faiss.OnDiskInvertedLists(trained.nlist, trained.code_size, os.fspath(ivfdata))
+    trained.ntotal = ondisk.merge_from_multiple(lists.data(), lists.size(), False)
+    trained.replace_invlists(ondisk, True)
+    ondisk.this.disown()
+    return trained
+
+
+def read_ivf(path: Union[str, os.PathLike]) -> FaissIndex:
+    """Read an IVF index file (float or binary); on-disk inverted lists are looked for beside
+    it (so the folder may move) and memory-mapped by faiss: the lists stay on disk."""
+    faiss = _faiss()
+    try:
+        return faiss.read_index(os.fspath(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    except RuntimeError:  # a binary index (dcdh)
+        return faiss.read_index_binary(os.fspath(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
