@@ -9,7 +9,7 @@ faiss = pytest.importorskip("faiss")
 from models.heads import build_head  # noqa: E402
 from models.opqn import OPQNConfig  # noqa: E402
 from utils.faiss_index import (build_head_index, pack_bits, pack_codes,  # noqa: E402
-                               save_faiss_index, search_head_index, search_head_queries)
+                               save_faiss_index, search_head_index)
 from utils.ivf_index import (add_to_ivf, build_ivf_index, default_nlist,  # noqa: E402
                              merge_on_disk, read_ivf, set_nprobe, train_ivf)
 from utils.retrieval import search_adc  # noqa: E402

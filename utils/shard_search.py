@@ -21,7 +21,6 @@ Command line: ``python -m utils.shard_search serve SHARD.faiss --port 12032 [--h
 """
 from __future__ import annotations
 
-import argparse
 import socket
 import sys
 import threading
