@@ -47,7 +47,7 @@ from data.datasets import dataset_preset, split_dirs  # noqa: E402
 from data.loaders import build_splits, make_loader  # noqa: E402
 from models.precision import fp32_zone  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.evaluation import encode_gallery, evaluate_model, extract_features  # noqa: E402
+from utils.evaluation import evaluate_model, extract_features  # noqa: E402
 from utils.precise_bn import recompute_bn_statistics  # noqa: E402
 from utils.training import load_model  # noqa: E402
 
