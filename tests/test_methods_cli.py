@@ -156,6 +156,26 @@ def test_resume_refuses_another_method(trained, tiny_data_dir, capsys):
     one_line_error(capsys, "--resume", "method gpq", "dpq")
 
 
+@pytest.mark.parametrize("method, optimizer, lr, weight_decay, betas", [
+    ("opqn", "sgd", 0.1, 5e-4, None), ("l2q", "sgd", 0.1, 5e-4, None),
+    ("dpq", "sgd", 0.01, 5e-4, None), ("gpq", "adam", 2e-4, 0.0, (0.5, 0.999)),
+    ("dcdh", "adam", 0.005, 1e-4, (0.9, 0.999))])
+def test_each_method_trained_with_its_authors_optimizer(trained, method, optimizer, lr,
+                                                        weight_decay, betas):
+    """The checkpoint's optimiser state, not only its settings, holds the authors' choice."""
+    from utils.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(trained / "checkpoint" / f"{method}.tar")
+    assert ckpt["train_settings"]["optimizer"] == optimizer
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["weight_decay"]) == (lr, weight_decay)
+    if betas is not None:
+        assert tuple(group["betas"]) == betas
+        assert group["amsgrad"] == (method == "dcdh")
+    else:
+        assert group["momentum"] == 0.9
+
+
 def test_resume_keeps_the_method_and_its_optimizer(trained, tiny_data_dir):
     """dcdh trains with Adam at 32x32: --resume continues it (runs last: it extends dcdh.tar)."""
     from utils.checkpoint import load_checkpoint
