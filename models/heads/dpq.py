@@ -4,8 +4,8 @@
 Trainable ``V_m`` and codebooks ``C_m``, both drawn from a standard normal;
 ``p_m = softmax(x_m V_m)`` on the un-normalised sub-vector, soft sub-vector ``s_m = C_m p_m``
 and hard sub-vector ``h_m`` = the codeword at ``argmax p_m``. The argmax passes no gradient
-to ``p_m``: the hard branch trains the codewords (and, through the classifier, nothing
-else). Queries are scored by ``-sum_m ||s_m(q) - c_{m,code_m}||^2`` with ``s_m(q)`` from the
+to ``p_m``: the hard branch's terms train the codewords, the classifier and the centres,
+never ``V_m`` or the backbone. Queries are scored by ``-sum_m ||s_m(q) - c_{m,code_m}||^2`` with ``s_m(q)`` from the
 un-normalised query.
 """
 from __future__ import annotations
