@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_LR = 0.1
-METHOD_LR = {"dpq": 0.01, "dcdh": 0.005, "gpq": 2e-4}
 DCDH_SGD_LR = 0.01
+METHOD_LR = {"dpq": 0.01, "dcdh": DCDH_SGD_LR}  # SGD learning rates other than 0.1
 SGD_WEIGHT_DECAY = 5e-4  # the paper's, and every SGD-trained baseline's
 ADAM_LR = 1e-3  # a method without an Adam of its own, run with --optimizer adam
 
@@ -62,8 +62,6 @@ def default_lr(method: str, optimizer: str) -> float:
     """The method's learning rate for the optimiser in use."""
     if optimizer == "adam":
         return adam_form(method).lr
-    if method in ("dcdh", "gpq"):  # their authors' lr is an Adam one
-        return DCDH_SGD_LR if method == "dcdh" else DEFAULT_LR
     return METHOD_LR.get(method, DEFAULT_LR)
 
 
@@ -77,9 +75,10 @@ def default_weight_decay(method: str, optimizer: str) -> float:
 # table (a str default is a choice among METHOD_CHOICES) and utils.pipeline copies the
 # flags' values into the config.
 METHOD_HYPERPARAMETERS: dict[str, tuple[tuple[str, float | str, str], ...]] = {
-    "l2q": (("l2q_init", "normal", "initialisation of the learned codewords and V_m: normal "
+    "l2q": (("l2q_init", "normal", "initialisation of the learned codewords: normal "
                                    "(standard normal, as the OPQN authors' learned-codeword "
-                                   "layer) or xavier (the project's earlier form)"),),
+                                   "layer) or xavier (the project's earlier form); V_m is "
+                                   "Xavier as OPQN's"),),
     "dpq": (("dpq_alpha", 0.25, "weight of the joint centre loss (0.25)"),
             ("dpq_gini_diversity", 1.0, "weight of the Gini diversity term (1)"),
             ("dpq_gini_sharpness", 0.01, "weight of the Gini sharpness term (0.01)")),

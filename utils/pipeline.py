@@ -248,6 +248,7 @@ def _method_fields(args: argparse.Namespace) -> dict:
 
 def _method_detail(config: OPQNConfig) -> str:
     names = [name for name, _default, _help in METHOD_HYPERPARAMETERS.get(config.method, ())]
+
     def show(value) -> str:
         return value if isinstance(value, str) else f"{value:g}"
 
