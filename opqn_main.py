@@ -16,7 +16,7 @@ from data.datasets import PRESETS
 from models.registry import BackboneError
 from utils.checkpoint import CheckpointError
 from utils.errors import OneLineParser, first_line, report_error
-from utils.methods import METHOD_HYPERPARAMETERS
+from utils.methods import METHOD_CHOICES, METHOD_HYPERPARAMETERS
 from utils.precise_bn import DEFAULT_PRECISE_BN_IMAGES
 from utils.runtime import DEVICE_CHOICES, DeviceError
 from utils.validation import (HASHING_METHODS, METHODS, UsageError, check_options, code_specs,
@@ -164,12 +164,21 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
                              "from each checkpoint)")
     g.add_argument("--method", choices=METHODS, help="opqn (default), l2q (OPQN with learned "
                    "codewords), dpq, gpq, or dcdh (binary hashing: --len bits, no --num/--words)")
-    g.add_argument("--optimizer", choices=("sgd", "adam"), help="default: sgd; adam (amsgrad) "
-                   "for dcdh on 32x32 datasets")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), help="default: the method's "
+                   "authors': sgd; adam for gpq, and for dcdh on 32x32 datasets")
+    g.add_argument("--weight-decay", type=float, metavar="WD", help="default: the method's "
+                   "(5e-4 with sgd; gpq's adam 0, dcdh's adam 1e-4)")
+    g.add_argument("--adam-betas", type=float, nargs=2, metavar=("B1", "B2"),
+                   help="adam's betas (default: the method's; gpq 0.5 0.999, else 0.9 0.999)")
+    g.add_argument("--amsgrad", action=argparse.BooleanOptionalAction,
+                   help="adam's amsgrad variant (default: the method's; on for dcdh, off for "
+                        "gpq)")
     for method, fields in METHOD_HYPERPARAMETERS.items():
         for name, default, text in fields:
-            g.add_argument(f"--{name.replace('_', '-')}", type=float, default=default,
-                           help=f"{method}: {text}")
+            kind = {"type": float} if not isinstance(default, str) else \
+                {"choices": METHOD_CHOICES[name]}
+            g.add_argument(f"--{name.replace('_', '-')}", default=default,
+                           help=f"{method}: {text}", **kind)
 
 
 def _resume_hint(exc: BaseException, argv: list[str] | None) -> str:

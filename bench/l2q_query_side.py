@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
@@ -49,7 +48,7 @@ def main() -> int:
     head = model.quantizer
     codes = head.encode(gallery)
     books = head.codebooks.detach()
-    p_norm = torch.softmax(head.assignment_logits(F.normalize(head.split(queries), dim=-1)), -1)
+    p_norm = head.query_probs(queries)
     p_raw = torch.softmax(head.assignment_logits(head.split(queries)), -1)
     rows = {
         "l2q score (normalised query)": head.query_tables(queries),
@@ -58,8 +57,9 @@ def main() -> int:
     }
     for name, tables in rows.items():
         print(f"{name:34s} mAP {100 * evaluate_adc(tables, codes, q_labels, g_labels)['mAP']:.2f}%")
-    print(f"mean max P_m (normalised query): {p_norm.max(-1).values.mean():.4f} "
-          f"(uniform: {1 / head.num_words:.4f})")
+    diag = head.diagnostics(queries)  # the training log's numbers, on the real queries
+    print(f"mean max P_m (normalised query): {diag['maxP_q']:.4f} "
+          f"(uniform: {1 / head.num_words:.4f}); codeword norms sd/mean {diag['norm_cv']:.4f}")
     return 0
 
 

@@ -22,7 +22,8 @@ def build_loss(config):
         return OPQNLoss(config.num_classes, config.num_books, config.word_dim, config.margin,
                         config.scale, config.miu, getattr(config, "margin_type", "cosface"))
     if method == "dpq":
-        return DPQLoss(config.num_classes, config.feature_dim, config.dpq_alpha)
+        return DPQLoss(config.num_classes, config.feature_dim, config.dpq_alpha,
+                       config.dpq_gini_diversity, config.dpq_gini_sharpness)
     if method == "gpq":
         return GPQLoss(config.num_classes, config.num_books, config.feature_dim,
                        config.gpq_beta, config.gpq_lambda_ce, config.gpq_lambda_entropy)

@@ -37,8 +37,8 @@ class DCDHLoss(nn.Module):
         super().__init__()
         self.num_classes, self.bits = num_classes, bits
         self.sigma, self.eta, self.center_weight = sigma, eta, center_weight
-        self.centers = nn.Parameter(torch.empty(num_classes, bits))
-        nn.init.xavier_uniform_(self.centers)
+        # Standard normal, as the DCDH authors' centres (torch.randn).
+        self.centers = nn.Parameter(torch.randn(num_classes, bits))
 
     def forward(self, h: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """

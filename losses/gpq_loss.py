@@ -7,7 +7,8 @@
   targets are the rows of the label-similarity matrix, normalised to sum 1; plus
   ``0.002 / 4 * (mean ||x||^2 + mean ||q||^2)``.
 * CE: cosine classifier against learnable class prototypes ``P`` (intra-normalised), as in
-  the authors' code ``logits = (beta * x) . (beta * P)^T``.
+  the authors' code: ``logits = beta^2 * mean_m cos(x_m, P_m)``, the mean over subspaces
+  of ``(beta x_m) . (beta P_m)``, so the largest logit is ``beta^2`` (16).
 * The entropy term (for unlabelled data; off by default) applies gradient reversal to the
   features and takes the negative entropy of the prototype softmax.
 """
@@ -49,6 +50,12 @@ class GPQLoss(nn.Module):
         p = self.prototypes
         return intra_normalize(p.reshape(p.shape[0], self.num_books, -1)).flatten(1)
 
+    def class_logits(self, feature: Tensor) -> Tensor:
+        """``(B, D)`` intra-normalised features -> ``(B, classes)`` logits
+        ``beta^2 * mean_m cos(x_m, P_m)``: the D-vector product of intra-normalised vectors
+        is the sum of the M cosines, hence the division by M."""
+        return (self.beta * feature) @ (self.beta * self._prototypes()).T / self.num_books
+
     def forward(self, feature: Tensor, descriptor: Tensor,
                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """
@@ -64,14 +71,11 @@ class GPQLoss(nn.Module):
         same = (labels.unsqueeze(0) == labels.unsqueeze(1)).float()
         targets = same / same.sum(1, keepdim=True)
         npair = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean() + reg
-        protos = self._prototypes()
-        ce = F.cross_entropy((self.beta * feature) @ (self.beta * protos).T, labels)
+        ce = F.cross_entropy(self.class_logits(feature), labels)
         loss = npair + self.lambda_ce * ce
         entropy = torch.zeros((), device=feature.device)
         if self.lambda_entropy > 0:
-            probs = torch.softmax(
-                (self.beta * _ReverseGrad.apply(feature)) @ (self.beta * protos).T
-                / self.num_books, dim=1)
+            probs = torch.softmax(self.class_logits(_ReverseGrad.apply(feature)), dim=1)
             entropy = (probs * torch.log(probs + 1e-5)).sum(1).mean()
             loss = loss + self.lambda_entropy * entropy
         return loss, {"npair": npair.detach(), "ce": ce.detach(), "entropy": entropy.detach()}

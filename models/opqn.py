@@ -52,7 +52,10 @@ class OPQNConfig:
     # The method (models.heads.METHODS); checkpoints written before it existed are OPQN.
     method: str = "opqn"
     # Method-specific hyper-parameters (ignored by the other methods).
+    l2q_init: str = "normal"  # OPQN-l2q: codeword initialisation, "normal" or "xavier"
     dpq_alpha: float = 0.25  # DPQ: weight of the joint centre loss
+    dpq_gini_diversity: float = 1.0  # DPQ: weight of the Gini diversity term
+    dpq_gini_sharpness: float = 0.01  # DPQ: weight of the Gini sharpness term
     gpq_alpha: float = 20.0  # GPQ: soft-assignment temperature
     gpq_beta: float = 4.0  # GPQ: cosine-classifier scale
     gpq_lambda_ce: float = 0.1  # GPQ: weight of the classification term (lambda_2)

@@ -16,16 +16,6 @@ def intra_normalize(sub: Tensor, eps: float = 1e-12) -> Tensor:
     return F.normalize(sub, dim=-1, eps=eps)
 
 
-def straight_through_onehot(probs: Tensor) -> Tensor:
-    """One-hot of ``argmax probs`` over the last axis, with the gradient of ``probs``.
-
-    Forward value: the hard one-hot ``(..., K)``; backward: identity to ``probs``
-    (the straight-through estimator of DPQ).
-    """
-    hard = F.one_hot(probs.argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
-    return hard + probs - probs.detach()
-
-
 def soft_vectors(books: Tensor, weights: Tensor) -> Tensor:
     """``sum_k weights[b, m, k] * books[m, :, k]``: ``(M, d, K)``, ``(B, M, K)`` -> ``(B, M, d)``."""
     return torch.einsum("mdk,bmk->bmd", books.to(weights.dtype), weights)

@@ -139,24 +139,136 @@ def test_dcdh_tie_aware_map_equals_brute_force_over_tie_orders():
     assert result["mAP"] == pytest.approx(sum(aps) / 2, abs=1e-6)
 
 
-def test_dpq_hard_vector_is_the_argmax_codeword_with_straight_through_gradient():
+def test_dpq_hard_vector_is_the_argmax_codeword_and_passes_no_gradient_to_p():
     head = make_head("dpq")
     x = torch.randn(5, D, requires_grad=True)
-    soft, hard = head(x)
+    soft, hard, probs = head(x)
     codes = head.encode(x.detach()).long()
     words = torch.cat([head.codebooks[m, :, codes[:, m]].T for m in range(M)], 1)
     torch.testing.assert_close(hard, words)
-    hard.sum().backward()  # the gradient reaches the assignment through the argmax
-    assert head.assignment.grad is not None and head.assignment.grad.abs().sum() > 0
-    loss_fn = DPQLoss(4, D, alpha=0.25)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5, M))
+    hard.sum().backward()  # the argmax passes nothing back: only the codewords learn from h
+    assert head.assignment.grad is None and x.grad is None
+    assert head.codebooks.grad is not None and head.codebooks.grad.abs().sum() > 0
+    soft.sum().backward()  # the soft branch does reach V_m and the features
+    assert head.assignment.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def test_dpq_loss_is_ce_centre_and_gini_terms_without_classifier_bias():
+    head = make_head("dpq")
+    soft, hard, probs = (t.detach() for t in head(torch.randn(5, D)))
+    loss_fn = DPQLoss(4, D)  # defaults: alpha 0.25, Gini weights 1 and 0.01
+    assert loss_fn.classifier.bias is None
+    assert {n for n, _ in loss_fn.named_parameters()} == {"classifier.weight", "centers"}
     labels = torch.tensor([0, 1, 2, 3, 0])
-    loss, parts = loss_fn(soft.detach(), hard.detach(), labels)
+    loss, parts = loss_fn(soft, hard, probs, labels)
     c = loss_fn.centers[labels]
     centre = 0.5 * (((soft - c) ** 2).sum() + ((hard - c) ** 2).sum()) / 5
     torch.testing.assert_close(parts["center"], centre.detach())
-    expected = (F.cross_entropy(loss_fn.classifier(soft), labels)
-                + F.cross_entropy(loss_fn.classifier(hard), labels) + 0.25 * centre)
+    # Gini terms written out: usage of word k in book m over the batch, and sum of p^2.
+    usage = torch.stack([torch.stack([probs[:, m, k].mean() for k in range(K)])
+                         for m in range(M)])
+    diversity = (usage ** 2).sum()
+    sharpness = -sum((probs[b] ** 2).sum() for b in range(5)) / 5
+    torch.testing.assert_close(parts["gini_div"], diversity)
+    torch.testing.assert_close(parts["gini_sharp"], sharpness)
+    weight = loss_fn.classifier.weight
+    expected = (F.cross_entropy(soft @ weight.T, labels) + F.cross_entropy(hard @ weight.T, labels)
+                + 0.25 * centre + 1.0 * diversity + 0.01 * sharpness)
     torch.testing.assert_close(loss, expected)
+
+
+def test_gini_terms_at_their_extremes():
+    """Uniform assignments: diversity M/K (its minimum), sharpness -M/K (its maximum);
+    one word for every sample: diversity M, sharpness -M."""
+    from losses.dpq_loss import gini_terms
+
+    uniform = torch.full((6, M, K), 1.0 / K)
+    same = F.one_hot(torch.zeros(6, M, dtype=torch.long), K).float()
+    for probs, value in ((uniform, M / K), (same, float(M))):
+        diversity, sharpness = gini_terms(probs)
+        assert diversity.item() == pytest.approx(value)
+        assert sharpness.item() == pytest.approx(-value)
+
+
+def _stats(t: torch.Tensor) -> tuple[float, float]:
+    return t.mean().item(), t.std().item()
+
+
+def test_initialisations_are_the_authors():
+    """DPQ's V_m and codewords and DCDH's centres come from torch.randn (mean 0, sd 1);
+    l2q's codewords too by default (--l2q-init xavier: Xavier uniform), its V_m Xavier as
+    OPQN's."""
+    torch.manual_seed(0)
+    big = dict(num_books=4, num_words=64, feature_dim=512, num_classes=10)  # d = 128
+    xavier_sd = (6 / (128 + 64)) ** 0.5 / 3 ** 0.5  # uniform(-a, a) has sd a / sqrt(3)
+    dpq = build_head(OPQNConfig(**big, method="dpq"))
+    for tensor in (dpq.codebooks, dpq.assignment):
+        mean, sd = _stats(tensor.detach())
+        assert abs(mean) < 0.03 and sd == pytest.approx(1.0, abs=0.03)
+    l2q = build_head(OPQNConfig(**big, method="l2q"))
+    assert _stats(l2q.codebooks.detach())[1] == pytest.approx(1.0, abs=0.03)
+    assert _stats(l2q.assignment.detach())[1] == pytest.approx(xavier_sd, rel=0.05)
+    l2q_x = build_head(OPQNConfig(**big, method="l2q", l2q_init="xavier"))
+    assert _stats(l2q_x.codebooks.detach())[1] == pytest.approx(xavier_sd, rel=0.05)
+    centres = DCDHLoss(500, 48).centers.detach()
+    mean, sd = _stats(centres)
+    assert abs(mean) < 0.03 and sd == pytest.approx(1.0, abs=0.03)
+    with pytest.raises(ValueError, match="unknown initialisation"):
+        build_head(OPQNConfig(**big, method="l2q", l2q_init="zeros"))
+
+
+def test_gpq_class_logits_are_beta_squared_times_the_mean_cosine():
+    torch.manual_seed(0)
+    loss_fn = GPQLoss(4, M, D, beta=4.0)
+    protos = loss_fn._prototypes()  # intra-normalised (4, D)
+    feature = torch.randn(3, D)
+    feature = F.normalize(feature.reshape(3, M, -1), dim=-1).flatten(1)
+    d = D // M
+    mean_cos = torch.tensor([[sum(F.cosine_similarity(feature[b, m * d:(m + 1) * d],
+                                                      protos[c, m * d:(m + 1) * d], dim=0)
+                                  for m in range(M)).item() / M for c in range(4)]
+                             for b in range(3)])
+    torch.testing.assert_close(loss_fn.class_logits(feature).detach(), 16.0 * mean_cos)
+    # A feature equal to a prototype gets the largest possible logit: beta^2 = 16, not 16 M.
+    assert loss_fn.class_logits(protos[2:3])[0, 2].item() == pytest.approx(16.0)
+
+
+def test_l2q_diagnostics_are_its_query_side_sharpness_and_codeword_norm_spread():
+    head = make_head("l2q")
+    x = torch.randn(7, D)
+    diag = head.diagnostics(x)
+    assert set(diag) == set(head.DIAGNOSTICS) == {"maxP_q", "norm_cv"}
+    sub = F.normalize(x.reshape(7, M, -1), dim=-1)
+    probs = torch.softmax(torch.einsum("bmd,mdk->bmk", sub, head.assignment), -1)
+    torch.testing.assert_close(diag["maxP_q"], probs.max(-1).values.mean().detach())
+    norms = head.codebooks.detach().norm(dim=1).flatten()
+    torch.testing.assert_close(diag["norm_cv"], norms.std() / norms.mean())
+    assert make_head("dpq").diagnostics(x) == {} and make_head("opqn").diagnostics(x) == {}
+
+
+def test_each_method_defaults_to_its_authors_optimizer():
+    from utils.methods import adam_form, default_lr, default_optimizer, default_weight_decay
+    from utils.training import TrainSettings, build_optimizer
+
+    expected = {  # method: (optimizer at 32x32, lr, weight decay, betas, amsgrad)
+        "opqn": ("sgd", 0.1, 5e-4, None, None), "l2q": ("sgd", 0.1, 5e-4, None, None),
+        "dpq": ("sgd", 0.01, 5e-4, None, None),
+        "gpq": ("adam", 2e-4, 0.0, (0.5, 0.999), False),
+        "dcdh": ("adam", 0.005, 1e-4, (0.9, 0.999), True)}
+    for method, (opt, lr, wd, betas, amsgrad) in expected.items():
+        assert default_optimizer(method, 32) == opt, method
+        assert default_lr(method, opt) == lr and default_weight_decay(method, opt) == wd
+        if opt == "adam":
+            form = adam_form(method)
+            settings = TrainSettings(epochs=1, lr=lr, optimizer="adam", weight_decay=wd,
+                                     adam_betas=form.betas, amsgrad=form.amsgrad)
+            group = build_optimizer([torch.nn.Parameter(torch.zeros(2))], settings).param_groups[0]
+            assert (group["betas"], group["amsgrad"], group["weight_decay"]) == \
+                (betas, amsgrad, wd), method
+    # DCDH's authors used SGD on the 112x112 protocol; GPQ keeps its Adam there.
+    assert default_optimizer("dcdh", 112) == "sgd" and default_lr("dcdh", "sgd") == 0.01
+    assert default_optimizer("gpq", 112) == "adam"
 
 
 def test_gpq_loss_terms():

@@ -21,7 +21,8 @@ from .data_folders import prepare_folders, use_cache
 from .evaluation import evaluate_model
 from .faiss_index import export_gallery_index, export_path
 from .logger import get_logger, setup_logging
-from .methods import METHOD_HYPERPARAMETERS, default_lr, default_optimizer
+from .methods import (METHOD_HYPERPARAMETERS, adam_form, default_lr, default_optimizer,
+                      default_weight_decay)
 from .precise_bn import precise_bn_subset, recompute_bn_statistics
 from .precision import resolve_amp
 from .reporting import (curve_label, result_metadata, summary_line, training_provenance,
@@ -180,8 +181,12 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
         **model_choice, **_method_fields(args))
     optimizer = args.optimizer or default_optimizer(config.method, preset.input_size)
     lr = args.lr or default_lr(config.method, optimizer)
+    adam = adam_form(config.method)
     settings = TrainSettings(
         epochs=epochs, lr=lr, optimizer=optimizer, lr_step=preset.lr_step,
+        weight_decay=_given(args.weight_decay, default_weight_decay(config.method, optimizer)),
+        adam_betas=tuple(args.adam_betas or adam.betas),
+        amsgrad=_given(args.amsgrad, adam.amsgrad),
         batch_size=settings_batch,
         workers=loader_workers(args),
         seed=args.seed, eval_every=args.eval_every, best_path=best, last_path=last,
@@ -201,7 +206,8 @@ def _train_one(args, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
              f" {config.backbone_args}" if config.backbone_args else "",
              " (timm pretrained)" if config.pretrained else "", config.margin_type)
     log.info("[config] %d epochs, %s, %s, batch %d, seed %d, device %s%s",
-             epochs, optimizer, describe_schedule(schedule[0], lr, preset.lr_step, schedule[1]),
+             epochs, describe_optimizer(settings),
+             describe_schedule(schedule[0], lr, preset.lr_step, schedule[1]),
              settings_batch, args.seed, device,
              f", {dist_info.world_size} processes" if dist_info.distributed else "")
     state = train(config, settings, splits, device, dist_info)
@@ -244,6 +250,20 @@ def _precise_bn(args, splits: RetrievalSplits, device: torch.device, settings: T
                           record["images"], path)
 
 
+def _given(value, default):
+    """A flag's value where it was given (None: not given), else the method's default."""
+    return default if value is None else value
+
+
+def describe_optimizer(settings: TrainSettings) -> str:
+    """``sgd (momentum 0.9, weight decay 0.0005)`` or ``adam (betas 0.5/0.999, ...)``."""
+    if settings.optimizer == "adam":
+        b1, b2 = settings.adam_betas
+        return (f"adam (betas {b1:g}/{b2:g}, weight decay {settings.weight_decay:g}, amsgrad "
+                f"{'on' if settings.amsgrad else 'off'})")
+    return f"sgd (momentum {settings.momentum:g}, weight decay {settings.weight_decay:g})"
+
+
 def _method_fields(args: argparse.Namespace) -> dict:
     """The config fields of --method and its hyper-parameter flags."""
     method = args.method or "opqn"
@@ -255,8 +275,12 @@ def _method_fields(args: argparse.Namespace) -> dict:
 
 def _method_detail(config: OPQNConfig) -> str:
     names = [name for name, _default, _help in METHOD_HYPERPARAMETERS.get(config.method, ())]
-    return (" (" + ", ".join(f"{n} {getattr(config, n):g}" for n in names) + ")") if names \
-        else ""
+
+    def show(value) -> str:
+        return value if isinstance(value, str) else f"{value:g}"
+
+    return (" (" + ", ".join(f"{n} {show(getattr(config, n))}" for n in names) + ")") \
+        if names else ""
 
 
 def _checked_checkpoints(args: argparse.Namespace,

@@ -74,7 +74,9 @@ class TrainSettings:
     batch_size: int = 256
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    optimizer: str = "sgd"  # "sgd" (momentum) or "adam" (amsgrad; DCDH on 32x32 sets)
+    optimizer: str = "sgd"  # "sgd" (momentum) or "adam" (GPQ; DCDH on 32x32 sets)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # adam only
+    amsgrad: bool = True  # adam only
     workers: int = 2
     seed: int = 0
     eval_every: int = 5
@@ -103,8 +105,18 @@ class OPQNTrainingModule(nn.Module):
         # The one call site of head and loss for every method. Mixed precision stops at the
         # features: head and loss run in fp32 with autocast off, and the head's training
         # outputs go to the method's loss unchanged.
-        outputs = run_fp32(self.model.quantizer, self.model(images))
-        return run_fp32(self.criterion, *outputs, labels)
+        features = self.model(images)
+        outputs = run_fp32(self.model.quantizer, features)
+        loss, parts = run_fp32(self.criterion, *outputs, labels)
+        # The head's diagnostics (e.g. l2q's query-side sharpness) join the logged parts.
+        parts.update(run_fp32(self.model.quantizer.diagnostics, features.detach()))
+        return loss, parts
+
+
+def logged_parts(run: "TrainingRun") -> list[str]:
+    """Names of the per-epoch scalars beside the loss: the loss's parts, then the head's
+    diagnostics."""
+    return [*run.criterion.PARTS, *run.model.quantizer.DIAGNOSTICS]
 
 
 @dataclass
@@ -134,10 +146,11 @@ def build_criterion(config: OPQNConfig) -> nn.Module:
 
 
 def build_optimizer(params, settings: "TrainSettings") -> torch.optim.Optimizer:
-    """SGD with momentum (the paper's), or Adam with amsgrad (DCDH's on 32x32 sets)."""
+    """SGD with momentum (the paper's), or Adam with the settings' betas and amsgrad (each
+    method's defaults: utils.methods)."""
     if settings.optimizer == "adam":
         return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay,
-                                amsgrad=True)
+                                betas=tuple(settings.adam_betas), amsgrad=settings.amsgrad)
     if settings.optimizer != "sgd":
         raise ValueError(f"unknown optimizer {settings.optimizer!r}")
     return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
@@ -280,7 +293,7 @@ def distribute(run: TrainingRun, train_set, seed: int, device: torch.device,
 class _EpochSums:
     """The loss and its parts summed over an epoch's images; the steps skipped."""
 
-    total: Tensor  # (1 + parts,): loss, then each part of criterion.PARTS, times images
+    total: Tensor  # (1 + parts,): loss, then each of logged_parts(), times images
     seen: int
     skipped: Tensor  # (2,): skipped batches, their readable images
 
@@ -290,7 +303,7 @@ def _run_steps(run: TrainingRun, train_module: nn.Module, loader, train_set, epo
                dist_info: DistInfo) -> _EpochSums:
     """One SGD step per batch of ``loader``; a batch with too few readable images (here or
     on another rank) is skipped by every rank together."""
-    part_names = list(run.criterion.PARTS)
+    part_names = logged_parts(run)
     sums = _EpochSums(
         torch.zeros(1 + len(part_names), device=device, dtype=accumulator_dtype(device)), 0,
         torch.zeros(2, device=device, dtype=accumulator_dtype(device)))
@@ -352,7 +365,7 @@ def train_epoch(run: TrainingRun, train_module: nn.Module, train_set, sampler,
                 epoch: int, per_rank_batch: int, settings: TrainSettings,
                 device: torch.device, dist_info: DistInfo) -> list[float]:
     """One pass over the training set (0-based ``epoch``, seeded by :func:`epoch_seed`);
-    the mean loss and its parts, ``[loss, *criterion.PARTS]``, over all processes."""
+    the mean loss and its parts, ``[loss, *logged_parts(run)]``, over all processes."""
     torch.manual_seed(epoch_seed(settings.seed, epoch))
     generator = torch.Generator().manual_seed(epoch_seed(settings.seed, epoch))
     if sampler is not None:
@@ -429,7 +442,7 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
     train_module, sampler = distribute(run, splits.train, settings.seed, device, dist_info)
     monitor = _Monitor(splits, settings, device)
     classes = list(splits.train.classes)
-    part_names = list(run.criterion.PARTS)
+    part_names = logged_parts(run)
 
     epochs = tqdm(range(state.epoch, settings.epochs), desc="epochs", initial=state.epoch,
                   total=settings.epochs, disable=not (settings.progress and dist_info.is_main))

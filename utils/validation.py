@@ -126,17 +126,23 @@ def hashing_specs(lengths: list[int] | None, names: list[str] | None) -> list[Co
 
 def _check_method_options(args) -> None:
     method = getattr(args, "method", None)
-    for flag in ("dpq_alpha", "gpq_alpha", "gpq_beta", "gpq_lambda_ce", "gpq_lambda_entropy",
-                 "dcdh_sigma", "dcdh_eta", "dcdh_center_weight"):
+    for flag in ("dpq_alpha", "dpq_gini_diversity", "dpq_gini_sharpness", "gpq_alpha",
+                 "gpq_beta", "gpq_lambda_ce", "gpq_lambda_entropy", "dcdh_sigma", "dcdh_eta",
+                 "dcdh_center_weight", "weight_decay"):
         value = getattr(args, flag, None)
         if value is None:
             continue
         name = "--" + flag.replace("_", "-")
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"{name} must be a finite number >= 0, got {value}")
+    betas = getattr(args, "adam_betas", None)
+    if betas and not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+        raise UsageError(f"--adam-betas must be two numbers in [0, 1), got {betas}")
     if args.evaluate:
-        if getattr(args, "optimizer", None):
-            raise UsageError("--optimizer is for training; -e evaluates the models in --load")
+        for flag in ("optimizer", "weight_decay", "adam_betas", "amsgrad"):
+            if getattr(args, flag, None) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} is for training; -e evaluates "
+                                 f"the models in --load")
         return
     if method in HASHING_METHODS:
         for flag, given in (("--num", args.num), ("--words", args.words),

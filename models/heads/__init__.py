@@ -24,7 +24,8 @@ def _opqn(config) -> QuantHead:
 
 HEADS: dict[str, Callable[..., QuantHead]] = {
     "opqn": _opqn,
-    "l2q": lambda c: L2QHead(c.feature_dim, c.num_books, c.num_words),
+    "l2q": lambda c: L2QHead(c.feature_dim, c.num_books, c.num_words,
+                             word_init=getattr(c, "l2q_init", "normal")),
     "dpq": lambda c: DPQHead(c.feature_dim, c.num_books, c.num_words),
     "gpq": lambda c: GPQHead(c.feature_dim, c.num_books, c.num_words, alpha=c.gpq_alpha),
     "dcdh": lambda c: DCDHHead(c.feature_dim, c.num_books, c.num_words),

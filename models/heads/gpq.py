@@ -24,9 +24,11 @@ class GPQHead(QuantHead):
                  alpha: float = 20.0) -> None:
         super().__init__(feature_dim, num_books, num_words)
         self.alpha = alpha
-        self.codewords = nn.Parameter(torch.empty(num_books, self.word_dim, num_words))
-        for book in self.codewords.data:
-            nn.init.xavier_uniform_(book)
+        # Xavier uniform over the whole (K, D) codeword matrix, as the authors' TensorFlow
+        # variable Z (bound sqrt(6 / (K + D))); only the directions matter in the forward.
+        bound = (6.0 / (num_words + feature_dim)) ** 0.5
+        self.codewords = nn.Parameter(
+            torch.empty(num_books, self.word_dim, num_words).uniform_(-bound, bound))
 
     def normalized_codewords(self) -> Tensor:
         """``(M, d, K)`` codewords, each of unit norm."""

@@ -1,8 +1,11 @@
-"""OPQN-l2q, the paper's ablation: OPQN with learned (Xavier-initialised) codewords.
+"""OPQN-l2q, the paper's ablation: OPQN with learned codewords.
 
-Training is OPQN's exactly (same soft assignment, same loss). The codewords are no longer
+Training is OPQN's exactly (same soft assignment, same loss, ``V_m`` Xavier as OPQN's). The
+codewords start from a standard normal (``--l2q-init normal``, as the OPQN authors' own
+learned-codeword layer) or Xavier uniform (``--l2q-init xavier``). They are no longer
 orthonormal, so a query is scored by distance: ``-sum_m ||s_m - c_{m,code_m}||^2`` with
-``s_m = C_m P_m`` and ``P_m`` from the normalised query, as for OPQN.
+``s_m = C_m P_m`` and ``P_m`` from the normalised query, as in the authors' evaluator for
+codewords without orthogonality.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..pq_ops import decode_codes, neg_sq_distance_tables, soft_vectors
-from .base import QuantHead, code_dtype
+from .base import QuantHead, code_dtype, init_books
 
 
 class L2QHead(QuantHead):
@@ -22,13 +25,18 @@ class L2QHead(QuantHead):
 
     method = "l2q"
     faiss_metric = "l2"
+    # Why the query side can be flat: the mean of max_k P_m over books and batch, with P_m
+    # from the *normalised* sub-vector (the query side), and the spread of the codeword
+    # norms (sd / mean), which the distance score ranks by when P_m is flat.
+    DIAGNOSTICS = ("maxP_q", "norm_cv")
 
-    def __init__(self, feature_dim: int, num_books: int, num_words: int) -> None:
+    def __init__(self, feature_dim: int, num_books: int, num_words: int,
+                 word_init: str = "normal", assignment_init: str = "xavier") -> None:
         super().__init__(feature_dim, num_books, num_words)
         self.codebooks = nn.Parameter(torch.empty(num_books, self.word_dim, num_words))
         self.assignment = nn.Parameter(torch.empty(num_books, self.word_dim, num_words))
-        for book in (*self.codebooks.data, *self.assignment.data):
-            nn.init.xavier_uniform_(book)
+        init_books(self.codebooks, word_init)
+        init_books(self.assignment, assignment_init)
 
     def assignment_logits(self, sub: Tensor) -> Tensor:
         """``(B, M, d)`` -> ``(B, M, K)`` logits ``x_m^T V_m``."""
@@ -41,6 +49,18 @@ class L2QHead(QuantHead):
         return sub, soft_vectors(self.codebooks, probs), probs
 
     @torch.no_grad()
+    def query_probs(self, features: Tensor) -> Tensor:
+        """``(Q, D)`` -> ``(Q, M, K)`` ``P_m = softmax(q_hat_m^T V_m)`` of the normalised query."""
+        sub = F.normalize(self.split(features).float(), dim=-1)
+        return torch.softmax(self.assignment_logits(sub), dim=-1)
+
+    @torch.no_grad()
+    def diagnostics(self, features: Tensor) -> dict[str, Tensor]:
+        norms = self.codebooks.detach().float().norm(dim=1)  # (M, K)
+        return {"maxP_q": self.query_probs(features).max(-1).values.mean(),
+                "norm_cv": norms.std() / norms.mean()}
+
+    @torch.no_grad()
     def encode(self, features: Tensor) -> Tensor:
         """``(N, D)`` -> ``(N, M)`` codes ``argmax_k x_m^T V_m``."""
         logits = self.assignment_logits(self.split(features).float())
@@ -49,9 +69,7 @@ class L2QHead(QuantHead):
     @torch.no_grad()
     def soft_queries(self, features: Tensor) -> Tensor:
         """``s_m = C_m P_m`` with ``P_m`` from the L2-normalised query: ``(Q, M, d)``."""
-        sub = F.normalize(self.split(features).float(), dim=-1)
-        return soft_vectors(self.codebooks.float(),
-                            torch.softmax(self.assignment_logits(sub), dim=-1))
+        return soft_vectors(self.codebooks.float(), self.query_probs(features))
 
     @torch.no_grad()
     def query_tables(self, features: Tensor) -> Tensor:
