@@ -234,20 +234,25 @@ def _precise_bn(args, splits: RetrievalSplits, device: torch.device, settings: T
     saved back in place; each checkpoint records it under ``"precise_bn"``."""
     subset = precise_bn_subset(splits.gallery, args.precise_bn, args.seed)
     loader = make_loader(subset, settings.batch_size, settings.workers, device)
+    done: dict[int, tuple[dict, dict]] = {}  # epoch -> (backbone state, record)
     for path in dict.fromkeys((best, last)):
         if not path.is_file():
             continue
         checkpoint = load_checkpoint(path, map_location=device)
-        model = load_model(checkpoint, device)
-        record = {**recompute_bn_statistics(model, loader, device,
-                                            progress=not args.no_progress),
-                  "transform": "evaluation", "precision": "float32"}
-        checkpoint["backbone"] = {k: v.cpu() for k, v in model.backbone.state_dict().items()}
-        checkpoint["precise_bn"] = record
+        epoch = int(checkpoint["epoch"])
+        if epoch not in done:  # best and last often hold the same epoch: one pass for both
+            model = load_model(checkpoint, device)
+            record = {**recompute_bn_statistics(model, loader, device,
+                                                progress=not args.no_progress),
+                      "transform": "evaluation", "precision": "float32"}
+            done[epoch] = ({k: v.cpu() for k, v in model.backbone.state_dict().items()},
+                           record)
+        checkpoint["backbone"], checkpoint["precise_bn"] = done[epoch]
         save_checkpoint(checkpoint, path)
         get_logger().info("precise BN: %d BatchNorm layers recomputed over %d training images "
-                          "(evaluation transform, float32) in %s", record["layers"],
-                          record["images"], path)
+                          "(evaluation transform, float32) in %s",
+                          checkpoint["precise_bn"]["layers"], checkpoint["precise_bn"]["images"],
+                          path)
 
 
 def _given(value, default):
