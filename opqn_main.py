@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="PyTorch implementation of Orthonormal Product "
                       "Quantization Network (OPQN) for scalable face image retrieval.")
     p.add_argument("--lr", type=float, help="initial learning rate (default 0.1; the method's "
-                   "own for dpq 0.01 and dcdh 0.005 with Adam, 0.01 with SGD)")
+                   "own with Adam: gpq 2e-4, dcdh 0.005; dcdh with SGD 0.01)")
     p.add_argument("-e", "--evaluate", action="store_true",
                    help="evaluate the models given by --load instead of training")
     p.add_argument("-c", "--cross-dataset", action="store_true",

@@ -8,8 +8,8 @@ Protocol (``utils/comparison.py``):
    (``data/validation_split.py``: a folder of symbolic links under ``--out``, leak-checked).
 2. **Learning rate per method, equal budget.** Every method trains ``--tune-epochs`` epochs
    on the validation gallery at every lr of its optimiser's grid (``--sgd-lrs`` or
-   ``--adam-lrs``, plus its authors' default from ``utils/methods.py``); the lr with the
-   highest validation mAP is chosen. Epochs, schedule, batch, data and backbone are the
+   ``--adam-lrs``, plus its default and its authors' lr from ``utils/methods.py``); the lr
+   with the highest validation mAP is chosen. Epochs, schedule, batch, data and backbone are the
    same for every method.
 3. **Seeds.** The chosen lr is retrained on the full training split with ``--seeds S``
    seeds; each final model is evaluated once on the test split (the monitoring evaluation

@@ -53,6 +53,11 @@ class OPQNConfig:
     method: str = "opqn"
     # Method-specific hyper-parameters (ignored by the other methods).
     l2q_init: str = "normal"  # OPQN-l2q: codeword initialisation, "normal" or "xavier"
+    # OPQN-l2q: P_m of a query from its sub-vector as training sees it ("raw") or from the
+    # normalised one ("normalized", the authors' evaluator); see models.heads.l2q.
+    l2q_query: str = "raw"
+    # DPQ: initialisation of V_m, "xavier" or "normal" (the authors'); see models.heads.dpq
+    dpq_init: str = "xavier"
     dpq_alpha: float = 0.25  # DPQ: weight of the joint centre loss
     dpq_gini_diversity: float = 1.0  # DPQ: weight of the Gini diversity term
     dpq_gini_sharpness: float = 0.01  # DPQ: weight of the Gini sharpness term
@@ -80,7 +85,13 @@ class OPQNConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "OPQNConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        kept = {k: v for k, v in data.items() if k in names}
+        if kept.get("method") == "l2q" and "l2q_query" not in kept:
+            # l2q checkpoints from before the field existed were scored the authors' way
+            kept["l2q_query"] = "normalized"
+        if kept.get("method") == "dpq" and "dpq_init" not in kept:
+            kept["dpq_init"] = "normal"  # provenance: older DPQ checkpoints started so
+        return cls(**kept)
 
 
 class OPQN(nn.Module):

@@ -18,7 +18,7 @@ from data.validation_split import (ValidationSplitError, build_validation_split,
 from utils.comparison import (ComparisonPlan, MethodPlan, RunKey, RunStore, StaleRun,
                               choose_lr, lr_grid, mean_sd, paired_difference, run_comparison,
                               summarise, training_failures)
-from utils.methods import default_lr, default_optimizer
+from utils.methods import authors_lr, default_lr, default_optimizer
 
 
 def _load_tool():
@@ -38,18 +38,21 @@ def test_lr_grid_is_the_optimisers_grid_plus_the_authors_default(method):
     sgd, adam = [0.3, 0.03], [7e-4]
     grid = lr_grid(method, optimizer, sgd, adam)
     assert set(grid) == set(sgd if optimizer == "sgd" else adam) | \
-        {default_lr(method, optimizer)}
+        {default_lr(method, optimizer), authors_lr(method, optimizer)}
     assert list(grid) == sorted(grid, reverse=True) and len(set(grid)) == len(grid)
     # The default already in the grid is not added twice.
+    own = {default_lr(method, optimizer), authors_lr(method, optimizer)}
     assert len(lr_grid(method, optimizer, [default_lr(method, optimizer)],
-                       [default_lr(method, optimizer)])) == 1
+                       [default_lr(method, optimizer)])) == len(own)
+    if method == "dpq":  # our default (chosen on validation) and the authors' 0.01
+        assert own == {0.1, 0.01}
 
 
 def test_choose_lr_is_the_argmax_of_validation_map():
     grid = [{"lr": 0.1, "val_mAP": 0.4}, {"lr": 0.03, "val_mAP": 0.7},
             {"lr": 0.3, "val_mAP": None}, {"lr": 0.01, "val_mAP": 0.5}]
     assert choose_lr(grid, 0.1) == 0.03
-    # A tie goes to the authors' default, else to the smallest lr.
+    # A tie goes to the default, else to the smallest lr.
     tied = [{"lr": 0.1, "val_mAP": 0.2}, {"lr": 0.01, "val_mAP": 0.2},
             {"lr": 0.03, "val_mAP": 0.2}]
     assert choose_lr(tied, 0.03) == 0.03 and choose_lr(tied, 0.3) == 0.01

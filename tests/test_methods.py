@@ -53,9 +53,9 @@ def direct_scores(method: str, head, queries: torch.Tensor, items: torch.Tensor)
         cos = F.cosine_similarity(q_sub[:, None], chosen[None], dim=-1)  # (Q, N, M)
         return cos.sum(-1)
     books = head.codebooks.detach()
-    if method == "dpq":
+    if method == "dpq" or getattr(head, "query_side", None) == "raw":
         probs = torch.softmax(torch.einsum("qmd,mdk->qmk", q_sub, head.assignment), -1)
-    else:  # opqn and l2q normalise the query first
+    else:  # opqn, and l2q --l2q-query normalized, normalise the query first
         probs = torch.softmax(torch.einsum("qmd,mdk->qmk", F.normalize(q_sub, dim=-1),
                                            head.assignment), -1)
     soft = torch.einsum("mdk,qmk->qmd", books, probs)  # (Q, M, d)
@@ -65,9 +65,14 @@ def direct_scores(method: str, head, queries: torch.Tensor, items: torch.Tensor)
     return -((soft[:, None] - chosen[None]) ** 2).sum((-1, -2))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "l2q-normalized"])
 def test_engine_score_equals_direct_computation(method):
-    head = make_head(method).eval()
+    if method == "l2q-normalized":
+        method, head = "l2q", make_head("l2q")
+        head.query_side = "normalized"
+    else:
+        head = make_head(method)
+    head.eval()
     dim = L if method == "dcdh" else D
     g = torch.Generator().manual_seed(1)
     items, queries = torch.randn(40, dim, generator=g), torch.randn(5, dim, generator=g)
@@ -81,13 +86,35 @@ def test_engine_score_equals_direct_computation(method):
 
 
 def test_query_side_normalisation_per_method():
-    """opqn, l2q and gpq score a query by direction only; dpq uses the raw sub-vector."""
+    """opqn and gpq score a query by direction only; dpq and l2q (by default) use the raw
+    sub-vector, as their training does; --l2q-query normalized is the authors' evaluator."""
     q = torch.randn(3, D)
-    for method in ("opqn", "l2q", "gpq"):
+    for method in ("opqn", "gpq"):
         head = make_head(method)
         torch.testing.assert_close(head.query_tables(q), head.query_tables(4.0 * q))
-    dpq = make_head("dpq")
-    assert not torch.allclose(dpq.query_tables(q), dpq.query_tables(4.0 * q))
+    for method in ("dpq", "l2q"):
+        head = make_head(method)
+        assert head.query_side == "raw"
+        assert not torch.allclose(head.query_tables(q), head.query_tables(4.0 * q))
+    l2q = build_head(OPQNConfig(num_books=M, num_words=K, feature_dim=D, num_classes=4,
+                                method="l2q", l2q_query="normalized"))
+    torch.testing.assert_close(l2q.query_tables(q), l2q.query_tables(4.0 * q))
+    with pytest.raises(ValueError, match="unknown query side"):
+        build_head(OPQNConfig(num_books=M, num_words=K, feature_dim=D, num_classes=4,
+                              method="l2q", l2q_query="unit"))
+
+
+def test_checkpoints_from_before_the_l2q_and_dpq_flags_keep_their_form():
+    """Old l2q checkpoints were scored with the normalised query: they keep that score. Old
+    DPQ checkpoints record the standard-normal V_m they started from."""
+    base = dict(num_books=M, num_words=K, feature_dim=D, num_classes=4)
+    old = OPQNConfig.from_dict({**base, "method": "l2q"})
+    assert old.l2q_query == "normalized" and build_head(old).query_side == "normalized"
+    assert OPQNConfig(**base, method="l2q").l2q_query == "raw"
+    assert OPQNConfig.from_dict({**base, "method": "l2q", "l2q_query": "raw"}).l2q_query == "raw"
+    assert OPQNConfig.from_dict({**base, "method": "dpq"}).l2q_query == "raw"
+    assert OPQNConfig.from_dict({**base, "method": "dpq"}).dpq_init == "normal"
+    assert OPQNConfig(**base, method="dpq").dpq_init == "xavier"
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -196,14 +223,19 @@ def _stats(t: torch.Tensor) -> tuple[float, float]:
 
 
 def test_initialisations_are_the_authors():
-    """DPQ's V_m and codewords and DCDH's centres come from torch.randn (mean 0, sd 1);
-    l2q's codewords too by default (--l2q-init xavier: Xavier uniform), its V_m Xavier as
-    OPQN's."""
+    """DPQ's codewords and DCDH's centres come from torch.randn (mean 0, sd 1); DPQ's V_m
+    is Xavier by default (the deviation the README states) and torch.randn with
+    --dpq-init normal, as the authors'; l2q's codewords are torch.randn by default
+    (--l2q-init xavier: Xavier uniform), its V_m Xavier as OPQN's."""
     torch.manual_seed(0)
     big = dict(num_books=4, num_words=64, feature_dim=512, num_classes=10)  # d = 128
     xavier_sd = (6 / (128 + 64)) ** 0.5 / 3 ** 0.5  # uniform(-a, a) has sd a / sqrt(3)
     dpq = build_head(OPQNConfig(**big, method="dpq"))
-    for tensor in (dpq.codebooks, dpq.assignment):
+    mean, sd = _stats(dpq.codebooks.detach())
+    assert abs(mean) < 0.03 and sd == pytest.approx(1.0, abs=0.03)
+    assert _stats(dpq.assignment.detach())[1] == pytest.approx(xavier_sd, rel=0.05)
+    dpq_authors = build_head(OPQNConfig(**big, method="dpq", dpq_init="normal"))
+    for tensor in (dpq_authors.codebooks, dpq_authors.assignment):
         mean, sd = _stats(tensor.detach())
         assert abs(mean) < 0.03 and sd == pytest.approx(1.0, abs=0.03)
     l2q = build_head(OPQNConfig(**big, method="l2q"))
@@ -239,9 +271,12 @@ def test_l2q_diagnostics_are_its_query_side_sharpness_and_codeword_norm_spread()
     x = torch.randn(7, D)
     diag = head.diagnostics(x)
     assert set(diag) == set(head.DIAGNOSTICS) == {"maxP_q", "norm_cv"}
-    sub = F.normalize(x.reshape(7, M, -1), dim=-1)
-    probs = torch.softmax(torch.einsum("bmd,mdk->bmk", sub, head.assignment), -1)
-    torch.testing.assert_close(diag["maxP_q"], probs.max(-1).values.mean().detach())
+    for side, sub in (("raw", x.reshape(7, M, -1)),
+                      ("normalized", F.normalize(x.reshape(7, M, -1), dim=-1))):
+        head.query_side = side
+        probs = torch.softmax(torch.einsum("bmd,mdk->bmk", sub, head.assignment), -1)
+        torch.testing.assert_close(head.diagnostics(x)["maxP_q"],
+                                   probs.max(-1).values.mean().detach())
     norms = head.codebooks.detach().norm(dim=1).flatten()
     torch.testing.assert_close(diag["norm_cv"], norms.std() / norms.mean())
     assert make_head("dpq").diagnostics(x) == {} and make_head("opqn").diagnostics(x) == {}
@@ -253,7 +288,7 @@ def test_each_method_defaults_to_its_authors_optimizer():
 
     expected = {  # method: (optimizer at 32x32, lr, weight decay, betas, amsgrad)
         "opqn": ("sgd", 0.1, 5e-4, None, None), "l2q": ("sgd", 0.1, 5e-4, None, None),
-        "dpq": ("sgd", 0.01, 5e-4, None, None),
+        "dpq": ("sgd", 0.1, 5e-4, None, None),
         "gpq": ("adam", 2e-4, 0.0, (0.5, 0.999), False),
         "dcdh": ("adam", 0.005, 1e-4, (0.9, 0.999), True)}
     for method, (opt, lr, wd, betas, amsgrad) in expected.items():

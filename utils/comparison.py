@@ -1,7 +1,8 @@
 """The protocol of ``bench/compare_methods.py``, apart from the runs themselves.
 
 * Each method's learning rate is chosen on the validation split from a grid for its
-  optimiser that always holds its authors' default (:func:`lr_grid`, :func:`choose_lr`).
+  optimiser that always holds its default and its authors' lr (:func:`lr_grid`,
+  :func:`choose_lr`).
 * The chosen rate is retrained on the full training split with several seeds; test mAP and
   P@k are reported as mean ± sd (:func:`mean_sd`), and OPQN's paired difference to every
   method with its sd over the seeds (:func:`paired_difference`).
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .atomic_io import atomic_write_text
-from .methods import default_lr
+from .methods import authors_lr, default_lr
 
 PHASES = ("tune", "final")
 REFERENCE = "opqn"  # the paired differences are OPQN minus each method
@@ -52,7 +53,7 @@ class RunKey:
 
 @dataclass(frozen=True)
 class MethodPlan:
-    """One method's optimiser, its authors' default lr and the grid tried on validation."""
+    """One method's optimiser, its default lr and the grid tried on validation."""
 
     method: str
     optimizer: str
@@ -80,17 +81,17 @@ class ComparisonPlan:
 
 def lr_grid(method: str, optimizer: str, sgd_lrs: Sequence[float],
             adam_lrs: Sequence[float]) -> tuple[float, ...]:
-    """The grid of the method's optimiser plus its authors' default (from
-    :func:`utils.methods.default_lr`, so it follows the method's defaults), largest first."""
+    """The grid of the method's optimiser plus its default (:func:`utils.methods.default_lr`)
+    and its authors' lr (:func:`utils.methods.authors_lr`), largest first."""
     grid = set(sgd_lrs if optimizer == "sgd" else adam_lrs)
-    grid.add(default_lr(method, optimizer))
+    grid.update((default_lr(method, optimizer), authors_lr(method, optimizer)))
     return tuple(sorted(grid, reverse=True))
 
 
 def choose_lr(grid: Sequence[dict], default: float) -> float | None:
     """The lr of the highest ``val_mAP`` in ``grid`` (entries ``{"lr", "val_mAP"}``; None
-    for a run that diverged). Ties (e.g. every lr at chance) go to the authors' default,
-    else to the smallest lr. None when no run of the grid finished."""
+    for a run that diverged). Ties (e.g. every lr at chance) go to the default, else to
+    the smallest lr. None when no run of the grid finished."""
     scored = [g for g in grid if g.get("val_mAP") is not None]
     if not scored:
         return None

@@ -61,7 +61,7 @@ def markdown(table: dict) -> str:
         f"same for every method; seeds {', '.join(map(str, table['seeds']))}; precision "
         f"{table['precision']} (--amp {table['amp']}); wall time of all runs "
         f"{_duration(table['wall_seconds'])}.", "", f"`{table['command']}`", "",
-        f"| rank | method | code | optimizer, chosen lr (authors' default) | val mAP | test mAP "
+        f"| rank | method | code | optimizer, chosen lr (default) | val mAP | test mAP "
         f"| P@{k} | {REFERENCE_NAME} − method, mAP | precision | train s/epoch | bytes/item "
         f"(stored, packed) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -25,8 +25,10 @@ def _opqn(config) -> QuantHead:
 HEADS: dict[str, Callable[..., QuantHead]] = {
     "opqn": _opqn,
     "l2q": lambda c: L2QHead(c.feature_dim, c.num_books, c.num_words,
-                             word_init=getattr(c, "l2q_init", "normal")),
-    "dpq": lambda c: DPQHead(c.feature_dim, c.num_books, c.num_words),
+                             word_init=getattr(c, "l2q_init", "normal"),
+                             query_side=getattr(c, "l2q_query", "raw")),
+    "dpq": lambda c: DPQHead(c.feature_dim, c.num_books, c.num_words,
+                             assignment_init=getattr(c, "dpq_init", "xavier")),
     "gpq": lambda c: GPQHead(c.feature_dim, c.num_books, c.num_words, alpha=c.gpq_alpha),
     "dcdh": lambda c: DCDHHead(c.feature_dim, c.num_books, c.num_words),
 }

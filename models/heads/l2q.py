@@ -6,6 +6,16 @@ learned-codeword layer) or Xavier uniform (``--l2q-init xavier``). They are no l
 orthonormal, so a query is scored by distance: ``-sum_m ||s_m - c_{m,code_m}||^2`` with
 ``s_m = C_m P_m`` and ``P_m`` from the normalised query, as in the authors' evaluator for
 codewords without orthogonality.
+
+Which sub-vector gives a query's ``P_m`` (``query_side``, flag ``--l2q-query``):
+
+* ``raw`` (default): the query's sub-vector as it is, as training computes every ``P_m``.
+  The softmax then sees the same scale in training and in search.
+* ``normalized``: the L2-normalised sub-vector, as the authors' evaluator
+  (``PqDistRet_Ortho_euclidean``). Training sees sub-vectors of norm about sqrt(d), so
+  this softmax is sqrt(d) times flatter; with a short budget ``s_m`` stays near the mean
+  codeword and every query ranks the gallery by the codeword norms (README, "Compared
+  methods").
 """
 from __future__ import annotations
 
@@ -15,6 +25,8 @@ from torch import Tensor, nn
 
 from ..pq_ops import decode_codes, neg_sq_distance_tables, soft_vectors
 from .base import QuantHead, code_dtype, init_books
+
+QUERY_SIDES = ("raw", "normalized")
 
 
 class L2QHead(QuantHead):
@@ -26,13 +38,18 @@ class L2QHead(QuantHead):
     method = "l2q"
     faiss_metric = "l2"
     # Why the query side can be flat: the mean of max_k P_m over books and batch, with P_m
-    # from the *normalised* sub-vector (the query side), and the spread of the codeword
-    # norms (sd / mean), which the distance score ranks by when P_m is flat.
+    # as a query gets it (query_side), and the spread of the codeword norms (sd / mean),
+    # which the distance score ranks by when P_m is flat.
     DIAGNOSTICS = ("maxP_q", "norm_cv")
 
     def __init__(self, feature_dim: int, num_books: int, num_words: int,
-                 word_init: str = "normal", assignment_init: str = "xavier") -> None:
+                 word_init: str = "normal", assignment_init: str = "xavier",
+                 query_side: str = "raw") -> None:
         super().__init__(feature_dim, num_books, num_words)
+        if query_side not in QUERY_SIDES:
+            raise ValueError(f"unknown query side {query_side!r}: choose "
+                             f"{' or '.join(QUERY_SIDES)}")
+        self.query_side = query_side
         self.codebooks = nn.Parameter(torch.empty(num_books, self.word_dim, num_words))
         self.assignment = nn.Parameter(torch.empty(num_books, self.word_dim, num_words))
         init_books(self.codebooks, word_init)
@@ -50,8 +67,11 @@ class L2QHead(QuantHead):
 
     @torch.no_grad()
     def query_probs(self, features: Tensor) -> Tensor:
-        """``(Q, D)`` -> ``(Q, M, K)`` ``P_m = softmax(q_hat_m^T V_m)`` of the normalised query."""
-        sub = F.normalize(self.split(features).float(), dim=-1)
+        """``(Q, D)`` -> ``(Q, M, K)`` ``P_m = softmax(q_m^T V_m)``, with ``q_m`` the raw or
+        the normalised sub-vector (:attr:`query_side`)."""
+        sub = self.split(features).float()
+        if self.query_side == "normalized":
+            sub = F.normalize(sub, dim=-1)
         return torch.softmax(self.assignment_logits(sub), dim=-1)
 
     @torch.no_grad()
@@ -68,7 +88,7 @@ class L2QHead(QuantHead):
 
     @torch.no_grad()
     def soft_queries(self, features: Tensor) -> Tensor:
-        """``s_m = C_m P_m`` with ``P_m`` from the L2-normalised query: ``(Q, M, d)``."""
+        """``s_m = C_m P_m`` with ``P_m`` from :meth:`query_probs`: ``(Q, M, d)``."""
         return soft_vectors(self.codebooks.float(), self.query_probs(features))
 
     @torch.no_grad()
