@@ -44,7 +44,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from data.datasets import FaceFolder  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from utils.faiss_index import _faiss, build_head_index, search_head_queries  # noqa: E402
 from utils.inference import encode_images  # noqa: E402
 from utils.ivf_index import build_ivf_index, default_nlist, set_nprobe  # noqa: E402
@@ -54,23 +54,55 @@ from utils.training import load_model  # noqa: E402
 TOPK = 10
 SMOOTHING = 0.01  # pseudo-count per word: unseen words stay possible, rarely
 SAMPLE_BLOCK = 1 << 20
-MODEL_NAME = "bench_ivf_36bits.tar"
+MODEL_NAME = "bench_ivf_36bits_{epochs}ep.tar"
+DEFAULT_EPOCHS = 12
+
+
+def model_path(epochs: int) -> Path:
+    """The default model's file: one per epoch count, so that changing ``--epochs`` never
+    reuses a model trained for another."""
+    return Path("checkpoint") / MODEL_NAME.format(epochs=epochs)
+
+
+def last_path(path: Path) -> Path:
+    """The last-epoch checkpoint that training writes beside ``path`` (its ``--save``)."""
+    return path.with_name(f"{path.stem}.last{path.suffix}")
+
+
+def training_state(path: Path, epochs: int) -> str:
+    """``"done"`` when ``path`` holds a finished ``epochs``-epoch training of this script,
+    ``"resume"`` when only an interrupted one is there (its last checkpoint planned
+    ``epochs`` epochs but completed fewer), else ``"train"`` (absent, unreadable, or trained
+    for another number of epochs: stale)."""
+    try:
+        last = load_checkpoint(last_path(path))
+    except CheckpointError:
+        return "train"
+    if last.get("train_settings", {}).get("epochs") != epochs:
+        return "train"
+    if int(last.get("epoch", 0)) < epochs:
+        return "resume"
+    return "done" if path.exists() else "train"
 
 
 def trained_model(args: argparse.Namespace) -> Path:
-    """``--load``, else ``checkpoint/bench_ivf_36bits.tar``, trained here on synthface (36
-    bits, 6x64, ``--epochs``) when it does not exist yet."""
+    """``--load``, else ``checkpoint/bench_ivf_36bits_<epochs>ep.tar``, trained here on
+    synthface (36 bits, 6x64, ``--epochs``, cosine schedule) unless a finished training for
+    those epochs is there; an interrupted one is resumed."""
     if args.load:
         return Path(args.load)
-    path = Path("checkpoint") / MODEL_NAME
-    if path.exists():
+    path = model_path(args.epochs)
+    state = training_state(path, args.epochs)
+    if state == "done":
         return path
     import opqn_main
 
-    code = opqn_main.main([
-        "--dataset", "synthface", "--data-dir", args.data_dir, "--len", "36", "--num", "6",
-        "--words", "64", "--epochs", str(args.epochs), "--eval-every", "0", "--seed",
-        str(args.seed), "--save", MODEL_NAME, "--no-progress"])
+    argv = ["--dataset", "synthface", "--data-dir", args.data_dir, "--len", "36", "--num", "6",
+            "--words", "64", "--epochs", str(args.epochs), "--schedule", "cosine",
+            "--eval-every", "0", "--seed", str(args.seed), "--save", path.name, "--no-progress"]
+    # A stale or broken file of that name is replaced.
+    argv.append("--resume" if state == "resume" else "--overwrite")
+    code = opqn_main.main(argv)
     if code != 0:
         raise SystemExit(f"training the synthface model failed (exit {code})")
     return path
@@ -148,10 +180,11 @@ def main() -> None:
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--per-identity", type=int, default=30, help="items per identity (30)")
     p.add_argument("--load", help="a trained synthface checkpoint (default: checkpoint/"
-                   f"{MODEL_NAME}, trained first if absent)")
-    p.add_argument("--epochs", type=int, default=2,
-                   help="epochs when the default model is trained here (2: minutes on 2 "
-                        "shared cores; more epochs give sharper codes)")
+                   f"{MODEL_NAME.format(epochs='<epochs>')}, trained first if absent)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                   help=f"epochs when the default model is trained here ({DEFAULT_EPOCHS}, "
+                        "cosine schedule: minutes on 2 cores; more epochs give tighter "
+                        "identities)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--adc-queries", type=int, default=100,
                    help="queries timed with search_adc (it is the slowest)")
@@ -160,9 +193,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args()
+    t_start = time.perf_counter()
     faiss = _faiss()
     torch.manual_seed(args.seed)
-    model = load_model(load_checkpoint(trained_model(args)), torch.device("cpu"))
+    model_file, t_train = timed(trained_model, args)
+    model = load_model(load_checkpoint(model_file), torch.device("cpu"))
     head = model.quantizer
     k = model.config.num_words
     train = FaceFolder(Path(args.data_dir) / "synthface" / "train")
@@ -171,8 +206,9 @@ def main() -> None:
     qs = encode_images(model, [path for path, _ in test.samples])
     labels = torch.tensor(train.targets)
     distinct, agreement = code_stats(db.codes, labels, k)
-    print(f"model: {model.config.method} {model.config.bits} bits ({model.config.num_books}x"
-          f"{k}); {db.codes.shape[0]} real codes of {int(labels.max()) + 1} identities")
+    print(f"model: {model_file} ({t_train:.0f}s to train or find), {model.config.method} "
+          f"{model.config.bits} bits ({model.config.num_books}x{k}); {db.codes.shape[0]} real "
+          f"codes of {int(labels.max()) + 1} identities")
     print(f"real codes: distinct {distinct:.3f}; within-identity agreement per book "
           f"{' '.join(f'{a:.3f}' for a in agreement)}")
 
@@ -219,7 +255,8 @@ def main() -> None:
         print(f"| {nprobe} | {recall:.4f} | {qps:.1f} | {t_flat / t_ivf:.1f}x | "
               f"{qps / (nadc / t_adc):.1f}x |")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"peak RSS {peak:.2f} GiB; faiss threads {faiss.omp_get_max_threads()}")
+    print(f"peak RSS {peak:.2f} GiB; faiss threads {faiss.omp_get_max_threads()}; "
+          f"{time.perf_counter() - t_start:.0f}s in all")
     good = [row for row in rows if row[1] >= args.target_recall]
     nprobe, recall, speed = good[0] if good else rows[-1]
     print(f"ivf: N={args.n} nlist={nlist} nprobe={nprobe} recall@10={recall:.4f} "
