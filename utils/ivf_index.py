@@ -60,9 +60,9 @@ MIN_POINTS_PER_LIST = 39  # below this faiss's k-means warns that it lacks train
 KMEANS_ITERATIONS = 20
 # Items added per block (codes packed and routed together).
 ROUTE_BLOCK = 65536
-# Routing scores held at once: (items, nlist) float32 of at most this many entries (512 KiB:
+# Routing scores held at once: (items, nlist) float32 of at most this many entries (2 MiB:
 # a block that stays in cache routes about twice as fast as 64 MiB blocks).
-ROUTE_SCORES = 1 << 17
+ROUTE_SCORES = 1 << 19
 
 
 def default_nlist(n: int) -> int:
@@ -93,34 +93,18 @@ def reconstruct(head: QuantHead, codes: Tensor) -> np.ndarray:
     return torch.cat(parts, dim=1).numpy()
 
 
-PAIR_TABLES = 1 << 26  # float32 entries of the books-paired routing tables (256 MiB)
-
-
 def _best_lists(tables: Tensor, codes: Tensor) -> Tensor:
     """``argmax_j sum_m tables[m, code_m, j]`` for each row of ``codes`` ``(n, M)``;
-    ``tables`` ``(M, K, nlist)`` float32. Books are added in pairs through ``(K*K, nlist)``
-    tables when those fit in ``PAIR_TABLES`` entries (half the gathers)."""
+    ``tables`` ``(M, K, nlist)`` float32. The M rows are gathered and added by
+    ``embedding_bag`` (one fused pass), in blocks of ``ROUTE_SCORES`` scores that stay in
+    cache."""
     m, k, nlist = tables.shape
-    idx = codes.to("cpu", torch.int64)
-    groups, keys = [], []
-    pair = (m // 2) * k * k * nlist <= PAIR_TABLES
-    book = 0
-    while book < m:
-        if pair and book + 1 < m:
-            groups.append((tables[book][:, None, :] + tables[book + 1][None, :, :])
-                          .reshape(k * k, nlist))
-            keys.append(idx[:, book] * k + idx[:, book + 1])
-            book += 2
-        else:
-            groups.append(tables[book])
-            keys.append(idx[:, book])
-            book += 1
-    out = torch.empty(idx.shape[0], dtype=torch.int64)
+    flat = tables.reshape(m * k, nlist)
+    keys = codes.to("cpu", torch.int64) + torch.arange(m) * k  # book m's rows start at m*K
+    out = torch.empty(keys.shape[0], dtype=torch.int64)
     block = max(1, ROUTE_SCORES // nlist)
-    for i in range(0, idx.shape[0], block):
-        scores = groups[0].index_select(0, keys[0][i : i + block])
-        for table, key in zip(groups[1:], keys[1:]):
-            scores += table.index_select(0, key[i : i + block])
+    for i in range(0, keys.shape[0], block):
+        scores = torch.nn.functional.embedding_bag(keys[i : i + block], flat, mode="sum")
         out[i : i + scores.shape[0]] = scores.argmax(1)
     return out
 
@@ -149,7 +133,7 @@ def route(index: FaissIndex, head: QuantHead, codes: Tensor) -> np.ndarray:
 
     The reconstruction is a concatenation of codewords, so its inner product with centroid
     ``j`` is ``sum_m <c_{m,code_m}, centroid_{j,m}>``: per book a ``(K, nlist)`` table,
-    and an item's scores are ``M`` table rows added (in pairs of books), not ``nlist x D``
+    and an item's scores are ``M`` table rows added, not ``nlist x D``
     multiply-adds: the same scores up to float rounding, for a small fraction of the work
     at D = 516, M = 6. For the L2 quantizer the score is ``2 <x, c_j> - ||c_j||^2``
     (``||x||^2`` is the same for every list)."""
