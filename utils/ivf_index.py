@@ -10,7 +10,9 @@ codeword.
   ``by_residual = False``; its PQ centroids are the head's codewords (``pq.train`` is never
   called) and the codes go in with ``add_sa_codes``. The coarse quantizer is k-means on the
   items' reconstructions ``sum_m c_{m,code_m}``, and an item goes to the list that the same
-  quantizer would route a query to. For inner product the centroids stay the lists' means
+  quantizer would route a query to. Both are computed book by book (:func:`kmeans_codes`,
+  :func:`route`): a reconstruction is one codeword per book, so its inner product with a
+  centroid is a sum of ``M`` table entries, not ``D`` multiply-adds. For inner product the centroids stay the lists' means
   (not normalised): a query's inner product with a mean is the list's mean score, and at
   equal nprobe that found far more of the exhaustive top-10 than spherical k-means did
   (``spherical=True``; README, "From one machine to many").
