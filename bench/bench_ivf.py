@@ -23,11 +23,13 @@ The last line reads
 ``ivf: N=<n> nlist=<nlist> nprobe=<nprobe> recall@10=<r> speed-up vs flat=<x>x`` for the
 smallest swept nprobe reaching ``--target-recall`` (else the largest).
 
-Usage: ``python bench/bench_ivf.py [--n 1000000] [--nlist 1024] [--nprobe 1 2 4 8 16 32]
-[--load CKPT] [--epochs 2] [--data-dir data]``; without ``--load`` it uses
-``checkpoint/bench_ivf_36bits.tar`` and trains it first when absent (``python opqn_main.py
---dataset synthface --len 36 --num 6 --words 64 --epochs 2 --eval-every 0 --save
-bench_ivf_36bits.tar``).
+Usage: ``python bench/bench_ivf.py [--n 1000000] [--nlist 4096] [--nprobe 1 2 4 ... 256]
+[--load CKPT] [--epochs 12] [--data-dir data]``. Without ``--load`` it uses
+``checkpoint/bench_ivf_36bits_<epochs>ep.tar`` and first trains it (as ``python opqn_main.py
+--dataset synthface --len 36 --num 6 --words 64 --epochs 12 --schedule cosine --eval-every 0
+--save bench_ivf_36bits_12ep.tar``) unless a finished training for those epochs is there
+(the last-epoch checkpoint beside it says so); an interrupted training is resumed. The
+default nlist is a power of two near ``4 sqrt(N)`` (:func:`bench_nlist`).
 """
 from __future__ import annotations
 

@@ -49,3 +49,14 @@ def test_cached_model_reused_only_when_trained_for_those_epochs(tmp_path):
     assert bench.training_state(best, 12) == "train"  # the model itself is missing
     last.write_bytes(b"not a checkpoint")
     assert bench.training_state(best, 12) == "train"
+
+
+def test_bench_nlist_is_four_times_the_library_default_within_its_rule():
+    from utils.ivf_index import MIN_POINTS_PER_LIST, default_nlist
+
+    bench = _bench()
+    assert bench.bench_nlist(1_000_000) == 4096 == 4 * default_nlist(1_000_000)
+    for n in (1, 50, 1000, 100_000, 10_000_000):
+        nlist = bench.bench_nlist(n)
+        assert nlist >= default_nlist(n)
+        assert nlist == 1 or nlist * MIN_POINTS_PER_LIST <= n
