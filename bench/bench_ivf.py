@@ -19,15 +19,21 @@ Measured in the same run, on the same codes and tables:
   alone would under-count);
 * build time (k-means and adding), index memory (the serialised index) and the peak RSS.
 
+The flat search is timed before the IVF is built and again after the sweep, and the ratios
+use the faster of the two, so that a busy moment of a shared machine never favours the IVF.
+Flat and IVF search the same batch of queries with the same faiss threads.
+
 The last line reads
 ``ivf: N=<n> nlist=<nlist> nprobe=<nprobe> recall@10=<r> speed-up vs flat=<x>x`` for the
 smallest swept nprobe reaching ``--target-recall`` (else the largest).
 
-Usage: ``python bench/bench_ivf.py [--n 1000000] [--nlist 1024] [--nprobe 1 2 4 8 16 32]
-[--load CKPT] [--epochs 2] [--data-dir data]``; without ``--load`` it uses
-``checkpoint/bench_ivf_36bits.tar`` and trains it first when absent (``python opqn_main.py
---dataset synthface --len 36 --num 6 --words 64 --epochs 2 --eval-every 0 --save
-bench_ivf_36bits.tar``).
+Usage: ``python bench/bench_ivf.py [--n 1000000] [--nlist 4096] [--nprobe 1 2 4 ... 256]
+[--load CKPT] [--epochs 12] [--data-dir data]``. Without ``--load`` it uses
+``checkpoint/bench_ivf_36bits_<epochs>ep.tar`` and first trains it (as ``python opqn_main.py
+--dataset synthface --len 36 --num 6 --words 64 --epochs 12 --schedule cosine --eval-every 0
+--save bench_ivf_36bits_12ep.tar``) unless a finished training for those epochs is there
+(the last-epoch checkpoint beside it says so); an interrupted training is resumed. The
+default nlist is a power of two near ``4 sqrt(N)`` (:func:`bench_nlist`).
 """
 from __future__ import annotations
 
@@ -44,33 +50,66 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from data.datasets import FaceFolder  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from utils.faiss_index import _faiss, build_head_index, search_head_queries  # noqa: E402
 from utils.inference import encode_images  # noqa: E402
-from utils.ivf_index import build_ivf_index, default_nlist, set_nprobe  # noqa: E402
+from utils.ivf_index import (MIN_POINTS_PER_LIST, build_ivf_index, default_nlist,  # noqa: E402
+                             set_nprobe)
 from utils.retrieval import search_adc  # noqa: E402
 from utils.training import load_model  # noqa: E402
 
 TOPK = 10
 SMOOTHING = 0.01  # pseudo-count per word: unseen words stay possible, rarely
 SAMPLE_BLOCK = 1 << 20
-MODEL_NAME = "bench_ivf_36bits.tar"
+MODEL_NAME = "bench_ivf_36bits_{epochs}ep.tar"
+DEFAULT_EPOCHS = 12
+
+
+def model_path(epochs: int) -> Path:
+    """The default model's file: one per epoch count, so that changing ``--epochs`` never
+    reuses a model trained for another."""
+    return Path("checkpoint") / MODEL_NAME.format(epochs=epochs)
+
+
+def last_path(path: Path) -> Path:
+    """The last-epoch checkpoint that training writes beside ``path`` (its ``--save``)."""
+    return path.with_name(f"{path.stem}.last{path.suffix}")
+
+
+def training_state(path: Path, epochs: int) -> str:
+    """``"done"`` when ``path`` holds a finished ``epochs``-epoch training of this script,
+    ``"resume"`` when only an interrupted one is there (its last checkpoint planned
+    ``epochs`` epochs but completed fewer), else ``"train"`` (absent, unreadable, or trained
+    for another number of epochs: stale)."""
+    try:
+        last = load_checkpoint(last_path(path))
+    except CheckpointError:
+        return "train"
+    if last.get("train_settings", {}).get("epochs") != epochs:
+        return "train"
+    if int(last.get("epoch", 0)) < epochs:
+        return "resume"
+    return "done" if path.exists() else "train"
 
 
 def trained_model(args: argparse.Namespace) -> Path:
-    """``--load``, else ``checkpoint/bench_ivf_36bits.tar``, trained here on synthface (36
-    bits, 6x64, ``--epochs``) when it does not exist yet."""
+    """``--load``, else ``checkpoint/bench_ivf_36bits_<epochs>ep.tar``, trained here on
+    synthface (36 bits, 6x64, ``--epochs``, cosine schedule) unless a finished training for
+    those epochs is there; an interrupted one is resumed."""
     if args.load:
         return Path(args.load)
-    path = Path("checkpoint") / MODEL_NAME
-    if path.exists():
+    path = model_path(args.epochs)
+    state = training_state(path, args.epochs)
+    if state == "done":
         return path
     import opqn_main
 
-    code = opqn_main.main([
-        "--dataset", "synthface", "--data-dir", args.data_dir, "--len", "36", "--num", "6",
-        "--words", "64", "--epochs", str(args.epochs), "--eval-every", "0", "--seed",
-        str(args.seed), "--save", MODEL_NAME, "--no-progress"])
+    argv = ["--dataset", "synthface", "--data-dir", args.data_dir, "--len", "36", "--num", "6",
+            "--words", "64", "--epochs", str(args.epochs), "--schedule", "cosine",
+            "--eval-every", "0", "--seed", str(args.seed), "--save", path.name, "--no-progress"]
+    # A stale or broken file of that name is replaced.
+    argv.append("--resume" if state == "resume" else "--overwrite")
+    code = opqn_main.main(argv)
     if code != 0:
         raise SystemExit(f"training the synthface model failed (exit {code})")
     return path
@@ -127,6 +166,18 @@ def synthetic_gallery(dist: torch.Tensor, n: int, per_identity: int, gen: torch.
     return codes, identity
 
 
+def bench_nlist(n: int) -> int:
+    """The benchmark's nlist: a power of two near ``4 sqrt(n)`` (4,096 at 1M), within
+    :func:`utils.ivf_index.default_nlist`'s rule of at least 39 items a list. Four times
+    the library's default: routing items is cheap (per-book tables) and the query's
+    ``nlist x D`` routing is a small part of its time, while finer lists find the same
+    recall in fewer scanned codes (README, "Pick nlist and nprobe")."""
+    nlist = 4 * default_nlist(n)
+    while nlist > 1 and nlist * MIN_POINTS_PER_LIST > n:
+        nlist //= 2
+    return nlist
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     out = fn(*args)
@@ -142,16 +193,18 @@ def tie_aware_recall(scores: torch.Tensor, exact_kth: torch.Tensor) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000, help="gallery items (default 1M)")
-    p.add_argument("--nlist", type=int, help="IVF lists (default utils.ivf_index.default_nlist)")
-    p.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
+    p.add_argument("--nlist", type=int, help="IVF lists (default: a power of two near "
+                   "4 sqrt(N), 4,096 at 1M; see bench_nlist)")
+    p.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
                    help="lists scanned per query, swept")
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--per-identity", type=int, default=30, help="items per identity (30)")
     p.add_argument("--load", help="a trained synthface checkpoint (default: checkpoint/"
-                   f"{MODEL_NAME}, trained first if absent)")
-    p.add_argument("--epochs", type=int, default=2,
-                   help="epochs when the default model is trained here (2: minutes on 2 "
-                        "shared cores; more epochs give sharper codes)")
+                   f"{MODEL_NAME.format(epochs='<epochs>')}, trained first if absent)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                   help=f"epochs when the default model is trained here ({DEFAULT_EPOCHS}, "
+                        "cosine schedule: minutes on 2 cores; more epochs give tighter "
+                        "identities)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--adc-queries", type=int, default=100,
                    help="queries timed with search_adc (it is the slowest)")
@@ -160,9 +213,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args()
+    t_start = time.perf_counter()
     faiss = _faiss()
     torch.manual_seed(args.seed)
-    model = load_model(load_checkpoint(trained_model(args)), torch.device("cpu"))
+    model_file, t_train = timed(trained_model, args)
+    model = load_model(load_checkpoint(model_file), torch.device("cpu"))
     head = model.quantizer
     k = model.config.num_words
     train = FaceFolder(Path(args.data_dir) / "synthface" / "train")
@@ -171,8 +226,9 @@ def main() -> None:
     qs = encode_images(model, [path for path, _ in test.samples])
     labels = torch.tensor(train.targets)
     distinct, agreement = code_stats(db.codes, labels, k)
-    print(f"model: {model.config.method} {model.config.bits} bits ({model.config.num_books}x"
-          f"{k}); {db.codes.shape[0]} real codes of {int(labels.max()) + 1} identities")
+    print(f"model: {model_file} ({t_train:.0f}s to train or find), {model.config.method} "
+          f"{model.config.bits} bits ({model.config.num_books}x{k}); {db.codes.shape[0]} real "
+          f"codes of {int(labels.max()) + 1} identities")
     print(f"real codes: distinct {distinct:.3f}; within-identity agreement per book "
           f"{' '.join(f'{a:.3f}' for a in agreement)}")
 
@@ -195,9 +251,8 @@ def main() -> None:
     gap = float((adc - exact[:nadc]).abs().max())
     print(f"flat IndexPQ: {nq / t_flat:.1f} queries/s (built in {t_flat_build:.1f}s); "
           f"search_adc: {nadc / t_adc:.1f} queries/s; top-{TOPK} scores differ by {gap:.1e}")
-    del flat
 
-    nlist = args.nlist or default_nlist(args.n)
+    nlist = args.nlist or bench_nlist(args.n)
     ivf, t_build = timed(build_ivf_index, head, codes, nlist, 1, args.seed, args.spherical)
     size = faiss.serialize_index(ivf).nbytes
     sizes = np.array([ivf.invlists.list_size(i) for i in range(nlist)])
@@ -205,21 +260,31 @@ def main() -> None:
     print(f"IVF: nlist={nlist}{kind} built in {t_build:.1f}s; index {size / 2**20:.1f} MiB "
           f"({size / args.n:.1f} bytes/item); list sizes median {int(np.median(sizes))}, "
           f"max {sizes.max()}, empty {int((sizes == 0).sum())}")
-    print("| nprobe | recall@10 | queries/s | vs flat | vs search_adc |")
-    print("| --- | --- | --- | --- | --- |")
-    rows = []
+    timings = []
     for nprobe in sorted(set(args.nprobe)):
         if nprobe > nlist:
             continue
         set_nprobe(ivf, nprobe)
         (scores, _), t_ivf = timed(search_head_queries, ivf, head, vectors, TOPK)
-        recall = tie_aware_recall(scores, exact[:, -1])
+        timings.append((nprobe, tie_aware_recall(scores, exact[:, -1]), t_ivf))
+    # The flat search again, after the sweep: on a shared machine one timing can catch a
+    # busy moment, so the ratios use the faster of the two (never in the IVF's favour).
+    _, t_flat_after = timed(search_head_queries, flat, head, vectors, TOPK)
+    del flat
+    t_flat = min(t_flat, t_flat_after)
+    print(f"flat IndexPQ again after the sweep: {nq / t_flat_after:.1f} queries/s; the ratios "
+          f"use the faster, {nq / t_flat:.1f} queries/s")
+    print("| nprobe | recall@10 | queries/s | vs flat | vs search_adc |")
+    print("| --- | --- | --- | --- | --- |")
+    rows = []
+    for nprobe, recall, t_ivf in timings:
         qps = nq / t_ivf
         rows.append((nprobe, recall, t_flat / t_ivf))
         print(f"| {nprobe} | {recall:.4f} | {qps:.1f} | {t_flat / t_ivf:.1f}x | "
               f"{qps / (nadc / t_adc):.1f}x |")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"peak RSS {peak:.2f} GiB; faiss threads {faiss.omp_get_max_threads()}")
+    print(f"peak RSS {peak:.2f} GiB; faiss threads {faiss.omp_get_max_threads()}; "
+          f"{time.perf_counter() - t_start:.0f}s in all")
     good = [row for row in rows if row[1] >= args.target_recall]
     nprobe, recall, speed = good[0] if good else rows[-1]
     print(f"ivf: N={args.n} nlist={nlist} nprobe={nprobe} recall@10={recall:.4f} "

@@ -188,3 +188,28 @@ def test_serve_command_refuses_a_file_that_is_no_index(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "junk.faiss"), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read" in err[0] and "junk.faiss" in err[0]
+
+
+@pytest.mark.parametrize("method,spherical", [("opqn", False), ("opqn", True), ("gpq", False),
+                                              ("l2q", False)])
+def test_book_by_book_kmeans_is_lloyds_on_the_reconstructions(method, spherical):
+    """One more iteration of utils.ivf_index.kmeans_codes is one dense Lloyd step on the
+    reconstructions from the centroids it returned (L2 assignment; spherical: inner product
+    and unit-norm means)."""
+    from utils.ivf_index import _words, kmeans_codes, reconstruct
+
+    head, codes, _ = _case(method, n=400)
+    words = _words(head)
+    nlist = 6
+    before = kmeans_codes(words, codes, nlist, niter=3, seed=1, spherical=spherical).double()
+    after = kmeans_codes(words, codes, nlist, niter=4, seed=1, spherical=spherical).double()
+    points = torch.from_numpy(reconstruct(head, codes)).double()
+    if spherical:
+        assign = (points @ before.T).argmax(1)
+    else:
+        assign = torch.cdist(points, before).argmin(1)
+    assert torch.bincount(assign, minlength=nlist).min() > 0  # no empty list to restart
+    means = torch.stack([points[assign == j].mean(0) for j in range(nlist)])
+    if spherical:
+        means = means / means.norm(dim=1, keepdim=True)
+    np.testing.assert_allclose(after.numpy(), means.numpy(), atol=1e-5)
