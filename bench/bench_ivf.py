@@ -50,7 +50,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from data.datasets import FaceFolder  # noqa: E402
-from utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from utils.checkpoint import (CheckpointError, last_checkpoint_path,  # noqa: E402
+                              load_checkpoint)
 from utils.faiss_index import _faiss, build_head_index, search_head_queries  # noqa: E402
 from utils.inference import encode_images  # noqa: E402
 from utils.ivf_index import (MIN_POINTS_PER_LIST, build_ivf_index, default_nlist,  # noqa: E402
@@ -71,18 +72,13 @@ def model_path(epochs: int) -> Path:
     return Path("checkpoint") / MODEL_NAME.format(epochs=epochs)
 
 
-def last_path(path: Path) -> Path:
-    """The last-epoch checkpoint that training writes beside ``path`` (its ``--save``)."""
-    return path.with_name(f"{path.stem}.last{path.suffix}")
-
-
 def training_state(path: Path, epochs: int) -> str:
     """``"done"`` when ``path`` holds a finished ``epochs``-epoch training of this script,
     ``"resume"`` when only an interrupted one is there (its last checkpoint planned
     ``epochs`` epochs but completed fewer), else ``"train"`` (absent, unreadable, or trained
     for another number of epochs: stale)."""
     try:
-        last = load_checkpoint(last_path(path))
+        last = load_checkpoint(last_checkpoint_path(path))
     except CheckpointError:
         return "train"
     if last.get("train_settings", {}).get("epochs") != epochs:

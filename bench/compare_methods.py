@@ -61,6 +61,7 @@ from data.validation_split import (ValidationSplit, ValidationSplitError,  # noq
                                    split_listing)
 from utils.comparison import (ComparisonPlan, MethodPlan, RunKey, RunStore,  # noqa: E402
                               StaleRun, late_gain, lr_grid, run_comparison)
+from utils.checkpoint import last_checkpoint_path  # noqa: E402
 from utils.comparison_report import write_report  # noqa: E402
 from utils.errors import OneLineParser, report_error  # noqa: E402
 from utils.methods import default_lr, default_optimizer  # noqa: E402
@@ -249,7 +250,7 @@ class OpqnMainRunner:
     def _command(self, key: RunKey, method: MethodPlan) -> list[str]:
         tune = key.phase == "tune"
         best = self.work / "checkpoint" / f"{key.name}.tar"
-        last = best.with_name(f"{key.name}.last.tar")
+        last = last_checkpoint_path(best)
         cmd = [sys.executable, str(REPO / "opqn_main.py"), *(["-c"] if self.cross else []),
                "--method", key.method, *_code_flags(key.method, self.args.len, self.args.num),
                "--dataset", self.args.dataset,
@@ -305,14 +306,14 @@ class OpqnMainRunner:
                    "wall_seconds": wall, "amp": self.amp, "precision": self.precision,
                    "command": shlex.join(cmd), "log": str(log_path),
                    "data": "validation" if key.phase == "tune" else "test"}
-        outcome.update(self._checkpoint_facts(best.with_name(f"{key.name}.last.tar")))
+        outcome.update(self._checkpoint_facts(last_checkpoint_path(best)))
         if error is None:
             result = json.loads((self.work / "results" / f"{stem}.json").read_text("utf-8"))
             outcome.update({k: result.get(k) for k in (
                 "mAP", "precision_at_k", "recall_at_k", "k", "pr_curve", "num_queries",
                 "num_database", "bits", "num_books", "num_words", "checkpoint_epoch")})
         if key.phase == "tune" and not self.args.keep_checkpoints:
-            for path in (best, best.with_name(f"{key.name}.last.tar")):
+            for path in (best, last_checkpoint_path(best)):
                 path.unlink(missing_ok=True)  # its record keeps what the table needs
         return outcome
 

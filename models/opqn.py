@@ -29,6 +29,15 @@ def choose_feature_dim(num_books: int, num_words: int, input_size: int) -> int:
     return max(dim, num_books * num_words)
 
 
+# Fields whose default changed after checkpoints were written without them: such a
+# checkpoint keeps the form it was trained and scored with (l2q was scored with the
+# normalised query, DPQ's V_m started from a standard normal).
+LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "l2q": {"l2q_query": "normalized"},
+    "dpq": {"dpq_init": "normal"},
+}
+
+
 @dataclass
 class OPQNConfig:
     """Everything needed to rebuild a trained model; stored in every checkpoint."""
@@ -86,12 +95,8 @@ class OPQNConfig:
     def from_dict(cls, data: dict) -> "OPQNConfig":
         names = {f.name for f in fields(cls)}
         kept = {k: v for k, v in data.items() if k in names}
-        if kept.get("method") == "l2q" and "l2q_query" not in kept:
-            # l2q checkpoints from before the field existed were scored the authors' way
-            kept["l2q_query"] = "normalized"
-        if kept.get("method") == "dpq" and "dpq_init" not in kept:
-            kept["dpq_init"] = "normal"  # provenance: older DPQ checkpoints started so
-        return cls(**kept)
+        legacy = LEGACY_DEFAULTS.get(kept.get("method", "opqn"), {})
+        return cls(**{**legacy, **kept})
 
 
 class OPQN(nn.Module):

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from utils.checkpoint import save_checkpoint  # noqa: E402
+from utils.checkpoint import last_checkpoint_path, save_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,13 +28,13 @@ def test_model_file_names_its_epochs():
     bench = _bench()
     assert bench.model_path(12).name == "bench_ivf_36bits_12ep.tar"
     assert bench.model_path(2) != bench.model_path(12)
-    assert bench.last_path(Path("c/m.tar")) == Path("c/m.last.tar")
+    assert last_checkpoint_path(Path("c/m.tar")) == Path("c/m.last.tar")
 
 
 def test_cached_model_reused_only_when_trained_for_those_epochs(tmp_path):
     bench = _bench()
     best = tmp_path / "bench_ivf_36bits_12ep.tar"
-    last = bench.last_path(best)
+    last = last_checkpoint_path(best)
     assert bench.training_state(best, 12) == "train"  # nothing there
     _save(last, planned=12, done=5)
     _save(best, planned=12, done=5)

@@ -418,6 +418,13 @@ def restore_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
+def last_checkpoint_path(best: str | os.PathLike) -> Path:
+    """The last-epoch checkpoint that training writes beside ``best`` (its ``--save``):
+    ``<stem>.last<suffix>``, ``.tar`` when ``best`` has no suffix."""
+    best = Path(best)
+    return best.with_name(f"{best.stem}.last{best.suffix or '.tar'}")
+
+
 def checkpoint_path(
     name_or_path: str | os.PathLike,
     checkpoint_dir: str | os.PathLike = "checkpoint",

@@ -12,10 +12,10 @@ codeword.
   items' reconstructions ``sum_m c_{m,code_m}``, and an item goes to the list that the same
   quantizer would route a query to. Both are computed book by book (:func:`kmeans_codes`,
   :func:`route`): a reconstruction is one codeword per book, so its inner product with a
-  centroid is a sum of ``M`` table entries, not ``D`` multiply-adds. For inner product the centroids stay the lists' means
-  (not normalised): a query's inner product with a mean is the list's mean score, and at
-  equal nprobe that found far more of the exhaustive top-10 than spherical k-means did
-  (``spherical=True``; README, "From one machine to many").
+  centroid is a sum of ``M`` table entries, not ``D`` multiply-adds. For inner product the
+  centroids stay the lists' means (not normalised): a query's inner product with a mean is
+  the list's mean score, and at equal nprobe that found far more of the exhaustive top-10
+  than spherical k-means did (``spherical=True``; README, "From one machine to many").
 * ``"hamming"`` (dcdh): ``faiss.IndexBinaryIVF`` over the bits (the bits are the vectors,
   so training and adding cannot change them).
 
@@ -142,12 +142,17 @@ def route(index: FaissIndex, head: QuantHead, codes: Tensor) -> np.ndarray:
     multiply-adds: the same scores up to float rounding, for a small fraction of the work
     at D = 516, M = 6. For the L2 quantizer the score is ``2 <x, c_j> - ||c_j||^2``
     (``||x||^2`` is the same for every list)."""
+    return _best_lists(_routing_tables(index, head), codes).numpy()
+
+
+def _routing_tables(index: FaissIndex, head: QuantHead) -> Tensor:
+    """:func:`_tables` of the index's coarse centroids for the head's codewords."""
     quantizer = index.quantizer
     words = _words(head)
     m, _, d = words.shape
     cent = torch.from_numpy(quantizer.reconstruct_n(0, quantizer.ntotal)).to(torch.float64)
     l2 = quantizer.metric_type != _faiss().METRIC_INNER_PRODUCT
-    return _best_lists(_tables(words, cent.view(-1, m, d), l2), codes).numpy()
+    return _tables(words, cent.view(-1, m, d), l2)
 
 
 def kmeans_codes(words: Tensor, codes: Tensor, nlist: int, niter: int = 20, seed: int = 0,
@@ -174,10 +179,14 @@ def kmeans_codes(words: Tensor, codes: Tensor, nlist: int, niter: int = 20, seed
     weights[torch.arange(nlist)[:, None], books, idx[torch.randperm(n, generator=gen)[:nlist]]] = 1
     gram = torch.einsum("mkd,mld->mkl", words, words)  # (M, K, K): <c_{m,k}, c_{m,l}>
     flat = (idx + books * k).reshape(-1)  # item i, book m -> column m*K + code
+
+    def unit_norm(w: Tensor) -> Tensor:  # ||c_j||^2 = sum_m w_m^T G_m w_m
+        norm = torch.einsum("jmk,mkl,jml->j", w, gram, w).clamp_min(1e-30)
+        return w / norm.sqrt()[:, None, None]
+
     for _ in range(niter):
-        if spherical:  # unit-norm centroids: ||c_j||^2 = sum_m w_m^T G_m w_m
-            norm = torch.einsum("jmk,mkl,jml->j", weights, gram, weights).clamp_min(1e-30)
-            weights /= norm.sqrt()[:, None, None]
+        if spherical:
+            weights = unit_norm(weights)
         # Entry [m, k, j] = <c_{m,k}, centroid_{j,m}> = (G_m w_{j,m})_k.
         tables = torch.einsum("mkl,jml->mkj", gram, weights)
         if not spherical:
@@ -198,8 +207,7 @@ def kmeans_codes(words: Tensor, codes: Tensor, nlist: int, niter: int = 20, seed
             sizes[big] -= 1  # the next empty list may pick another big one
             assign[pick] = j
     if spherical:
-        norm = torch.einsum("jmk,mkl,jml->j", weights, gram, weights).clamp_min(1e-30)
-        weights /= norm.sqrt()[:, None, None]
+        weights = unit_norm(weights)
     return torch.einsum("jmk,mkd->jmd", weights, words).reshape(nlist, m * d).to(torch.float32)
 
 
@@ -264,6 +272,7 @@ def add_to_ivf(index: FaissIndex, head: QuantHead, codes: Tensor,
     if ids.shape != (n,):
         raise ValueError(f"{n} codes but ids of shape {tuple(ids.shape)}")
     binary = isinstance(index, faiss.IndexBinary)
+    tables = None if binary else _routing_tables(index, head)  # the same for every block
     for i in range(0, n, ROUTE_BLOCK):
         block = codes[i : i + ROUTE_BLOCK]
         block_ids = np.ascontiguousarray(ids[i : i + ROUTE_BLOCK].numpy().astype(np.int64))
@@ -272,7 +281,8 @@ def add_to_ivf(index: FaissIndex, head: QuantHead, codes: Tensor,
             continue
         # Route by the reconstruction, as a query is routed; then store list number and code.
         width = index.coarse_code_size()
-        coarse = route(index, head, block).astype("<i8").view(np.uint8).reshape(-1, 8)[:, :width]
+        lists = _best_lists(tables, block).numpy()
+        coarse = lists.astype("<i8").view(np.uint8).reshape(-1, 8)[:, :width]
         packed = pack_codes(block, index.pq.nbits)
         index.add_sa_codes(np.ascontiguousarray(np.concatenate([coarse, packed], axis=1)),
                            block_ids)

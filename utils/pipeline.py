@@ -14,7 +14,8 @@ from data.loaders import RetrievalSplits, build_splits, make_loader
 from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, PretrainedUnavailable,
                     build_backbone, choose_feature_dim, parse_backbone_args)
 
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .checkpoint import (checkpoint_path, last_checkpoint_path, load_checkpoint,
+                         save_checkpoint)
 from .checkpoint_checks import (REQUIRED_KEYS, check_evaluation_choice, check_resumable,
                                 checked_config, checked_model, reconcile_spec)
 from .data_folders import prepare_folders, use_cache
@@ -107,7 +108,7 @@ def _plan_jobs(args: argparse.Namespace, specs: list[CodeSpec], preset, method: 
         name = spec.name or f"{prefix}_{spec.bits}bits.tar"
         # A bare name goes to --checkpoint-dir, as the original's ./checkpoint/NAME.
         best = Path(name) if Path(name).parent.parts else Path(args.checkpoint_dir) / name
-        last = best.with_name(f"{best.stem}.last{best.suffix or '.tar'}")
+        last = last_checkpoint_path(best)
         if any(best == job[2] for job in jobs):
             raise UsageError(f"two models of this run would both be saved as {best}: give "
                              f"each one its own --save name")
