@@ -14,12 +14,12 @@ import sys
 
 from data.datasets import PRESETS
 from models.registry import BackboneError
-from utils.checkpoint import CheckpointError
+from utils.checkpoints.store import CheckpointError
 from utils.errors import OneLineParser, first_line, report_error
-from utils.methods import METHOD_CHOICES, METHOD_HYPERPARAMETERS
-from utils.precise_bn import DEFAULT_PRECISE_BN_IMAGES
+from utils.training.methods import METHOD_CHOICES, METHOD_HYPERPARAMETERS
+from utils.training.precise_bn import DEFAULT_PRECISE_BN_IMAGES
 from utils.runtime import DEVICE_CHOICES, DeviceError
-from utils.validation import (HASHING_METHODS, METHODS, UsageError, check_options, code_specs,
+from utils.cli.validation import (HASHING_METHODS, METHODS, UsageError, check_options, code_specs,
                               hashing_specs)
 
 PROG = "opqn_main.py"
@@ -27,140 +27,146 @@ PROG = "opqn_main.py"
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="PyTorch implementation of Orthonormal Product "
-                      "Quantization Network (OPQN) for scalable face image retrieval.")
-    p.add_argument("--lr", type=float, help="initial learning rate (default 0.1; the method's "
-                   "own with Adam: gpq 2e-4, dcdh 0.005; dcdh with SGD 0.01)")
-    p.add_argument("-e", "--evaluate", action="store_true",
-                   help="evaluate the models given by --load instead of training")
-    p.add_argument("-c", "--cross-dataset", action="store_true",
-                   help="cross-dataset protocol: train a 112x112 model on vggface2/cross_train; "
-                        "with -e, evaluate it on --dataset's unseen identities")
-    p.add_argument("--bs", type=int, help="batch size (default 256; 64 for synthface); "
-                   "training drops an epoch's last partial batch, so the training split must "
-                   "hold at least one batch")
-    p.add_argument("--save", nargs="+", metavar="NAME",
-                   help="checkpoint name(s) under --checkpoint-dir, one per model "
-                        "(default: <dataset>_<bits>bits.tar)")
-    p.add_argument("--load", nargs="+", metavar="NAME",
-                   help="checkpoint(s) to evaluate, names under --checkpoint-dir or paths")
-    p.add_argument("--len", nargs="+", type=int, metavar="BITS",
-                   help="code length(s) L = M*log2(K) in bits, one per model")
-    p.add_argument("--num", "--num-books", dest="num", nargs="+", type=int, metavar="M",
-                   help="number of codebooks M, one per model (--num-books is the same flag, "
-                        "for torchrun, which takes --num as its own --numa-binding)")
-    p.add_argument("--words", nargs="+", type=int, metavar="K",
-                   help="codewords per codebook K (a power of two), one per model "
-                        "(default: 2**(len/num))")
-    p.add_argument("--dataset", default="facescrub",
-                   help=f"dataset under --data-dir: {', '.join(PRESETS)}, or any folder with "
-                        f"train/ and test/ (default facescrub)")
-    p.add_argument("--margin", type=float, default=0.5, help="margin m at the target class "
-                   "(0.5): cos - m with the default cosface, radians with --margin-type arcface")
-    p.add_argument("--miu", type=float, default=0.1, help="weight of the entropy term (0.1)")
-    # Beyond the original flags.
-    p.add_argument("--data-dir", default="./data", help="datasets root (default ./data)")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the paper's value: "
-                   "200 for 32x32 datasets, lr halved every 35; 160 for VGGFace2, halved "
-                   "every 20; synthface: 45, halved every 15)")
-    p.add_argument("--device", default="auto", help=f"{'|'.join(DEVICE_CHOICES)}|cuda:N "
-                   "(default auto: CUDA when present, else MPS on Apple GPUs, else CPU)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--workers", type=int, help="data-loading processes "
-                   "(default: min(4, CPU count))")
-    p.add_argument("--out", default="results", help="results folder (default results/)")
-    p.add_argument("--checkpoint-dir", default="checkpoint", help="default checkpoint/")
-    p.add_argument("--log-dir", default="log", help="training logs (default log/)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run named by --save from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="let training replace existing checkpoints of --save (without it, or "
-                        "--resume, an existing checkpoint is an error)")
-    p.add_argument("--width", type=int, help="backbone width: 64 is the paper's network, 16 "
-                   "the narrow CPU variant (default: 64; 16 for synthface)")
-    p.add_argument("--feature-dim", type=int, help="feature dimension D (default: 512, or 516 "
-                   "for M=6, raised to M*K if smaller; M*K at 112x112)")
-    p.add_argument("--scale", type=float, help="logit scale s (default 20 at 32x32, 40 at 112)")
-    p.add_argument("--eval-every", type=int, default=5,
-                   help="monitoring evaluation (P@50, mAP) every N epochs; 0 turns it off")
-    p.add_argument("--topk", type=int, help="k of precision@k in the final evaluation "
-                   "(default: 5, or 10 for VGGFace2)")
-    p.add_argument("--ties", choices=("expected", "stable"), default="expected",
-                   help="how tied scores are ranked (default: exact expectation)")
-    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode and resize every image once into a uint8 memory map beside "
-                        "each split (<split>.cache-35/ or .cache-120/), rebuilt when the split "
-                        "changes (default: on for synthface, off otherwise)")
-    p.add_argument("--allow-identity-overlap", action="store_true",
-                   help="with -e -c: evaluate even if the evaluation set shares identities "
-                        "with the model's training set (the protocol needs them disjoint)")
-    p.add_argument("--export-faiss", nargs="+", metavar="PATH",
-                   help="with -e: write each model's gallery as a faiss index file (IndexPQ; "
-                        "IndexIVFPQ with --index-type ivf; a bare name goes under --out), "
-                        "with its id->image list <stem>.ids.csv beside")
-    p.add_argument("--synthface-identities", type=int,
-                   help="synthface only: number of identities to generate (default 100; the "
-                        "disjoint -c set gets half as many, 60 by default)")
-    p.add_argument("--synthface-images", type=int,
-                   help="synthface only: training images per identity (default 30; 5 test)")
-    p.add_argument("--regenerate-synthface", action="store_true",
-                   help="replace an existing synthface whose size differs from the "
-                        "--synthface-* flags (never done otherwise; not with -e)")
-    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
-                   help="bf16 autocast and channels_last for the backbone in training (the "
-                        "quantization head, loss, codes and query tables stay float32); auto: "
-                        "on with CUDA and on CPUs with AMX (default auto)")
-    p.add_argument("--precise-bn", type=int, default=DEFAULT_PRECISE_BN_IMAGES, metavar="N",
-                   help="after training, recompute every BatchNorm's statistics in float32 "
-                        "over N training images under the evaluation transform, in the saved "
-                        f"models (default {DEFAULT_PRECISE_BN_IMAGES}; 0: keep the training "
-                        "averages)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    # Backbone, margin and schedule choices beyond the paper (defaults: the paper's).
-    p.add_argument("--backbone", metavar="NAME", help="face backbone: sphere20 (the paper's "
-                   "network, default) or a timm model with a feature map, e.g. "
-                   "edgenext_x_small or resnet18, with the paper's BN-Dropout-Linear-BN head")
-    p.add_argument("--backbone-args", nargs="+", metavar="KEY=VALUE",
-                   help="extra timm.create_model arguments, e.g. output_stride=8 (resnet*: "
-                        "a 4x4 map at 32x32); stored in the checkpoint")
-    p.add_argument("--pretrained", action="store_true",
-                   help="start a timm backbone from timm's pretrained weights (needs network "
-                        "access or the local Hugging Face cache)")
-    p.add_argument("--margin-type", choices=("cosface", "arcface"),
-                   help="target-class margin: cosface = cos - m (the paper's, default), "
-                        "arcface = cos(theta + m), m in radians (0.5 is common)")
-    p.add_argument("--schedule", choices=("step", "cosine"),
-                   help="learning-rate schedule: step = the paper's halving (default), "
-                        "cosine = decay to 0 over --epochs")
-    p.add_argument("--warmup", type=int, metavar="EPOCHS",
-                   help="--schedule cosine: linear warmup epochs before the decay (default 0)")
-    # Search mode (utils.search).
-    p.add_argument("--search", action="store_true",
-                   help="rank a gallery for query photos with the model of --load; writes "
-                        "search.json, search.png and search.html under --out")
-    p.add_argument("--gallery", metavar="DIR", help="with --search: folder of gallery images "
-                   "(<identity>/ sub-folders optional; default: --dataset's train split)")
-    p.add_argument("--query", nargs="+", metavar="PATH", help="with --search: query image "
-                   "files and/or folders (default: --dataset's test split)")
-    p.add_argument("--index", metavar="FILE", help="with --search: the gallery index to reuse "
-                   "or build (default: <out>/<model>_<gallery>.index.tar)")
-    p.add_argument("--rebuild-index", action="store_true",
-                   help="with --search: encode the gallery again even if the index is current")
-    p.add_argument("--grid-rows", type=int, default=20,
-                   help="with --search: queries drawn in search.png (default 20)")
-    p.add_argument("--index-type", choices=("flat", "ivf"), default="flat",
-                   help="with --search or --export-faiss: flat scans every code (default); "
-                        "ivf (inverted file over the model's own codes) scans --nprobe of "
-                        "--nlist lists")
-    p.add_argument("--nlist", type=int, help="--index-type ivf: number of lists (default: a "
-                   "power of two near sqrt(gallery size), at least 39 items a list)")
-    p.add_argument("--nprobe", type=int, help="--index-type ivf: lists scanned per query "
-                   "(default nlist/16; nprobe = nlist gives the flat index's results)")
+                      "Quantization Network (OPQN)\nfor scalable face image retrieval.",
+                      epilog="examples:\n" + __doc__.split("\n\n", 1)[1].split('"""')[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = p.add_argument_group("what to run (default: train one model per code length)")
+    run.add_argument("-e", "--evaluate", action="store_true",
+                     help="evaluate the models given by --load instead of training")
+    run.add_argument("-c", "--cross-dataset", action="store_true",
+                     help="cross-dataset protocol: train a 112x112 model on vggface2/cross_train; "
+                          "with -e, evaluate it on --dataset's unseen identities")
+    run.add_argument("--search", action="store_true",
+                     help="rank a gallery for query photos with the model of --load; writes "
+                          "search.json, search.png and search.html under --out")
+    run.add_argument("--save", nargs="+", metavar="NAME",
+                     help="checkpoint name(s) under --checkpoint-dir, one per model "
+                          "(default: <dataset>_<bits>bits.tar)")
+    run.add_argument("--load", nargs="+", metavar="NAME",
+                     help="checkpoint(s) to evaluate, names under --checkpoint-dir or paths")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run named by --save from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="let training replace existing checkpoints of --save (without it, or "
+                          "--resume, an existing checkpoint is an error)")
+    code = p.add_argument_group("model and code")
+    code.add_argument("--len", nargs="+", type=int, metavar="BITS",
+                      help="code length(s) L = M*log2(K) in bits, one per model")
+    code.add_argument("--num", "--num-books", dest="num", nargs="+", type=int, metavar="M",
+                      help="number of codebooks M, one per model (--num-books is the same flag, "
+                           "for torchrun, which takes --num as its own --numa-binding)")
+    code.add_argument("--words", nargs="+", type=int, metavar="K",
+                      help="codewords per codebook K (a power of two), one per model "
+                           "(default: 2**(len/num))")
+    code.add_argument("--margin", type=float, default=0.5, help="margin m at the target class "
+                      "(0.5): cos - m with the default cosface, radians with --margin-type arcface")
+    code.add_argument("--miu", type=float, default=0.1, help="weight of the entropy term (0.1)")
+    code.add_argument("--scale", type=float, help="logit scale s (default 20 at 32x32, 40 at 112)")
+    code.add_argument("--margin-type", choices=("cosface", "arcface"),
+                      help="target-class margin: cosface = cos - m (the paper's, default), "
+                           "arcface = cos(theta + m), m in radians (0.5 is common)")
+    code.add_argument("--width", type=int, help="backbone width: 64 is the paper's network, 16 "
+                      "the narrow CPU variant (default: 64; 16 for synthface)")
+    code.add_argument("--feature-dim", type=int, help="feature dimension D (default: 512, or 516 "
+                      "for M=6, raised to M*K if smaller; M*K at 112x112)")
+    code.add_argument("--backbone", metavar="NAME", help="face backbone: sphere20 (the paper's "
+                      "network, default) or a timm model with a feature map, e.g. "
+                      "edgenext_x_small or resnet18, with the paper's BN-Dropout-Linear-BN head")
+    code.add_argument("--backbone-args", nargs="+", metavar="KEY=VALUE",
+                      help="extra timm.create_model arguments, e.g. output_stride=8 (resnet*: "
+                           "a 4x4 map at 32x32); stored in the checkpoint")
+    code.add_argument("--pretrained", action="store_true",
+                      help="start a timm backbone from timm's pretrained weights (needs network "
+                           "access or the local Hugging Face cache)")
+    training = p.add_argument_group("training")
+    training.add_argument("--epochs", type=int, help="training epochs (default: the paper's value: "
+                          "200 for 32x32 datasets, lr halved every 35; 160 for VGGFace2, halved "
+                          "every 20; synthface: 45, halved every 15)")
+    training.add_argument("--lr", type=float, help="initial learning rate (default 0.1; the method's "
+                          "own with Adam: gpq 2e-4, dcdh 0.005; dcdh with SGD 0.01)")
+    training.add_argument("--bs", type=int, help="batch size (default 256; 64 for synthface); "
+                          "training drops an epoch's last partial batch, so the training split must "
+                          "hold at least one batch")
+    training.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    training.add_argument("--schedule", choices=("step", "cosine"),
+                          help="learning-rate schedule: step = the paper's halving (default), "
+                               "cosine = decay to 0 over --epochs")
+    training.add_argument("--warmup", type=int, metavar="EPOCHS",
+                          help="--schedule cosine: linear warmup epochs before the decay (default 0)")
+    training.add_argument("--eval-every", type=int, default=5,
+                          help="monitoring evaluation (P@50, mAP) every N epochs; 0 turns it off")
+    training.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
+                          help="bf16 autocast and channels_last for the backbone in training (the "
+                               "quantization head, loss, codes and query tables stay float32); auto: "
+                               "on with CUDA and on CPUs with AMX (default auto)")
+    training.add_argument("--precise-bn", type=int, default=DEFAULT_PRECISE_BN_IMAGES, metavar="N",
+                          help="after training, recompute every BatchNorm's statistics in float32 "
+                               "over N training images under the evaluation transform, in the saved "
+                               f"models (default {DEFAULT_PRECISE_BN_IMAGES}; 0: keep the training "
+                               "averages)")
+    evaluation = p.add_argument_group("evaluation (after training, and -e)")
+    evaluation.add_argument("--topk", type=int, help="k of precision@k in the final evaluation "
+                            "(default: 5, or 10 for VGGFace2)")
+    evaluation.add_argument("--ties", choices=("expected", "stable"), default="expected",
+                            help="how tied scores are ranked (default: exact expectation)")
+    evaluation.add_argument("--export-faiss", nargs="+", metavar="PATH",
+                            help="with -e: write each model's gallery as a faiss index file (IndexPQ; "
+                                 "IndexIVFPQ with --index-type ivf; a bare name goes under --out), "
+                                 "with its id->image list <stem>.ids.csv beside")
+    evaluation.add_argument("--allow-identity-overlap", action="store_true",
+                            help="with -e -c: evaluate even if the evaluation set shares identities "
+                                 "with the model's training set (the protocol needs them disjoint)")
+    search = p.add_argument_group("search (--search) and faiss indexes")
+    search.add_argument("--gallery", metavar="DIR", help="with --search: folder of gallery images "
+                        "(<identity>/ sub-folders optional; default: --dataset's train split)")
+    search.add_argument("--query", nargs="+", metavar="PATH", help="with --search: query image "
+                        "files and/or folders (default: --dataset's test split)")
+    search.add_argument("--index", metavar="FILE", help="with --search: the gallery index to reuse "
+                        "or build (default: <out>/<model>_<gallery>.index.tar)")
+    search.add_argument("--rebuild-index", action="store_true",
+                        help="with --search: encode the gallery again even if the index is current")
+    search.add_argument("--grid-rows", type=int, default=20,
+                        help="with --search: queries drawn in search.png (default 20)")
+    search.add_argument("--index-type", choices=("flat", "ivf"), default="flat",
+                        help="with --search or --export-faiss: flat scans every code (default); "
+                             "ivf (inverted file over the model's own codes) scans --nprobe of "
+                             "--nlist lists")
+    search.add_argument("--nlist", type=int, help="--index-type ivf: number of lists (default: a "
+                        "power of two near sqrt(gallery size), at least 39 items a list)")
+    search.add_argument("--nprobe", type=int, help="--index-type ivf: lists scanned per query "
+                        "(default nlist/16; nprobe = nlist gives the flat index's results)")
     _add_method_flags(p)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="facescrub",
+                      help=f"dataset under --data-dir: {', '.join(PRESETS)}, or any folder with "
+                           f"train/ and test/ (default facescrub)")
+    data.add_argument("--data-dir", default="./data", help="datasets root (default ./data)")
+    data.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                      help="decode and resize every image once into a uint8 memory map beside "
+                           "each split (<split>.cache-35/ or .cache-120/), rebuilt when the split "
+                           "changes (default: on for synthface, off otherwise)")
+    data.add_argument("--workers", type=int, help="data-loading processes "
+                      "(default: min(4, CPU count))")
+    data.add_argument("--synthface-identities", type=int,
+                      help="synthface only: number of identities to generate (default 100; the "
+                           "disjoint -c set gets half as many, 60 by default)")
+    data.add_argument("--synthface-images", type=int,
+                      help="synthface only: training images per identity (default 30; 5 test)")
+    data.add_argument("--regenerate-synthface", action="store_true",
+                      help="replace an existing synthface whose size differs from the "
+                           "--synthface-* flags (never done otherwise; not with -e)")
+    runtime = p.add_argument_group("runtime and outputs")
+    runtime.add_argument("--device", default="auto", help=f"{'|'.join(DEVICE_CHOICES)}|cuda:N "
+                         "(default auto: CUDA when present, else MPS on Apple GPUs, else CPU)")
+    runtime.add_argument("--out", default="results", help="results folder (default results/)")
+    runtime.add_argument("--checkpoint-dir", default="checkpoint", help="default checkpoint/")
+    runtime.add_argument("--log-dir", default="log", help="training logs (default log/)")
+    runtime.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
 
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("method", "the compared methods (training; -e reads the method "
+    g = p.add_argument_group("methods", "the compared methods (training; -e reads the method "
                              "from each checkpoint)")
     g.add_argument("--method", choices=METHODS, help="opqn (default), l2q (OPQN with learned "
                    "codewords), dpq, gpq, or dcdh (binary hashing: --len bits, no --num/--words)")
@@ -183,7 +189,7 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
 
 def _resume_hint(exc: BaseException, argv: list[str] | None) -> str:
     """How to continue an interrupted training run (empty when there is nothing to add)."""
-    resumable = getattr(exc, "resumable", None)  # set by utils.training.TrainingInterrupted
+    resumable = getattr(exc, "resumable", None)  # set by utils.training.loop.TrainingInterrupted
     if resumable is None:
         return ""
     if not resumable:
@@ -200,27 +206,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_options(args)
-        from utils.runtime import resolve_device  # torch import deferred past --help
+        from utils.cli.settings import RunSettings
+        from utils.runtime import resolve_device
 
         device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        run = RunSettings.from_args(args)
         if args.search:
-            from utils.search import run_search
+            from utils.cli.search import run_search
 
-            run_search(args, device)
+            run_search(run, device)
         elif args.evaluate:
             specs = code_specs(args.len, args.num, args.words, args.load, "--load", False)
             if args.export_faiss and len(args.export_faiss) != len(specs):
                 raise UsageError(f"--export-faiss needs one path per model: got "
                                  f"{len(args.export_faiss)} for {len(specs)} models")
-            from utils.pipeline import run_evaluation
+            from utils.cli.pipeline import run_evaluation
 
-            run_evaluation(args, specs, device)
+            run_evaluation(run, specs, device)
         else:
             specs = (hashing_specs(args.len, args.save) if args.method in HASHING_METHODS
                      else code_specs(args.len, args.num, args.words, args.save, "--save", True))
-            from utils.pipeline import run_training
+            from utils.cli.pipeline import run_training
 
-            run_training(args, specs, device)
+            run_training(run, specs, device)
     except (UsageError, DeviceError) as exc:
         return report_error(PROG, first_line(exc), 2)
     except BackboneError as exc:  # e.g. --pretrained weights out of reach
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
         if os.environ.get("OPQN_DEBUG"):
             raise
-        from utils.training import TrainingDiverged
+        from utils.training.loop import TrainingDiverged
 
         detail = first_line(exc)
         if not isinstance(exc, TrainingDiverged):

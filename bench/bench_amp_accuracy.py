@@ -12,7 +12,7 @@ lowest-loss checkpoint in float32 four ways, each from the stored weights:
 
 - ``stored``: the BatchNorm running statistics as training left them;
 - ``precise``: all statistics recomputed over the training images under the evaluation
-  transform (:func:`utils.precise_bn.recompute_bn_statistics`, what training now does);
+  transform (:func:`utils.training.precise_bn.recompute_bn_statistics`, what training now does);
 - ``precise-aug``: the same, but over the augmented training images (train transform);
 - ``precise-head``: only the face head's two BatchNorm1d recomputed (backbone as stored).
 
@@ -46,10 +46,10 @@ import opqn_main  # noqa: E402
 from data.datasets import dataset_preset, split_dirs  # noqa: E402
 from data.loaders import build_splits, make_loader  # noqa: E402
 from models.precision import fp32_zone  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.evaluation import evaluate_model, extract_features  # noqa: E402
-from utils.precise_bn import recompute_bn_statistics  # noqa: E402
-from utils.training import load_model  # noqa: E402
+from utils.checkpoints.store import load_checkpoint  # noqa: E402
+from utils.retrieval.encoding import evaluate_model, extract_features  # noqa: E402
+from utils.training.precise_bn import recompute_bn_statistics  # noqa: E402
+from utils.checkpoints.loading import load_model  # noqa: E402
 
 VARIANTS = {"off": "off", "bf16": "bf16", "bf16-bn32": "bf16"}  # variant -> --amp
 EVALUATIONS = ("stored", "precise", "precise-aug", "precise-head")

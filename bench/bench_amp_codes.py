@@ -22,11 +22,11 @@ import torch  # noqa: E402
 
 from data.datasets import dataset_preset, split_dirs  # noqa: E402
 from data.loaders import build_splits, make_loader  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.evaluation import encode_gallery, encode_queries  # noqa: E402
+from utils.checkpoints.store import load_checkpoint  # noqa: E402
+from utils.retrieval.encoding import encode_gallery, encode_queries  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
-from utils.retrieval import evaluate_adc  # noqa: E402
-from utils.training import load_model  # noqa: E402
+from utils.retrieval.adc import evaluate_adc  # noqa: E402
+from utils.checkpoints.loading import load_model  # noqa: E402
 
 
 def main() -> None:

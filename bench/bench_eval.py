@@ -1,4 +1,4 @@
-"""Benchmark of the retrieval evaluation engine (utils.retrieval) on synthetic OPQN-like codes.
+"""Benchmark of the retrieval evaluation engine (utils.retrieval.adc) on synthetic OPQN-like codes.
 
 Prints, in one run (ratios measured in the same run, so that machine load hits both sides):
   1. ``evaluate_adc`` (both tie modes) vs the authors' per-query algorithm (score, full sort,
@@ -9,7 +9,7 @@ Prints, in one run (ratios measured in the same run, so that machine load hits b
      extrapolated to 139,350 queries, for ``evaluate_adc`` and the per-query algorithm;
   3. ``search_adc`` vs a faiss ``IndexPQ`` (inner product, codewords as centroids) top-100;
   4. peak RSS of a subprocess that encodes a synthetic 1,000,000-item gallery batch by batch
-     (``utils.evaluation.encode_gallery``), encodes 1,000 queries and evaluates them.
+     (``utils.retrieval.encoding.encode_gallery``), encodes 1,000 queries and evaluates them.
 
 Usage: ``python bench/bench_eval.py [--quick] [--device cpu|cuda]``
 """
@@ -30,7 +30,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils.retrieval import evaluate_adc, search_adc  # noqa: E402
+from utils.retrieval.adc import evaluate_adc, search_adc  # noqa: E402
 
 
 def class_codes(n: int, q: int, keep: float, m: int = 6, k: int = 64, classes: int = 1000,
@@ -150,7 +150,7 @@ def bench_vggface2(device, sample_queries, baseline_queries):
 def bench_search(tables, codes, topk, device):
     try:
         import faiss  # noqa: F401
-        from utils.faiss_index import build_faiss_index, soft_quantized_queries
+        from utils.retrieval.faiss_index import build_faiss_index, soft_quantized_queries
     except ImportError:
         print("[search] faiss not installed: skipped")
         return
@@ -203,9 +203,9 @@ def _peak_rss_mb() -> float:
 
 def rss_child(n, q):
     """Runs in a subprocess: encode an n-item gallery and q queries batch by batch through
-    utils.evaluation (identity backbone, real OPQN head), evaluate, report memory."""
+    utils.retrieval.encoding (identity backbone, real OPQN head), evaluate, report memory."""
     from models import OPQN, OPQNConfig
-    from utils.evaluation import encode_gallery, encode_queries
+    from utils.retrieval.encoding import encode_gallery, encode_queries
 
     config = OPQNConfig(num_books=6, num_words=64, feature_dim=516, num_classes=1000)
     model = OPQN(config)

@@ -12,8 +12,8 @@ are the same model's query tables of synthface's test split.
 
 Measured in the same run, on the same codes and tables:
 
-* exhaustive ranking: faiss ``IndexPQ`` (flat) and ``utils.retrieval.search_adc``;
-* ``IndexIVFPQ`` over the unchanged codes (:func:`utils.ivf_index.build_ivf_index`) at each
+* exhaustive ranking: faiss ``IndexPQ`` (flat) and ``utils.retrieval.adc.search_adc``;
+* ``IndexIVFPQ`` over the unchanged codes (:func:`utils.retrieval.ivf_index.build_ivf_index`) at each
   ``--nprobe``: recall@10 and queries per second. Recall@10 counts the IVF's top-10 items
   whose score reaches the exhaustive 10th score (identical codes tie, so item identities
   alone would under-count);
@@ -50,14 +50,14 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from data.datasets import FaceFolder  # noqa: E402
-from utils.checkpoint import (CheckpointError, last_checkpoint_path,  # noqa: E402
+from utils.checkpoints.store import (CheckpointError, last_checkpoint_path,  # noqa: E402
                               load_checkpoint)
-from utils.faiss_index import _faiss, build_head_index, search_head_queries  # noqa: E402
-from utils.inference import encode_images  # noqa: E402
-from utils.ivf_index import (MIN_POINTS_PER_LIST, build_ivf_index, default_nlist,  # noqa: E402
+from utils.retrieval.faiss_index import _faiss, build_head_index, search_head_queries  # noqa: E402
+from utils.retrieval.inference import encode_images  # noqa: E402
+from utils.retrieval.ivf_index import (MIN_POINTS_PER_LIST, build_ivf_index, default_nlist,  # noqa: E402
                              set_nprobe)
-from utils.retrieval import search_adc  # noqa: E402
-from utils.training import load_model  # noqa: E402
+from utils.retrieval.adc import search_adc  # noqa: E402
+from utils.checkpoints.loading import load_model  # noqa: E402
 
 TOPK = 10
 SMOOTHING = 0.01  # pseudo-count per word: unseen words stay possible, rarely
@@ -164,7 +164,7 @@ def synthetic_gallery(dist: torch.Tensor, n: int, per_identity: int, gen: torch.
 
 def bench_nlist(n: int) -> int:
     """The benchmark's nlist: a power of two near ``4 sqrt(n)`` (4,096 at 1M), within
-    :func:`utils.ivf_index.default_nlist`'s rule of at least 39 items a list. Four times
+    :func:`utils.retrieval.ivf_index.default_nlist`'s rule of at least 39 items a list. Four times
     the library's default: routing items is cheap (per-book tables) and the query's
     ``nlist x D`` routing is a small part of its time, while finer lists find the same
     recall in fewer scanned codes (README, "Pick nlist and nprobe")."""

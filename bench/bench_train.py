@@ -15,7 +15,7 @@ load from other processes hits both alike.
 
 With ``--input-size`` it prints images/s and achieved GFLOP/s (3x the forward FLOPs per
 image) of the bare step in both precisions and of a full epoch of the real loop
-(``utils.training.train``, with ``--amp``) reading synthface PNGs and the uint8 cache
+(``utils.training.loop.train``, with ``--amp``) reading synthface PNGs and the uint8 cache
 through the DataLoader, and the loop's overhead over the bare step.
 
 With ``--backbone NAME...`` it prints, per backbone at ``--input-size`` (default 32), the
@@ -41,7 +41,7 @@ from models import OPQN, OPQNConfig, choose_feature_dim, count_flops, count_para
 from utils.logger import setup_logging  # noqa: E402
 from utils.precision import autocast, cpu_bf16_hardware, resolve_amp  # noqa: E402
 from utils.runtime import resolve_device  # noqa: E402
-from utils.training import OPQNTrainingModule, TrainSettings, build_criterion, train  # noqa: E402
+from utils.training.loop import OPQNTrainingModule, TrainSettings, build_criterion, train  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -59,13 +59,13 @@ from data.datasets import dataset_preset, split_dirs  # noqa: E402
 from data.validation_split import (ValidationSplit, ValidationSplitError,  # noqa: E402
                                    build_validation_split, queries_per_identity,
                                    split_listing)
-from utils.comparison import (ComparisonPlan, MethodPlan, RunKey, RunStore,  # noqa: E402
+from utils.comparison.plan import (ComparisonPlan, MethodPlan, RunKey, RunStore,  # noqa: E402
                               StaleRun, late_gain, lr_grid, run_comparison)
-from utils.checkpoint import last_checkpoint_path  # noqa: E402
-from utils.comparison_report import write_report  # noqa: E402
+from utils.checkpoints.store import last_checkpoint_path  # noqa: E402
+from utils.comparison.report import write_report  # noqa: E402
 from utils.errors import OneLineParser, report_error  # noqa: E402
-from utils.methods import default_lr, default_optimizer  # noqa: E402
-from utils.validation import HASHING_METHODS, METHODS, UsageError  # noqa: E402
+from utils.training.methods import default_lr, default_optimizer  # noqa: E402
+from utils.cli.validation import HASHING_METHODS, METHODS, UsageError  # noqa: E402
 
 PROG = "compare_methods.py"
 NAMES = {"opqn": "OPQN", "l2q": "OPQN-l2q", "dpq": "DPQ", "gpq": "GPQ", "dcdh": "DCDH"}
@@ -173,7 +173,7 @@ def run_flags(extra: list[str]) -> tuple[argparse.Namespace, list[str]]:
     the flags every run gets: those, with ``--amp off`` unless --amp is among them and
     without ``--regenerate-synthface`` (the data is prepared once, before any run)."""
     import opqn_main
-    from utils.validation import check_options
+    from utils.cli.validation import check_options
 
     parser = opqn_main.build_parser()
     given, defaults = parser.parse_args(extra), parser.parse_args([])
@@ -215,12 +215,15 @@ def prepare_data(args: argparse.Namespace, given: argparse.Namespace,
                  cross: bool) -> tuple[Path, tuple[Path, ...], tuple[Path, ...]]:
     """Generate synthface if needed; returns (training split, the test splits the
     validation split must not touch, the extra files the validation folder needs)."""
-    from utils.data_folders import prepare_folders
-    from utils.validation import check_split_dir
+    from dataclasses import replace
 
-    ns = argparse.Namespace(**{**vars(given), "dataset": args.dataset,
-                               "data_dir": args.data_dir, "no_progress": False})
-    train_dir, own_test = prepare_folders(ns, cross_train=cross)
+    from utils.cli.data_folders import prepare_folders
+    from utils.cli.settings import RunSettings
+    from utils.cli.validation import check_split_dir
+
+    data = replace(RunSettings.from_args(given).data, dataset=args.dataset,
+                   data_dir=args.data_dir, progress=True)
+    train_dir, own_test = prepare_folders(data, cross_train=cross)
     tests = [own_test]
     if cross:  # the unseen identities the final models are evaluated on
         gallery, queries = split_dirs(args.data_dir, args.dataset)
@@ -322,7 +325,7 @@ class OpqnMainRunner:
         """Per-epoch history and class count from the run's last checkpoint."""
         if not last.is_file():
             return {"history": [], "num_classes": 0}
-        from utils.checkpoint import load_checkpoint
+        from utils.checkpoints.store import load_checkpoint
 
         checkpoint = load_checkpoint(last, map_location="cpu")
         history = list(checkpoint.get("history", []))

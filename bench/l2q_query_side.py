@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from data.loaders import build_splits, make_loader  # noqa: E402
 from models.pq_ops import neg_sq_distance_tables, soft_vectors  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.evaluation import extract_features  # noqa: E402
-from utils.retrieval import evaluate_adc  # noqa: E402
-from utils.training import load_model  # noqa: E402
+from utils.checkpoints.store import load_checkpoint  # noqa: E402
+from utils.retrieval.encoding import extract_features  # noqa: E402
+from utils.retrieval.adc import evaluate_adc  # noqa: E402
+from utils.checkpoints.loading import load_model  # noqa: E402
 
 
 @torch.no_grad()

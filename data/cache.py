@@ -365,8 +365,6 @@ class CachedImageDataset(Dataset):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data.cache SPLIT_DIR --size S [--rebuild]``: build or check a cache."""
-    from utils.errors import report_error  # the command line's one-line errors
-
     p = argparse.ArgumentParser(prog="python -m data.cache", description=main.__doc__)
     p.add_argument("split_dir")
     p.add_argument("--size", type=int, required=True, help="stored size: 35 or 120")
@@ -385,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cache = open_cache(args.split_dir, args.size, args.rebuild, workers=args.workers)
     except (FileNotFoundError, ValueError) as exc:
-        return report_error(p.prog, str(exc), 2)
+        p.exit(2, f"{p.prog}: error: {exc}\n")
     print(cache.summary())
     return 0
 

@@ -4,7 +4,7 @@ from .codebooks import dct_matrix, orthonormal_codebooks
 from .flops import count_flops, count_parameters
 from .opqn import OPQN, OPQNConfig, choose_feature_dim
 from .heads import METHODS, QuantHead, build_head
-from .quantizer import OrthoPQ, code_dtype
+from .heads.opqn import OrthoPQ, code_dtype
 from .registry import (DEFAULT_BACKBONE, BackboneError, PretrainedUnavailable, build_backbone,
                        parse_backbone_args)
 

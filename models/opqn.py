@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .heads import build_head
-from .quantizer import code_bits
+from .heads.base import code_bits
 from .registry import DEFAULT_BACKBONE, build_backbone
 
 # 32x32 datasets use D = 512 in the paper (516 for M = 6 so that it divides).
@@ -114,7 +114,7 @@ class OPQN(nn.Module):
         self.backbone = build_backbone(config.backbone, config.input_size, config.width,
                                        config.feature_dim, pretrained=load_pretrained,
                                        backbone_args=config.backbone_args)
-        # The method's head (models.heads); OPQN's is models.quantizer.OrthoPQ.
+        # The method's head (models.heads); OPQN's is models.heads.opqn.OrthoPQ.
         self.quantizer = build_head(config)
 
     def forward(self, images: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# What `--synthface-identities 6 --synthface-images 6` asks for (see utils.data_folders).
+# What `--synthface-identities 6 --synthface-images 6` asks for (see utils.cli.data_folders).
 TINY_SYNTHFACE = ["--synthface-identities", "6", "--synthface-images", "6"]
 PROG = "opqn_main.py: error: "
 SEARCH_COMMON = ["--workers", "0", "--no-progress", "--bs", "12"]

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from authors_model import save_authors_checkpoint
 from conftest import TINY_SYNTHFACE, one_line_error
-from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.training import load_model
+from utils.checkpoints.store import CheckpointError, load_checkpoint
+from utils.checkpoints.loading import load_model
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,7 +60,7 @@ def test_bias_folding_is_what_makes_them_equal(tmp_path):
 
 
 def test_converter_round_trip_and_errors(tmp_path, capsys):
-    from utils import convert_authors
+    from utils.checkpoints import convert as convert_authors
 
     theirs = tmp_path / "theirs.tar"
     net, _ = save_authors_checkpoint(theirs, 32, 16, 2, 64, 256, seed=5)
@@ -122,7 +122,7 @@ def test_evaluate_authors_file_with_no_other_flag(tiny_data_dir, run_cli, tmp_pa
     # The examples grid beside the PR curve: 8 queries drawn at a fixed seed, k + 1 columns.
     from PIL import Image
 
-    from utils.gallery_view import grid_layout
+    from utils.cli.gallery_view import grid_layout
 
     with Image.open(tmp_path / "results" / "theirs_on_synthface_examples.png") as png:
         assert png.size == grid_layout(8, 10 + 1)
@@ -134,7 +134,7 @@ def test_evaluate_authors_file_with_no_other_flag(tiny_data_dir, run_cli, tmp_pa
 
 
 def test_resume_from_converted_file_starts_a_new_head(tiny_data_dir, run_cli, tmp_path, capsys):
-    from utils import convert_authors
+    from utils.checkpoints import convert as convert_authors
 
     save_authors_checkpoint(tmp_path / "theirs.tar", 32, 16, 2, 64, 256, seed=4)
     (tmp_path / "checkpoint").mkdir()
@@ -153,14 +153,14 @@ def test_resume_from_converted_file_starts_a_new_head(tiny_data_dir, run_cli, tm
 
 
 def test_converter_runs_as_a_module(tmp_path, monkeypatch, capsys):
-    """`python -m utils.convert_authors IN OUT` (run in-process: no second interpreter)."""
+    """`python -m utils.checkpoints.convert IN OUT` (run in-process: no second interpreter)."""
     import runpy
 
     save_authors_checkpoint(tmp_path / "t.tar", 32, 16, 2, 16, 256)
     monkeypatch.setattr(sys, "argv", ["convert_authors", str(tmp_path / "t.tar"),
                                       str(tmp_path / "o.tar")])
-    monkeypatch.delitem(sys.modules, "utils.convert_authors", raising=False)
+    monkeypatch.delitem(sys.modules, "utils.checkpoints.convert", raising=False)
     with pytest.raises(SystemExit) as done:
-        runpy.run_module("utils.convert_authors", run_name="__main__", alter_sys=True)
+        runpy.run_module("utils.checkpoints.convert", run_name="__main__", alter_sys=True)
     assert done.value.code == 0, capsys.readouterr().err
     assert load_checkpoint(tmp_path / "o.tar")["config"]["bits"] == 8

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import PROG, REPO, TINY_SYNTHFACE, one_line_error
 from models import (OPQN, BackboneError, FaceResNet20, OPQNConfig, build_backbone, count_flops,
                     count_parameters, parse_backbone_args)
-from utils.checkpoint import load_checkpoint
+from utils.checkpoints.store import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_debug")
 CODES = ["--len", "8", "--num", "2", "--words", "16", "--feature-dim", "32"]
@@ -51,7 +51,7 @@ def test_timm_backbone_args_reach_timm_and_bad_names_fail_clearly():
 
 
 def test_old_checkpoint_config_without_backbone_loads_as_sphere20():
-    from utils.training import load_model
+    from utils.checkpoints.loading import load_model
 
     config = OPQNConfig(num_books=2, num_words=16, feature_dim=32, num_classes=3, width=4)
     model = OPQN(config)

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from utils.checkpoint import last_checkpoint_path, save_checkpoint  # noqa: E402
+from utils.checkpoints.store import last_checkpoint_path, save_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_cached_model_reused_only_when_trained_for_those_epochs(tmp_path):
 
 
 def test_bench_nlist_is_four_times_the_library_default_within_its_rule():
-    from utils.ivf_index import MIN_POINTS_PER_LIST, default_nlist
+    from utils.retrieval.ivf_index import MIN_POINTS_PER_LIST, default_nlist
 
     bench = _bench()
     assert bench.bench_nlist(1_000_000) == 4096 == 4 * default_nlist(1_000_000)

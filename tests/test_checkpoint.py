@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils import checkpoint as ckpt
-from utils.checkpoint import (
+from utils.checkpoints import store as ckpt
+from utils.checkpoints.store import (
     CheckpointError,
     capture_rng_state,
     checkpoint_path,
@@ -328,7 +328,7 @@ def test_crash_at_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
 _SAVER = textwrap.dedent(
     """
     import sys, torch
-    from utils.checkpoint import save_checkpoint
+    from utils.checkpoints.store import save_checkpoint
     path = sys.argv[1]
     i = 0
     while True:

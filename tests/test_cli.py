@@ -38,7 +38,7 @@ def test_train_then_evaluate(tiny_data_dir, run_cli, tmp_path):
     assert len(result["pr_curve"]["precision"]) == len(result["pr_curve"]["recall"]) > 2
     assert math.isfinite(result["mAP"])
     # Chance level: the expected mAP of a random ranking (all scores tied).
-    from utils.retrieval import evaluate_adc
+    from utils.retrieval.adc import evaluate_adc
 
     labels = torch.arange(6).repeat_interleave(6)
     chance = evaluate_adc(torch.zeros(30, 2, 64), torch.zeros(36, 2, dtype=torch.uint8),
@@ -152,10 +152,10 @@ def test_export_faiss_index_matches_search_adc(tiny_data_dir, run_cli, tmp_path)
     # (scores and ranking) with search_adc's over those codes.
     from data.loaders import build_splits, make_loader
     from test_faiss_index import assert_same_topk
-    from utils.checkpoint import load_checkpoint
-    from utils.evaluation import encode_gallery, encode_queries
-    from utils.faiss_index import search_faiss
-    from utils.training import load_model
+    from utils.checkpoints.store import load_checkpoint
+    from utils.retrieval.encoding import encode_gallery, encode_queries
+    from utils.retrieval.faiss_index import search_faiss
+    from utils.checkpoints.loading import load_model
 
     cpu = torch.device("cpu")
     model = load_model(load_checkpoint(tmp_path / "checkpoint" / "f.tar"), cpu)

@@ -16,7 +16,7 @@ import torch
 
 import opqn_main
 from conftest import PROG, REPO, TINY_SYNTHFACE, one_line_error
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoints.store import load_checkpoint, save_checkpoint
 
 CODES = ["--len", "12", "--num", "2", "--words", "64"]
 TRAIN_FLAGS = ["--epochs", "1", "--eval-every", "0", "--workers", "0", "--bs", "12",

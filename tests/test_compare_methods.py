@@ -15,10 +15,10 @@ import pytest
 from conftest import REPO
 from data.validation_split import (ValidationSplitError, build_validation_split,
                                    check_validation_split)
-from utils.comparison import (ComparisonPlan, MethodPlan, RunKey, RunStore, StaleRun,
+from utils.comparison.plan import (ComparisonPlan, MethodPlan, RunKey, RunStore, StaleRun,
                               choose_lr, lr_grid, mean_sd, paired_difference, run_comparison,
                               summarise, training_failures)
-from utils.methods import authors_lr, default_lr, default_optimizer
+from utils.training.methods import authors_lr, default_lr, default_optimizer
 
 
 def _load_tool():
@@ -407,7 +407,7 @@ def test_a_tiny_split_keeps_two_thirds_of_each_identity_for_the_gallery(tiny_dat
 
 
 def test_late_gain_tells_a_curve_that_still_rises_from_one_that_levelled_off():
-    from utils.comparison import late_gain
+    from utils.comparison.plan import late_gain
 
     rising = [[5, 0.2], [10, 0.4], [15, 0.5], [20, 0.6], [25, 0.65], [30, 0.72]]
     assert late_gain(rising) == pytest.approx(0.72 - 0.6)
@@ -417,7 +417,7 @@ def test_late_gain_tells_a_curve_that_still_rises_from_one_that_levelled_off():
 
 
 def test_the_report_ranks_trained_methods_and_is_rebuilt_from_its_json(tmp_path):
-    from utils.comparison_report import markdown, write_report
+    from utils.comparison.report import markdown, write_report
 
     tool = _load_tool()
     plan = _plan()

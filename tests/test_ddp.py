@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO))
 
 from conftest import one_line_error  # noqa: E402
 from data.loaders import build_splits, make_loader  # noqa: E402
-from utils.training import epoch_seed  # noqa: E402
+from utils.training.loop import epoch_seed  # noqa: E402
 
 BATCH = 8  # 4 per rank with 2 processes
 

@@ -1,4 +1,4 @@
-"""Tests of the FAISS IndexPQ export (utils.faiss_index) against search_adc."""
+"""Tests of the FAISS IndexPQ export (utils.retrieval.faiss_index) against search_adc."""
 import os
 import sys
 
@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 faiss = pytest.importorskip("faiss")
 
-from utils.faiss_index import (  # noqa: E402
+from utils.retrieval.faiss_index import (  # noqa: E402
     build_faiss_index,
     load_faiss_index,
     pack_codes,
@@ -18,7 +18,7 @@ from utils.faiss_index import (  # noqa: E402
     search_faiss,
     soft_quantized_queries,
 )
-from utils.retrieval import search_adc  # noqa: E402
+from utils.retrieval.adc import search_adc  # noqa: E402
 
 
 def orthonormal_codebooks(m, d, k, seed=0):

@@ -1,5 +1,5 @@
-"""The IVF index over a model's own codes (utils.ivf_index) and the shard front
-(utils.shard_search), for every method's head."""
+"""The IVF index over a model's own codes (utils.retrieval.ivf_index) and the shard front
+(utils.retrieval.shard_search), for every method's head."""
 import numpy as np
 import pytest
 import torch
@@ -8,11 +8,11 @@ faiss = pytest.importorskip("faiss")
 
 from models.heads import build_head  # noqa: E402
 from models.opqn import OPQNConfig  # noqa: E402
-from utils.faiss_index import (build_head_index, pack_bits, pack_codes,  # noqa: E402
+from utils.retrieval.faiss_index import (build_head_index, pack_bits, pack_codes,  # noqa: E402
                                save_faiss_index, search_head_index)
-from utils.ivf_index import (add_to_ivf, build_ivf_index, default_nlist,  # noqa: E402
+from utils.retrieval.ivf_index import (add_to_ivf, build_ivf_index, default_nlist,  # noqa: E402
                              merge_on_disk, read_ivf, set_nprobe, train_ivf)
-from utils.retrieval import search_adc  # noqa: E402
+from utils.retrieval.adc import search_adc  # noqa: E402
 
 # method -> (M, K, D): small heads, each method's own constraints (opqn: K <= d; dcdh: L x 2).
 HEADS = {"opqn": (4, 16, 64), "l2q": (4, 16, 32), "dpq": (4, 16, 32), "gpq": (4, 16, 32),
@@ -88,7 +88,7 @@ def test_lists_hold_the_models_codes_unchanged(method):
     assert sorted(seen) == list(range(codes.shape[0]))
     if not binary:
         # Item lists = the quantizer's routing of the item's reconstruction, as for a query.
-        from utils.ivf_index import reconstruct
+        from utils.retrieval.ivf_index import reconstruct
 
         _, routed = ivf.quantizer.search(reconstruct(head, codes), 1)
         for lst in range(ivf.nlist):
@@ -140,7 +140,7 @@ def test_default_nlist_and_bad_nlist():
 
 @pytest.mark.parametrize("method", ["opqn", "gpq", "l2q", "dcdh"])
 def test_two_shard_servers_on_loopback_equal_one_index(method):
-    from utils.shard_search import ShardFront, ShardServer
+    from utils.retrieval.shard_search import ShardFront, ShardServer
 
     head, codes, queries = _case(method)
     trained = train_ivf(head, codes, NLIST)
@@ -182,7 +182,7 @@ def test_two_shard_servers_on_loopback_equal_one_index(method):
 
 
 def test_serve_command_refuses_a_file_that_is_no_index(tmp_path, capsys):
-    from utils.shard_search import main
+    from utils.retrieval.shard_search import main
 
     (tmp_path / "junk.faiss").write_bytes(b"not an index")
     assert main(["serve", str(tmp_path / "junk.faiss"), "--port", "0"]) == 2
@@ -193,10 +193,10 @@ def test_serve_command_refuses_a_file_that_is_no_index(tmp_path, capsys):
 @pytest.mark.parametrize("method,spherical", [("opqn", False), ("opqn", True), ("gpq", False),
                                               ("l2q", False)])
 def test_book_by_book_kmeans_is_lloyds_on_the_reconstructions(method, spherical):
-    """One more iteration of utils.ivf_index.kmeans_codes is one dense Lloyd step on the
+    """One more iteration of utils.retrieval.ivf_index.kmeans_codes is one dense Lloyd step on the
     reconstructions from the centroids it returned (L2 assignment; spherical: inner product
     and unit-norm means)."""
-    from utils.ivf_index import _words, kmeans_codes, reconstruct
+    from utils.retrieval.ivf_index import _words, kmeans_codes, reconstruct
 
     head, codes, _ = _case(method, n=400)
     words = _words(head)

@@ -66,10 +66,10 @@ def test_export_faiss_ivf_searched_with_faiss_equals_engine(search_model, tiny_d
     from data.datasets import ImageList
     from data.loaders import make_loader
     from data.transforms import build_transform
-    from utils.checkpoint import load_checkpoint
-    from utils.evaluation import encode_faiss_queries, encode_gallery, encode_queries
-    from utils.retrieval import search_adc
-    from utils.training import load_model
+    from utils.checkpoints.store import load_checkpoint
+    from utils.retrieval.encoding import encode_faiss_queries, encode_gallery, encode_queries
+    from utils.retrieval.adc import search_adc
+    from utils.checkpoints.loading import load_model
 
     model_path, _gallery, test_dir = search_model
     assert run_cli("-e", "--dataset", "synthface", "--data-dir", str(tiny_data_dir),
@@ -100,12 +100,12 @@ def test_export_faiss_ivf_searched_with_faiss_equals_engine(search_model, tiny_d
 
 def test_interrupted_encoding_resumes_from_finished_shards(search_model, run_cli, tmp_path,
                                                            capsys, monkeypatch, no_debug):
-    import utils.evaluation
-    import utils.shards
+    import utils.retrieval.encoding
+    import utils.retrieval.shards
 
     model, gallery, test_dir = search_model
-    monkeypatch.setattr(utils.shards, "SHARD_ITEMS", 10)  # 36 images: 4 shards
-    real = utils.evaluation.encode_gallery
+    monkeypatch.setattr(utils.retrieval.shards, "SHARD_ITEMS", 10)  # 36 images: 4 shards
+    real = utils.retrieval.encoding.encode_gallery
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -114,7 +114,7 @@ def test_interrupted_encoding_resumes_from_finished_shards(search_model, run_cli
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(utils.evaluation, "encode_gallery", interrupted)
+    monkeypatch.setattr(utils.retrieval.encoding, "encode_gallery", interrupted)
     index = tmp_path / "g.index.tar"
     assert _search(run_cli, model, gallery, test_dir, "a", "--index", str(index)) == 1
     assert "power cut" in capsys.readouterr().err
@@ -122,7 +122,7 @@ def test_interrupted_encoding_resumes_from_finished_shards(search_model, run_cli
     assert len(shards) == 2 and not index.exists()
 
     calls.clear()
-    monkeypatch.setattr(utils.evaluation, "encode_gallery",
+    monkeypatch.setattr(utils.retrieval.encoding, "encode_gallery",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     assert _search(run_cli, model, gallery, test_dir, "a", "--index", str(index)) == 0
     assert "2 of its 4 shard(s) reused" in capsys.readouterr().out
@@ -137,16 +137,16 @@ def test_stale_shards_and_ivf_are_rebuilt(search_model, run_cli, tmp_path, capsy
                                           monkeypatch, no_debug):
     import shutil
 
-    import utils.evaluation
-    import utils.shards
+    import utils.retrieval.encoding
+    import utils.retrieval.shards
 
     model, gallery_src, test_dir = search_model
     gallery = tmp_path / "gallery"
     shutil.copytree(gallery_src, gallery)
-    monkeypatch.setattr(utils.shards, "SHARD_ITEMS", 18)  # 2 shards
-    real = utils.evaluation.encode_gallery
+    monkeypatch.setattr(utils.retrieval.shards, "SHARD_ITEMS", 18)  # 2 shards
+    real = utils.retrieval.encoding.encode_gallery
     calls = []
-    monkeypatch.setattr(utils.evaluation, "encode_gallery",
+    monkeypatch.setattr(utils.retrieval.encoding, "encode_gallery",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     index = tmp_path / "g.index.tar"
     ivf = ["--index-type", "ivf", "--nlist", "4", "--index", str(index)]
@@ -155,9 +155,9 @@ def test_stale_shards_and_ivf_are_rebuilt(search_model, run_cli, tmp_path, capsy
     # A shard of an older gallery is not reused: the gallery file changed after it was made.
     left = tmp_path / "g.index.tar.shards"
     left.mkdir()
-    old = utils.shards.ShardedEncoder(None, left, ("m", "g"), utils.shards.DistInfo())
-    for start, end in utils.shards.shard_ranges(36, 1):
-        utils.shards.save_checkpoint({"kind": utils.shards.SHARD_KIND, "start": start,
+    old = utils.retrieval.shards.ShardedEncoder(None, left, ("m", "g"), utils.retrieval.shards.DistInfo())
+    for start, end in utils.retrieval.shards.shard_ranges(36, 1):
+        utils.retrieval.shards.save_checkpoint({"kind": utils.retrieval.shards.SHARD_KIND, "start": start,
                                       "end": end, "codes": torch.zeros(0, 2),
                                       "positions": torch.zeros(0),
                                       "model_fingerprint": "m", "gallery_fingerprint": "g"},
@@ -172,7 +172,7 @@ def test_stale_shards_and_ivf_are_rebuilt(search_model, run_cli, tmp_path, capsy
     assert "IVF index rebuilt" in out and "reused" not in out
     assert len(calls) == 2
     meta = json.loads((tmp_path / "g.index.tar.ivf4" / "meta.json").read_text())
-    from utils.gallery_index import load_index
+    from utils.retrieval.gallery_index import load_index
 
     assert meta["gallery_fingerprint"] == load_index(index).gallery_fingerprint
     assert _scores(_result(tmp_path, "a")) == _scores(_result(tmp_path, "b"))

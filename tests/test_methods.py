@@ -13,9 +13,9 @@ from losses import DCDHLoss, DPQLoss, GPQLoss, OPQNLoss, build_loss
 from losses.dcdh_loss import discrete_targets
 from models import OPQN, OPQNConfig
 from models.heads import METHODS, build_head
-from utils.metrics import average_precision
-from utils.retrieval import evaluate_adc, search_adc
-from utils import validation
+from utils.retrieval.metrics import average_precision
+from utils.retrieval.adc import evaluate_adc, search_adc
+from utils.cli import validation
 
 D, M, K = 24, 3, 16  # K > d = 8 on purpose: only opqn needs K <= d
 L = 10
@@ -120,7 +120,7 @@ def test_checkpoints_from_before_the_l2q_and_dpq_flags_keep_their_form():
 @pytest.mark.parametrize("method", METHODS)
 def test_faiss_scores_equal_the_engine(method):
     pytest.importorskip("faiss")
-    from utils.faiss_index import build_head_index, search_head_index
+    from utils.retrieval.faiss_index import build_head_index, search_head_index
 
     head = make_head(method).eval()
     dim = L if method == "dcdh" else D
@@ -283,8 +283,8 @@ def test_l2q_diagnostics_are_its_query_side_sharpness_and_codeword_norm_spread()
 
 
 def test_each_method_defaults_to_its_authors_optimizer():
-    from utils.methods import adam_form, default_lr, default_optimizer, default_weight_decay
-    from utils.training import TrainSettings, build_optimizer
+    from utils.training.methods import adam_form, default_lr, default_optimizer, default_weight_decay
+    from utils.training.loop import TrainSettings, build_optimizer
 
     expected = {  # method: (optimizer at 32x32, lr, weight decay, betas, amsgrad)
         "opqn": ("sgd", 0.1, 5e-4, None, None), "l2q": ("sgd", 0.1, 5e-4, None, None),
@@ -367,7 +367,7 @@ def test_old_configs_load_as_opqn_and_methods_are_listed_once():
 
 def test_method_flag_defaults_are_the_config_defaults():
     from models import OPQNConfig
-    from utils.methods import METHOD_HYPERPARAMETERS
+    from utils.training.methods import METHOD_HYPERPARAMETERS
 
     defaults = OPQNConfig(1, 2, 2, 1).to_dict()
     for fields in METHOD_HYPERPARAMETERS.values():

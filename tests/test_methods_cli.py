@@ -12,7 +12,7 @@ import torch
 import opqn_main
 from conftest import TINY_SYNTHFACE, one_line_error
 from models.heads import METHODS
-from utils.retrieval import evaluate_adc
+from utils.retrieval.adc import evaluate_adc
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_debug")
 
@@ -95,7 +95,7 @@ def test_models_of_different_methods_share_one_pr_figure_and_export_to_faiss(
     assert methods == set(METHODS)
     if faiss is None:
         return
-    from utils.faiss_index import load_faiss_index
+    from utils.retrieval.faiss_index import load_faiss_index
 
     for method, path in zip(METHODS, paths):
         index = load_faiss_index(path)
@@ -166,7 +166,7 @@ def test_resume_refuses_another_method(trained, tiny_data_dir, capsys):
 def test_each_method_trained_with_its_authors_optimizer(trained, method, optimizer, lr,
                                                         weight_decay, betas):
     """The checkpoint's optimiser state, not only its settings, holds the authors' choice."""
-    from utils.checkpoint import load_checkpoint
+    from utils.checkpoints.store import load_checkpoint
 
     ckpt = load_checkpoint(trained / "checkpoint" / f"{method}.tar")
     assert ckpt["train_settings"]["optimizer"] == optimizer
@@ -181,7 +181,7 @@ def test_each_method_trained_with_its_authors_optimizer(trained, method, optimiz
 
 def test_resume_keeps_the_method_and_its_optimizer(trained, tiny_data_dir):
     """dcdh trains with Adam at 32x32: --resume continues it (runs last: it extends dcdh.tar)."""
-    from utils.checkpoint import load_checkpoint
+    from utils.checkpoints.store import load_checkpoint
 
     assert _main(trained, *FLAGS, "--data-dir", str(tiny_data_dir), "--epochs", "3",
                  "--eval-every", "0", "--method", "dcdh", "--len", "36", "--save", "dcdh.tar",

@@ -1,4 +1,4 @@
-"""Tests of the tie-aware metric helpers in utils.metrics against brute-force references."""
+"""Tests of the tie-aware metric helpers in utils.retrieval.metrics against brute-force references."""
 import itertools
 import math
 import os
@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.metrics import (  # noqa: E402
+from utils.retrieval.metrics import (  # noqa: E402
     ap_from_levels,
     average_precision,
     harmonic_numbers,

@@ -130,7 +130,7 @@ def test_huge_codebooks_refused_before_any_work(tmp_path):
 
 
 def test_quantizer_memory_estimate():
-    from utils.validation import CodeSpec, UsageError, check_quantizer_memory, \
+    from utils.cli.validation import CodeSpec, UsageError, check_quantizer_memory, \
         quantizer_memory_bytes
 
     # V_m x 3 (weights, gradient, momentum) + codebooks (float64 while built, then float32)
@@ -155,12 +155,12 @@ def test_training_split_smaller_than_one_batch(tiny_data_dir, run_cli, no_debug,
 
 
 def test_ctrl_c_says_how_to_continue(tiny_data_dir, run_cli, tmp_path, monkeypatch, capsys):
-    import utils.pipeline
+    import utils.cli.pipeline
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(utils.pipeline, "train", interrupted)
+    monkeypatch.setattr(utils.cli.pipeline, "train", interrupted)
     args = ["--dataset", "synthface", "--data-dir", str(tiny_data_dir), "--workers", "0",
             "--no-progress", "--bs", "12", "--len", "8", "--num", "2", "--save", "k.tar"]
     assert run_cli(*args) == 130
@@ -188,7 +188,7 @@ def test_encode_images_applies_the_models_own_transform(tiny_data_dir):
 
     from data.transforms import build_transform
     from models import OPQN, OPQNConfig
-    from utils.inference import encode_images
+    from utils.retrieval.inference import encode_images
 
     torch.manual_seed(0)
     model = OPQN(OPQNConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3,
@@ -246,7 +246,7 @@ def test_pixel_pq_bench_never_replaces_a_users_synthface(tmp_path):
 
 
 def test_plot_legend_names_checkpoint_method_and_map():
-    from utils.reporting import curve_label
+    from utils.cli.reporting import curve_label
 
     result = {"bits": 36, "num_books": 6, "num_words": 64, "mAP": 0.891}
     assert curve_label(result, "synthface_36bits") == \

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from conftest import TINY_SYNTHFACE, one_line_error
-from utils.checkpoint import load_checkpoint
+from utils.checkpoints.store import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_debug")
 
@@ -17,7 +17,7 @@ COMMON = ["--bs", "12", "--no-progress", "--seed", "1", "--eval-every", "0", "--
 def test_lowest_loss_epoch_is_kept_when_it_is_not_the_last(tiny_data_dir, run_cli, tmp_path,
                                                            monkeypatch):
     import data.datasets as datasets
-    from utils.training import OPQNTrainingModule
+    from utils.training.loop import OPQNTrainingModule
 
     # lr halved every epoch, so the schedule shows in three epochs.
     monkeypatch.setitem(datasets.PRESETS, "synthface",

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from conftest import TINY_SYNTHFACE, one_line_error
-from utils.precise_bn import (batchnorm_layers, precise_bn_subset,
+from utils.training.precise_bn import (batchnorm_layers, precise_bn_subset,
                               recompute_bn_statistics)
 
 
@@ -81,8 +81,8 @@ def _train(run_cli, tiny_data_dir, *extra):
 
 def test_training_saves_precise_statistics(run_cli, tiny_data_dir, tmp_path, one_thread):
     from data.loaders import build_splits, make_loader
-    from utils.checkpoint import load_checkpoint
-    from utils.training import load_model
+    from utils.checkpoints.store import load_checkpoint
+    from utils.checkpoints.loading import load_model
 
     assert _train(run_cli, tiny_data_dir, "--save", "p.tar") == 0
     assert _train(run_cli, tiny_data_dir, "--save", "raw.tar", "--precise-bn", "0") == 0

@@ -11,9 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import losses.opqn_loss as opqn_loss  # noqa: E402
 from data.datasets import collate_skip_broken  # noqa: E402
 from models import OPQN, OPQNConfig  # noqa: E402
-from utils.evaluation import encode_gallery, encode_queries, extract_features  # noqa: E402
+from utils.retrieval.encoding import encode_gallery, encode_queries, extract_features  # noqa: E402
 from utils.precision import resolve_amp, run_fp32  # noqa: E402
-from utils.training import OPQNTrainingModule, build_criterion  # noqa: E402
+from utils.training.loop import OPQNTrainingModule, build_criterion  # noqa: E402
 
 
 def tiny_model(seed: int = 0) -> tuple[OPQN, OPQNConfig]:

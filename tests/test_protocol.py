@@ -7,8 +7,8 @@ from torchvision.transforms import v2
 
 from data.datasets import CROSS_PRESET, MONITOR_TOP_K, PRESETS, dataset_preset
 from data.transforms import ResizeCenterSquare, build_transform, normalization
-from utils.retrieval import evaluate_adc
-from utils.training import TrainSettings
+from utils.retrieval.adc import evaluate_adc
+from utils.training.loop import TrainSettings
 
 
 @pytest.mark.parametrize("name", ["facescrub", "youtube", "cfw"])
@@ -39,7 +39,7 @@ def test_optimiser_defaults():
 def test_cli_defaults():
     from opqn_main import build_parser
 
-    from utils.methods import default_lr, default_optimizer
+    from utils.training.methods import default_lr, default_optimizer
 
     args = build_parser().parse_args([])
     assert (args.margin, args.miu) == (0.5, 0.1)
@@ -183,7 +183,7 @@ def test_folder_scanning_is_sorted_and_the_same_for_files_and_cache(tmp_path):
 def test_undefined_metrics_are_null_with_the_reason_in_the_json(tmp_path):
     import json
 
-    from utils.reporting import summary_line, write_result
+    from utils.cli.reporting import summary_line, write_result
 
     tables = torch.softmax(torch.randn(3, 2, 4), -1)
     codes = torch.randint(0, 4, (10, 2), dtype=torch.uint8)
@@ -199,7 +199,7 @@ def test_undefined_metrics_are_null_with_the_reason_in_the_json(tmp_path):
 
 def test_checkpoints_with_the_old_criterion_key_still_load():
     from losses import OPQNLoss
-    from utils.training import CRITERION_KEY, criterion_state
+    from utils.training.loop import CRITERION_KEY, criterion_state
 
     state = OPQNLoss(3, 2, 4).state_dict()
     assert CRITERION_KEY == "criterion"
@@ -210,7 +210,7 @@ def test_checkpoints_with_the_old_criterion_key_still_load():
 
 
 def test_evaluate_adc_edge_cases():
-    from utils.metrics import pr_cutoffs
+    from utils.retrieval.metrics import pr_cutoffs
 
     tables = torch.softmax(torch.randn(2, 2, 4), -1)
     one = evaluate_adc(tables, torch.zeros(1, 2, dtype=torch.uint8), torch.tensor([0, 1]),

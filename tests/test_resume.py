@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO, TINY_SYNTHFACE, one_line_error
 from losses.opqn_loss import OPQNLoss
-from utils.checkpoint import load_checkpoint
+from utils.checkpoints.store import load_checkpoint
 
 EPOCHS = 6
 COMMON = ["--dataset", "synthface", *TINY_SYNTHFACE, "--len", "12", "--num", "2", "--words",
@@ -212,7 +212,7 @@ def test_resume_from_a_broken_last_checkpoint(content, run_cli, tmp_path, capsys
 def test_resume_needs_the_training_state(trained_run, run_cli, tmp_path, capsys):
     checkpoint = load_checkpoint(trained_run)
     del checkpoint["format"], checkpoint["format_version"], checkpoint["optimizer"]
-    from utils.checkpoint import save_checkpoint
+    from utils.checkpoints.store import save_checkpoint
 
     save_checkpoint(checkpoint, tmp_path / "checkpoint" / "run.last.tar")
     assert run_cli(*COMMON, "--data-dir", str(tmp_path / "data"), "--epochs", "3", "--save",

@@ -1,4 +1,4 @@
-"""Tests of utils.retrieval (ADC evaluation and top-k search) against brute-force references."""
+"""Tests of utils.retrieval.adc (ADC evaluation and top-k search) against brute-force references."""
 import json
 import math
 import os
@@ -10,8 +10,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.metrics import retrieval_metrics  # noqa: E402
-from utils.retrieval import evaluate_adc, search_adc  # noqa: E402
+from utils.retrieval.metrics import retrieval_metrics  # noqa: E402
+from utils.retrieval.adc import evaluate_adc, search_adc  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -274,7 +274,7 @@ def test_cuda_matches_cpu(ties):
 def test_any_bucket_count_gives_exact_metrics(monkeypatch, ties, buckets):
     # The histogram only has to be monotone: with 1 bucket every code is placed exactly,
     # with few most are counted by bucket.  Negative scores, many codes tying across codes.
-    import utils.retrieval as retrieval
+    import utils.retrieval.adc as retrieval
 
     monkeypatch.setattr(retrieval, "_NUM_BUCKETS", buckets)
     monkeypatch.setattr(retrieval, "_MIN_BLOCK_U", 16)
@@ -306,7 +306,7 @@ def test_stable_near_one_hot_tables_match_dense():
 
 
 def test_block_floors_and_memory_scaling():
-    from utils.retrieval import _block_sizes
+    from utils.retrieval.adc import _block_sizes
 
     cpu = torch.device("cpu")
     qb, bu = _block_sizes(100, 50_000, 10**6, 1000, cpu, 64)

@@ -6,8 +6,8 @@ import torch
 
 from data.loaders import build_splits
 from models import OPQNConfig
-from utils.checkpoint import load_checkpoint
-from utils.schedules import build_scheduler, cosine_factor
+from utils.checkpoints.store import load_checkpoint
+from utils.training.schedules import build_scheduler, cosine_factor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +47,7 @@ def splits(tiny_data_dir):
 
 
 def _settings(tmp, epochs, resume=False):
-    from utils.training import TrainSettings
+    from utils.training.loop import TrainSettings
 
     return TrainSettings(epochs=epochs, lr=0.05, batch_size=12, workers=0, eval_every=0,
                          schedule="cosine", warmup=1, best_path=tmp / "m.tar",
@@ -56,7 +56,7 @@ def _settings(tmp, epochs, resume=False):
 
 
 def test_cosine_run_reaches_zero_and_resume_reproduces_it(splits, tmp_path, monkeypatch):
-    import utils.training as training
+    import utils.training.loop as training
     from utils.logger import setup_logging
 
     setup_logging(None, enabled=False)

@@ -27,12 +27,12 @@ def test_search_json_ranks_grid_and_page(trained, run_cli, tmp_path, capsys):
     from data.datasets import ImageList
     from data.loaders import make_loader
     from data.transforms import build_transform
-    from utils.checkpoint import load_checkpoint
-    from utils.evaluation import encode_queries
-    from utils.gallery_index import load_index
-    from utils.gallery_view import grid_layout
-    from utils.retrieval import search_adc
-    from utils.training import load_model
+    from utils.checkpoints.store import load_checkpoint
+    from utils.retrieval.encoding import encode_queries
+    from utils.retrieval.gallery_index import load_index
+    from utils.cli.gallery_view import grid_layout
+    from utils.retrieval.adc import search_adc
+    from utils.checkpoints.loading import load_model
 
     model_path, gallery, test_dir = trained
     ids = sorted(p.name for p in test_dir.iterdir())
@@ -81,8 +81,8 @@ def test_search_json_ranks_grid_and_page(trained, run_cli, tmp_path, capsys):
 
 def test_index_reused_then_rebuilt_when_gallery_or_model_changes(trained, run_cli, tmp_path,
                                                                  capsys, monkeypatch, no_debug):
-    import utils.evaluation
-    from utils.checkpoint import load_checkpoint, save_checkpoint
+    import utils.retrieval.encoding
+    from utils.checkpoints.store import load_checkpoint, save_checkpoint
 
     model_path, gallery_src, test_dir = trained
     gallery = tmp_path / "gallery"
@@ -92,12 +92,12 @@ def test_index_reused_then_rebuilt_when_gallery_or_model_changes(trained, run_cl
     assert "gallery index built" in capsys.readouterr().out
     first = json.loads((tmp_path / "results" / "search.json").read_text())
 
-    real = utils.evaluation.encode_gallery
+    real = utils.retrieval.encoding.encode_gallery
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the gallery was encoded again")
 
-    monkeypatch.setattr(utils.evaluation, "encode_gallery", forbidden)
+    monkeypatch.setattr(utils.retrieval.encoding, "encode_gallery", forbidden)
     assert _search(run_cli, model_path, gallery, "--query", query) == 0
     assert "gallery index reused" in capsys.readouterr().out
     again = json.loads((tmp_path / "results" / "search.json").read_text())
@@ -110,7 +110,7 @@ def test_index_reused_then_rebuilt_when_gallery_or_model_changes(trained, run_cl
     assert _search(run_cli, model_path, gallery, "--query", query) == 1  # encode was forbidden
     capsys.readouterr()
     calls = []
-    monkeypatch.setattr(utils.evaluation, "encode_gallery",
+    monkeypatch.setattr(utils.retrieval.encoding, "encode_gallery",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     assert _search(run_cli, model_path, gallery, "--query", query) == 0
     assert "gallery index rebuilt (the gallery changed" in capsys.readouterr().out
@@ -181,7 +181,7 @@ def test_bad_inputs_are_one_line_errors(trained, run_cli, tmp_path, capsys, no_d
 
 def test_index_holds_uint8_codes_and_paths_only(tmp_path):
     """A large gallery's index costs M bytes per item (8 at 64 bits) plus its paths."""
-    from utils.gallery_index import GalleryIndex, load_index, save_index
+    from utils.retrieval.gallery_index import GalleryIndex, load_index, save_index
 
     n, m = 200_000, 8
     paths = [f"id{i // 50:05d}/{i:07d}.jpg" for i in range(n)]

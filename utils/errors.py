@@ -1,8 +1,24 @@
-"""Turning exceptions into the one-line messages the command lines print."""
+"""The errors every layer raises, and turning them into the one-line messages the command
+lines print (exit 2 for usage errors)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message is one line naming the flag and the value."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be loaded; the message is one line naming the file and why."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None) -> None:
+        # Keep the message on one line so it reads well in logs and CLI errors.
+        super().__init__(" ".join(str(message).split()))
+        self.path = None if path is None else Path(path)
 
 
 class OneLineParser(argparse.ArgumentParser):

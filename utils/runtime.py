@@ -1,7 +1,6 @@
 """Device choice, DataLoader worker count and (optional) torchrun distributed setup."""
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 
@@ -113,7 +112,3 @@ def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def loader_workers(args: argparse.Namespace) -> int:
-    """--workers, or by default min(4, CPU count)."""
-    return args.workers if args.workers is not None else min(4, os.cpu_count() or 1)

@@ -8,6 +8,7 @@ from .dcdh import DCDHHead
 from .dpq import DPQHead
 from .gpq import GPQHead
 from .l2q import L2QHead
+from .opqn import OrthoPQ
 
 METHODS = ("opqn", "l2q", "dpq", "gpq", "dcdh")
 # Methods whose codewords are orthonormal, hence K <= d.
@@ -16,14 +17,8 @@ ORTHONORMAL_METHODS = ("opqn",)
 HASHING_METHODS = ("dcdh",)
 
 
-def _opqn(config) -> QuantHead:
-    from ..quantizer import OrthoPQ  # imports base from here: deferred to avoid a cycle
-
-    return OrthoPQ(config.feature_dim, config.num_books, config.num_words)
-
-
 HEADS: dict[str, Callable[..., QuantHead]] = {
-    "opqn": _opqn,
+    "opqn": lambda c: OrthoPQ(c.feature_dim, c.num_books, c.num_words),
     "l2q": lambda c: L2QHead(c.feature_dim, c.num_books, c.num_words,
                              word_init=getattr(c, "l2q_init", "normal"),
                              query_side=getattr(c, "l2q_query", "raw")),
@@ -43,4 +38,4 @@ def build_head(config) -> QuantHead:
 
 
 __all__ = ["QuantHead", "code_dtype", "METHODS", "ORTHONORMAL_METHODS", "HASHING_METHODS",
-           "HEADS", "build_head", "L2QHead", "DPQHead", "GPQHead", "DCDHHead"]
+           "HEADS", "build_head", "OrthoPQ", "L2QHead", "DPQHead", "GPQHead", "DCDHHead"]

@@ -1,7 +1,6 @@
 """Results files: a JSON per evaluation, PR-curve plots, and the one-line summary."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -15,7 +14,9 @@ import torch
 matplotlib.use("Agg")  # files only: no display is needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .atomic_io import atomic_path, atomic_write_text  # noqa: E402
+from utils.atomic_io import atomic_path, atomic_write_text  # noqa: E402
+
+from .settings import DataSettings  # noqa: E402
 
 
 def summary_line(result: dict) -> str:
@@ -100,13 +101,13 @@ def plot_pr_curves(curves: Sequence[tuple[str, dict]], path: str | Path, title: 
     return path
 
 
-def result_metadata(config, args: argparse.Namespace, device: torch.device) -> dict:
+def result_metadata(config, data: DataSettings, device: torch.device) -> dict:
     """What a result JSON records besides the metrics: the model's configuration
     (an ``OPQNConfig``), the dataset and protocol, and where and when it ran."""
     return {
         "method": config.method,
-        "dataset": args.dataset,
-        "cross_dataset": bool(args.cross_dataset),
+        "dataset": data.dataset,
+        "cross_dataset": data.cross_dataset,
         "train_dataset": config.dataset,
         "bits": config.bits,
         "num_books": config.num_books,

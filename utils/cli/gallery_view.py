@@ -13,7 +13,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic_io import atomic_path, atomic_write_text
+from utils.atomic_io import atomic_path, atomic_write_text
 
 THUMB = 96  # side of each image in the grid, pixels
 PAD = 6

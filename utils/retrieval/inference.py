@@ -17,8 +17,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from data.transforms import build_transform
-
-from .precision import run_fp32
+from utils.precision import run_fp32
 
 ImageLike = Union[str, os.PathLike, Image.Image]
 
@@ -33,7 +32,7 @@ class EncodedImages:
         features: float32 ``(N, D)`` backbone features.
         codes: ``(N, M)`` hard codes for a database (uint8 when K <= 256).
         tables: float32 ``(N, M, K)`` lookup tables for querying with
-            :func:`utils.retrieval.search_adc` / ``evaluate_adc``.
+            :func:`utils.retrieval.adc.search_adc` / ``evaluate_adc``.
     """
 
     features: Tensor
@@ -51,7 +50,7 @@ def model_input_size(model: nn.Module) -> int:
         getattr(model, "backbone", None), "input_size", None)
     if size is None:
         raise ValueError("cannot tell the model's input size: expected a model with "
-                         ".config.input_size (e.g. from utils.training.load_model)")
+                         ".config.input_size (e.g. from utils.checkpoints.load_model)")
     return int(size)
 
 
@@ -74,7 +73,7 @@ def encode_images(model: nn.Module, images: Sequence[ImageLike] | ImageLike,
     """Features, codes and query tables of ``images`` under ``model``'s evaluation transform.
 
     Args:
-        model: a trained model (``utils.training.load_model``): ``model(x)`` gives features
+        model: a trained model (``utils.checkpoints.load_model``): ``model(x)`` gives features
             and ``model.quantizer`` has ``encode`` and ``lookup_tables``.
         images: image paths or PIL images (one, or a sequence), any size; each is resized
             and centre-cropped to the model's input size and normalised as in training.
@@ -105,7 +104,7 @@ def encode_images(model: nn.Module, images: Sequence[ImageLike] | ImageLike,
     finally:
         model.train(was_training)
     feats = torch.cat(features)
-    # The head verbs of utils.evaluation, in fp32 as there: codes for the database, tables
+    # The head verbs of utils.retrieval.encoding, in fp32 as there: codes for the database, tables
     # for the queries.
     return EncodedImages(feats, run_fp32(model.quantizer.encode, feats),
                          run_fp32(model.quantizer.query_tables, feats))

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .codebooks import orthonormal_codebooks
-from .heads.base import QuantHead, code_bits, code_dtype
+from ..codebooks import orthonormal_codebooks
+from .base import QuantHead, code_bits, code_dtype
 
 __all__ = ["OrthoPQ", "code_bits", "code_dtype"]
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from models import DEFAULT_BACKBONE, OPQN, OPQNConfig
+from utils.checkpoints.loading import load_model
+from utils.checkpoints.store import CheckpointError, load_checkpoint
+from utils.training.loop import CRITERION_KEY, criterion_state
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .training import CRITERION_KEY, criterion_state, load_model
 from .validation import CodeSpec, UsageError
 
 REQUIRED_KEYS = ("config", "backbone", "quantizer")

@@ -7,8 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from .atomic_io import atomic_path, atomic_write_text
-from .reporting import _jsonable, plot_pr_curves, plt
+from utils.atomic_io import atomic_path, atomic_write_text
+from utils.cli.reporting import _jsonable, plot_pr_curves, plt
 
 REFERENCE_NAME = "OPQN"
 RISING = 0.02  # a validation mAP gain over the grid budget's last third that gets a note

@@ -1,6 +1,6 @@
 """Convert one of the authors' released checkpoints to this project's format.
 
-    python -m utils.convert_authors THEIR_FILE.tar OUT.tar [--overwrite]
+    python -m utils.checkpoints.convert THEIR_FILE.tar OUT.tar [--overwrite]
 
 The output loads with ``-e`` like any of our checkpoints (``-e`` also reads the authors'
 file directly, converting it on the fly) and can be resumed or fine-tuned: copy it to
@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import OneLineParser, report_error
+from utils.errors import OneLineParser, report_error
 
-PROG = "python -m utils.convert_authors"
+PROG = "python -m utils.checkpoints.convert"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def convert_file(source: str | Path, target: str | Path) -> dict:
     import torch
 
     from .authors_format import convert_authors_checkpoint, is_authors_format
-    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from .store import CheckpointError, load_checkpoint, save_checkpoint
 
     obj = load_checkpoint(source, require_format=False)
     if obj.get("format") is not None:
@@ -58,7 +58,7 @@ def convert_file(source: str | Path, target: str | Path) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
+    from .store import CheckpointError
 
     source, target = Path(args.input), Path(args.output)
     try:

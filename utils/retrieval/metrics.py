@@ -16,7 +16,7 @@ Rows are padded to a common length ``L``.  Invariants expected by the functions 
 level, and only the *last* of them may carry a non-zero ``rel`` (the others are zero-rel
 placeholders); padding entries have ``above = N`` (the database size), ``tied = 1`` and
 ``rel = 0``.  ``levels_from_scores`` builds such rows from a dense score matrix and
-``utils.retrieval`` builds them from product-quantization codes without ever sorting the
+``utils.retrieval.adc`` builds them from product-quantization codes without ever sorting the
 database.
 
 Ties are handled by definition, in one of two ways:
@@ -71,7 +71,7 @@ def _check_ties(ties: str) -> None:
 def tie_runs(sorted_values: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Runs of equal values along dim 1 of a row-sorted ``(Q, L)`` tensor.
 
-    Used wherever tied scores become one level (here and in ``utils.retrieval``).
+    Used wherever tied scores become one level (here and in ``utils.retrieval.adc``).
 
     Returns:
         ``(new_run, run_end, start, end)``: bool ``(Q, L)`` flags for the first and the last
@@ -274,7 +274,7 @@ def retrieval_metrics(
         pr_points: approximate number of PR-curve points.
 
     Returns:
-        The same dict layout as ``utils.retrieval.evaluate_adc`` (plain Python numbers).
+        The same dict layout as ``utils.retrieval.adc.evaluate_adc`` (plain Python numbers).
     """
     above, tied, rel, nrel = _dense_setup(scores, relevance, ties)
     q, n = scores.shape

@@ -10,16 +10,12 @@ faiss is imported lazily, so the rest of the project works without it.
 """
 from __future__ import annotations
 
-import csv
 import os
-from pathlib import Path
 from typing import Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
-
-from data.datasets import readable_items
 
 __all__ = [
     "build_faiss_index",
@@ -33,8 +29,6 @@ __all__ = [
     "search_head_queries",
     "build_head_index",
     "search_head_index",
-    "export_path",
-    "export_gallery_index",
 ]
 
 
@@ -246,47 +240,3 @@ def search_head_queries(index, head, queries: Tensor, topk: int) -> Tuple[Tensor
         if head.faiss_metric == "l2":
             scores = -scores
     return scores, torch.from_numpy(idx.astype(np.int64, copy=False))
-
-
-def export_path(value: str, out_dir: str) -> Path:
-    """--export-faiss: a bare file name goes under --out; a path is taken as given."""
-    path = Path(value)
-    return path if path.parent.parts else Path(out_dir) / path
-
-
-def export_gallery_index(model, codes: Tensor, gallery, index_path: Path,
-                         index_type: str = "flat", nlist: int | None = None,
-                         nprobe: int | None = None) -> None:
-    """--export-faiss: the faiss index of the gallery codes ``(N, M)`` for the method's score
-    (:func:`build_head_index`, or with ``index_type="ivf"``
-    :func:`utils.ivf_index.build_ivf_index`, ``nprobe`` stored in the file), and
-    ``<stem>.ids.csv`` beside it: the image of each faiss id, without which the ids mean
-    nothing."""
-    from .logger import get_logger
-    from .validation import UsageError
-
-    paths = readable_items(gallery) or []
-    if len(paths) != codes.shape[0]:
-        raise RuntimeError(f"{codes.shape[0]} gallery codes but {len(paths)} gallery files: "
-                           f"cannot write the id list of {index_path}")
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    if index_type == "ivf":
-        from .ivf_index import build_ivf_index
-
-        if nlist is not None and nlist > codes.shape[0]:
-            raise UsageError(f"--nlist {nlist} exceeds the {codes.shape[0]} gallery items: "
-                             f"give --nlist {codes.shape[0]} or fewer")
-        faiss_index = build_ivf_index(model.quantizer, codes.cpu(), nlist, nprobe)
-    else:
-        faiss_index = build_head_index(model.quantizer, codes.cpu())
-    save_faiss_index(faiss_index, index_path)
-    ids_path = index_path.with_name(f"{index_path.stem}.ids.csv")
-    with open(ids_path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "path", "identity"])
-        for i, (file, identity) in enumerate(paths):
-            writer.writerow([i, file, identity])
-    lists = f" (nlist {faiss_index.nlist}, nprobe {faiss_index.nprobe})" \
-        if index_type == "ivf" else ""
-    get_logger().info("faiss %s%s with %d gallery codes written to %s (ids: %s)",
-                      type(faiss_index).__name__, lists, codes.shape[0], index_path, ids_path)

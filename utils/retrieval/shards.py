@@ -6,13 +6,13 @@ process. Process ``r`` of ``W`` encodes shards ``r, r + W, ...`` and writes each
 ``<index>.shards/shard-<start>-<end>.tar`` (codes, gallery positions and both fingerprints).
 A shard whose fingerprints match the current model and gallery is reused, so an interrupted
 encoding resumes from the shards it has finished. Process 0 merges the shards into the
-gallery index (:mod:`utils.gallery_index`) and removes them.
+gallery index (:mod:`utils.retrieval.gallery_index`) and removes them.
 
 The IVF index is built the same way (:func:`open_or_build_ivf`): process 0 trains the coarse
 quantizer, every process adds its ranges of codes to a copy of it and writes an IVF shard
 file, and process 0 merges those into on-disk inverted lists (``lists.ivfdata``), which
 faiss memory-maps at search time. The IVF shards stay beside it: each can be served by its
-own machine (:mod:`utils.shard_search`). The IVF folder's ``meta.json`` holds the model and
+own machine (:mod:`utils.retrieval.shard_search`). The IVF folder's ``meta.json`` holds the model and
 gallery fingerprints; a folder that does not match them is rebuilt.
 
 All processes must see the same file system (the folder of ``--index``). Only process 0
@@ -31,15 +31,22 @@ import torch.distributed as dist
 from torch import Tensor
 
 from models.heads.base import QuantHead
+from utils.atomic_io import atomic_write_text
+from utils.checkpoints.store import load_checkpoint, save_checkpoint
+from utils.errors import UsageError
+from utils.logger import get_logger
+from utils.runtime import DistInfo
 
-from .atomic_io import atomic_write_text
-from .checkpoint import load_checkpoint, save_checkpoint
 from .faiss_index import load_faiss_index, save_faiss_index
 from .gallery_index import GalleryIndex
-from .ivf_index import FaissIndex, add_to_ivf, merge_on_disk, read_ivf, set_nprobe, train_ivf
-from .logger import get_logger
-from .runtime import DistInfo
-from .validation import UsageError
+from .ivf_index import (
+    FaissIndex,
+    add_to_ivf,
+    merge_on_disk,
+    read_ivf,
+    set_nprobe,
+    train_ivf,
+)
 
 SHARD_KIND = "opqn-gallery-shard"
 IVF_KIND = "opqn-ivf-index"
@@ -68,7 +75,7 @@ def shard_dir(index_path: Path) -> Path:
 
 
 class ShardedEncoder:
-    """An encoder for :func:`utils.gallery_index.open_or_build` that encodes this process's
+    """An encoder for :func:`utils.retrieval.gallery_index.open_or_build` that encodes this process's
     shards (reusing finished ones), waits for the others and, in process 0, returns the
     merged ``(codes (n, M), positions (n,))``; other processes return empty tensors.
 

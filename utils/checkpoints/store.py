@@ -33,7 +33,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .atomic_io import atomic_path
+from utils.atomic_io import atomic_path
+from utils.errors import CheckpointError
+
+from .authors_format import (
+    AUTHORS_FORMAT,
+    convert_authors_checkpoint,
+    is_authors_format,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -62,15 +69,6 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = b"\x80"  # PROTO opcode: how every binary pickle (and legacy torch file) starts
 # Diagnosis reads at most this much of a file that torch refused (foreign files can be huge).
 _SCAN_LIMIT = 64 << 20
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be loaded; the message is one line naming the file and why."""
-
-    def __init__(self, message: str, path: str | os.PathLike | None = None) -> None:
-        # Keep the message on one line so it reads well in logs and CLI errors.
-        super().__init__(" ".join(str(message).split()))
-        self.path = None if path is None else Path(path)
 
 
 # --------------------------------------------------------------------------- saving
@@ -315,8 +313,6 @@ def load_checkpoint(
         fmt = obj.get("format")
         if fmt is None:
             # The authors' released files (SPEC §4) are converted on the fly.
-            from .authors_format import AUTHORS_FORMAT, convert_authors_checkpoint, is_authors_format
-
             if is_authors_format(obj):
                 obj = convert_authors_checkpoint(obj, path)
                 logging.getLogger("opqn").info("%s: converted the %s to this project's format "

@@ -40,8 +40,7 @@ from torch import Tensor
 
 from models import OPQN, OPQNConfig
 from models.backbone import UNITS_PER_STAGE
-
-from .checkpoint import CheckpointError
+from utils.errors import CheckpointError
 
 __all__ = ["AUTHORS_FORMAT", "is_authors_format", "convert_authors_checkpoint",
            "infer_authors_config"]

@@ -1,4 +1,4 @@
-"""The OPQN training loop: SGD with step decay (or cosine, utils.schedules), monitoring every
+"""The OPQN training loop: SGD with step decay (or cosine, utils.training.schedules), monitoring every
 few epochs, and atomic checkpoints of the last epoch and of the lowest training loss (as the
 paper kept).
 
@@ -22,17 +22,26 @@ from data.datasets import MONITOR_TOP_K, report_broken
 from data.loaders import RetrievalSplits, make_loader
 from losses import build_loss
 from models import OPQN, OPQNConfig
+from utils.checkpoints.store import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from utils.errors import UsageError
+from utils.logger import get_logger
+from utils.precision import (
+    autocast,
+    precision_name,
+    resolve_amp,
+    run_fp32,
+    to_memory_format,
+)
+from utils.retrieval.encoding import evaluate_model
+from utils.runtime import DistInfo, accumulator_dtype
 
-from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
-                         restore_rng_state, save_checkpoint)
-from .errors import first_line
-from .evaluation import evaluate_model
-from .logger import get_logger
 from .precise_bn import DEFAULT_PRECISE_BN_IMAGES
-from .precision import autocast, precision_name, resolve_amp, run_fp32, to_memory_format
-from .runtime import DistInfo, accumulator_dtype
 from .schedules import build_scheduler
-from .validation import UsageError
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,7 +78,7 @@ class TrainSettings:
     lr: float = 0.1
     lr_step: int = 35
     lr_decay: float = 0.5
-    schedule: str = "step"  # "step" (the paper's halving) or "cosine" (utils.schedules)
+    schedule: str = "step"  # "step" (the paper's halving) or "cosine" (utils.training.schedules)
     warmup: int = 0  # cosine only: linear warmup epochs
     batch_size: int = 256
     momentum: float = 0.9
@@ -147,7 +156,7 @@ def build_criterion(config: OPQNConfig) -> nn.Module:
 
 def build_optimizer(params, settings: "TrainSettings") -> torch.optim.Optimizer:
     """SGD with momentum (the paper's), or Adam with the settings' betas and amsgrad (each
-    method's defaults: utils.methods)."""
+    method's defaults: utils.training.methods)."""
     if settings.optimizer == "adam":
         return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay,
                                 betas=tuple(settings.adam_betas), amsgrad=settings.amsgrad)
@@ -177,19 +186,6 @@ def checkpoint_state(config: OPQNConfig, model: OPQN, criterion: nn.Module,
         "train_precision": precision_name(use_amp),
         "classes": list(classes),
     }
-
-
-def load_model(checkpoint: dict, device: torch.device) -> OPQN:
-    """Rebuild the model of a checkpoint dict (from :func:`load_checkpoint`)."""
-    config = OPQNConfig.from_dict(checkpoint["config"])
-    model = OPQN(config)
-    try:
-        model.backbone.load_state_dict(checkpoint["backbone"])
-        model.quantizer.load_state_dict(checkpoint["quantizer"])
-    except (KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint weights do not match its configuration: "
-                              f"{first_line(exc, limit=300)}") from None
-    return model.to(device).eval()
 
 
 # Short names of loss parts in the epoch log line (OPQN's as before).

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .atomic_io import atomic_write_text
-from .methods import authors_lr, default_lr
+from utils.atomic_io import atomic_write_text
+from utils.training.methods import authors_lr, default_lr
 
 PHASES = ("tune", "final")
 REFERENCE = "opqn"  # the paired differences are OPQN minus each method
@@ -81,8 +81,8 @@ class ComparisonPlan:
 
 def lr_grid(method: str, optimizer: str, sgd_lrs: Sequence[float],
             adam_lrs: Sequence[float]) -> tuple[float, ...]:
-    """The grid of the method's optimiser plus its default (:func:`utils.methods.default_lr`)
-    and its authors' lr (:func:`utils.methods.authors_lr`), largest first."""
+    """The grid of the method's optimiser plus its default (:func:`utils.training.methods.default_lr`)
+    and its authors' lr (:func:`utils.training.methods.authors_lr`), largest first."""
     grid = set(sgd_lrs if optimizer == "sgd" else adam_lrs)
     grid.update((default_lr(method, optimizer), authors_lr(method, optimizer)))
     return tuple(sorted(grid, reverse=True))

@@ -1,6 +1,6 @@
 """An inverted-file (IVF) faiss index over a model's own codes: search that scans a few lists.
 
-The flat index (:func:`utils.faiss_index.build_head_index`) scans every code. The IVF index
+The flat index (:func:`utils.retrieval.faiss_index.build_head_index`) scans every code. The IVF index
 splits the gallery into ``nlist`` lists by a coarse quantizer and scans only the ``nprobe``
 lists nearest to the query. It holds the codes the model chose, unchanged: faiss never
 re-encodes an item, because OPQN picks codes by its learned assignment, not by the nearest

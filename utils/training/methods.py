@@ -84,7 +84,7 @@ def default_weight_decay(method: str, optimizer: str) -> float:
 
 # The hyper-parameters of each compared method: config field (flag --<field with dashes>),
 # default (as in models.opqn.OPQNConfig) and help. opqn_main.py builds its flags from this
-# table (a str default is a choice among METHOD_CHOICES) and utils.pipeline copies the
+# table (a str default is a choice among METHOD_CHOICES) and utils.cli.pipeline copies the
 # flags' values into the config.
 METHOD_HYPERPARAMETERS: dict[str, tuple[tuple[str, float | str, str], ...]] = {
     "l2q": (("l2q_init", "normal", "initialisation of the learned codewords: normal "

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from data.folders import identity_folders, identity_images
-
+from utils.errors import UsageError  # noqa: F401 (raised here, re-exported for callers)
 
 # The methods of --method (models.heads.METHODS; kept here too so --help needs no torch).
 METHODS = ("opqn", "l2q", "dpq", "gpq", "dcdh")
@@ -15,10 +15,6 @@ METHODS = ("opqn", "l2q", "dpq", "gpq", "dcdh")
 HASHING_METHODS = ("dcdh",)
 # Methods with fixed orthonormal codewords, hence K <= d (models.heads.ORTHONORMAL_METHODS).
 ORTHONORMAL_METHODS = ("opqn",)
-
-
-class UsageError(ValueError):
-    """A bad command-line value; the message is one line naming the flag and the value."""
 
 
 @dataclass
@@ -340,7 +336,7 @@ def check_batch_fits(num_images: int, batch: int | None, default_batch: int,
     """Every training batch is full (an epoch's last partial batch is dropped, so that
     batch statistics never rest on a handful of images), so the split must hold at least
     one batch (batches below 2 images are refused earlier, by
-    utils.training.check_per_rank_batch)."""
+    utils.training.loop.check_per_rank_batch)."""
     size = batch or default_batch
     flag = f"--bs {size}" if batch else f"the default batch of {size} (--bs)"
     if num_images < size:

@@ -11,10 +11,10 @@ from tqdm import tqdm
 
 from data.datasets import report_broken
 from models import OPQN
+from utils.precision import autocast, run_fp32, to_memory_format
+from utils.runtime import metrics_device
 
-from .precision import autocast, run_fp32, to_memory_format
-from .retrieval import evaluate_adc
-from .runtime import metrics_device
+from .adc import evaluate_adc
 
 
 def _sync(device: torch.device) -> None:
@@ -108,7 +108,7 @@ def evaluate_model(model: OPQN, gallery_loader: DataLoader, query_loader: DataLo
 
     Returns:
         ``(result, codes, gallery_labels)``: the metric dict of
-        :func:`utils.retrieval.evaluate_adc` plus ``amp`` (whether the backbone ran in
+        :func:`utils.retrieval.adc.evaluate_adc` plus ``amp`` (whether the backbone ran in
         bf16), ``encode_seconds`` (feature extraction and
         encoding) and ``search_seconds`` (scoring and metrics alone), and the gallery codes.
     """

@@ -26,7 +26,7 @@ pass over the code scores:
 
 Items in other buckets are above or below a threshold by their bucket alone.  No sort and no
 binary search runs per item, so the cost stays near the ``Q x U x M`` table look-ups even
-when every code is distinct.  ``utils.metrics`` turns the level counts into tie-aware AP,
+when every code is distinct.  ``utils.retrieval.metrics`` turns the level counts into tie-aware AP,
 precision/recall at k and PR curves in closed form.  With ``ties="stable"`` an item's rank
 inside a level is its index order among the items of that level, found by sorting only the
 items of levels where several codes tie.
@@ -49,7 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from utils.metrics import TIES_MODES, MetricAccumulator, tie_runs
+from .metrics import TIES_MODES, MetricAccumulator, tie_runs
 
 __all__ = ["evaluate_adc", "search_adc", "DEFAULT_BUDGET_BYTES"]
 
@@ -457,7 +457,7 @@ def _chunk_levels(
     ties: str,
     block_u: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Level rows ``(above, tied, rel)`` (see ``utils.metrics``) for a block of queries.
+    """Level rows ``(above, tied, rel)`` (see ``utils.retrieval.metrics``) for a block of queries.
 
     ``cls`` holds the class id (index into ``lidx.classes``) of each query in the block.
     """
@@ -492,7 +492,7 @@ def _chunk_levels(
         rel_run = cpn.gather(1, end) - before
         rel = torch.where(new_run, rel_run, torch.zeros_like(rel_run))
         # Ascending score -> descending: ``above`` becomes non-decreasing and each level's
-        # relevant count sits on its last entry, as utils.metrics expects.  Padding
+        # relevant count sits on its last entry, as utils.retrieval.metrics expects.  Padding
         # (score -inf) ends up last with above == N.
         return above.flip(1), tied.clamp_min(1).flip(1), rel.flip(1)
 

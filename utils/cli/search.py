@@ -1,17 +1,17 @@
 """``--search``: photos in, ranked gallery out, with a picture of it.
 
 The gallery (a folder of images, an ``<identity>/`` layout optional; by default
-``--dataset``'s train split) is encoded once into a saved index (:mod:`utils.gallery_index`)
+``--dataset``'s train split) is encoded once into a saved index (:mod:`utils.retrieval.gallery_index`)
 and reused while the model and the gallery files are unchanged. Each query (files, folders,
 or ``--dataset``'s test split) is scored against the whole gallery by the model's asymmetric
-query tables with the top-k search :func:`utils.retrieval.search_adc`.
+query tables with the top-k search :func:`utils.retrieval.adc.search_adc`.
 
-Codes and tables come from :func:`utils.evaluation.encode_gallery` and
-:func:`utils.evaluation.encode_queries`, the same functions the evaluation uses, so a search
-ranks exactly as ``-e`` scores. The gallery is encoded in shards (:mod:`utils.shards`), split
+Codes and tables come from :func:`utils.retrieval.encoding.encode_gallery` and
+:func:`utils.retrieval.encoding.encode_queries`, the same functions the evaluation uses, so a search
+ranks exactly as ``-e`` scores. The gallery is encoded in shards (:mod:`utils.retrieval.shards`), split
 over the processes under torchrun and resumed after an interruption; process 0 alone
 searches and writes the results. ``--index-type ivf`` searches an inverted-file index over
-the same codes (:mod:`utils.ivf_index`) with the head's faiss query vectors instead.
+the same codes (:mod:`utils.retrieval.ivf_index`) with the head's faiss query vectors instead.
 
 Outputs under ``--out``: ``search.json`` (every query's ranked paths, identities, scores),
 ``search.png`` (the retrieval grid of the first ``--grid-rows`` queries) and
@@ -19,7 +19,6 @@ Outputs under ``--out``: ``search.json`` (every query's ranked paths, identities
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -33,20 +32,31 @@ from data.loaders import make_loader
 from data.transforms import build_transform
 from models import OPQN
 from models.heads.base import code_dtype
+from utils.atomic_io import atomic_write_text
+from utils.checkpoints.store import checkpoint_path, load_checkpoint
+from utils.logger import get_logger, setup_logging
+from utils.retrieval import encoding
+from utils.retrieval.adc import search_adc
+from utils.retrieval.faiss_index import search_head_queries
+from utils.retrieval.gallery_index import (
+    GalleryIndex,
+    load_index,
+    model_fingerprint,
+    open_or_build,
+    scan_gallery,
+)
+from utils.retrieval.ivf_index import default_nlist, default_nprobe
+from utils.retrieval.shards import ShardedEncoder, barrier, open_or_build_ivf, shard_dir
+from utils.runtime import (
+    DistInfo,
+    cleanup_distributed,
+    init_distributed,
+)
 
-from . import evaluation
-from .checkpoint import checkpoint_path, load_checkpoint
 from .checkpoint_checks import REQUIRED_KEYS, checked_model
 from .data_folders import prepare_folders
-from .faiss_index import search_head_queries
-from .gallery_index import GalleryIndex, load_index, model_fingerprint, open_or_build, scan_gallery
 from .gallery_view import GridRow, Hit, draw_grid, write_html
-from .logger import get_logger, setup_logging
-from .atomic_io import atomic_write_text
-from .ivf_index import default_nlist, default_nprobe
-from .retrieval import search_adc
-from .runtime import DistInfo, cleanup_distributed, init_distributed, loader_workers
-from .shards import ShardedEncoder, barrier, open_or_build_ivf, shard_dir
+from .settings import RunSettings
 from .validation import UsageError
 
 DEFAULT_TOPK = 10
@@ -80,18 +90,18 @@ _ENCODERS = {"gallery": "encode_gallery", "query": "encode_queries",
              "faiss-query": "encode_faiss_queries"}
 
 
-def _encoder(model: OPQN, args: argparse.Namespace, device: torch.device, which: str,
+def _encoder(model: OPQN, run: RunSettings, device: torch.device, which: str,
              allow_empty: bool = False):
     """paths -> (codes, tables or faiss query vectors, positions of the readable paths), via
-    utils.evaluation; with ``allow_empty`` no readable image gives ``(M`` columns, 0 rows)."""
+    utils.retrieval.encoding; with ``allow_empty`` no readable image gives ``(M`` columns, 0 rows)."""
     transform = build_transform(model.config.input_size, train=False)
-    fn = getattr(evaluation, _ENCODERS[which])  # looked up late: tests replace them
+    fn = getattr(encoding, _ENCODERS[which])  # looked up late: tests replace them
 
     def encode(paths: list[str]) -> tuple[Tensor, Tensor]:
-        loader = make_loader(ImageList(paths, transform), args.bs or 256, loader_workers(args),
-                             device)
+        loader = make_loader(ImageList(paths, transform), run.evaluation.inference_batch,
+                             run.data.loader_workers(), device)
         try:
-            return fn(model, loader, device, progress=not args.no_progress)
+            return fn(model, loader, device, progress=run.output.progress)
         except RuntimeError as exc:
             if "no readable images" not in str(exc):
                 raise
@@ -126,41 +136,43 @@ def ranked_rows(query_paths: list[str], query_identities: list[str | None], scor
     return rows
 
 
-def run_search(args: argparse.Namespace, device: torch.device) -> dict:
+def run_search(run: RunSettings, device: torch.device) -> dict:
     """The whole ``--search`` command; returns the JSON written to ``search.json`` (an empty
     dict in the other processes of a torchrun job, which only encode and build shards)."""
     log = setup_logging(None)
-    info = init_distributed(args.device)
+    info = init_distributed(run.device)
     try:
-        return _run_search(args, device, info, log)
+        return _run_search(run, device, info, log)
     finally:
         cleanup_distributed()
 
 
-def _run_search(args: argparse.Namespace, device: torch.device, info: DistInfo,
-                log) -> dict:
-    ckpt = checkpoint_path(args.load[0], args.checkpoint_dir)
+def _run_search(run: RunSettings, device: torch.device, info: DistInfo, log) -> dict:
+    options = run.search
+    ckpt = checkpoint_path(options.load, run.output.checkpoint_dir)
     model = checked_model(load_checkpoint(ckpt, map_location="cpu",
                                           required_keys=REQUIRED_KEYS), ckpt).to(device)
     train_dir = test_dir = None  # --dataset's splits, only when a default needs them
-    if args.gallery is None or args.query is None:
-        train_dir, test_dir = prepare_folders(args, cross_train=False)
-    gallery = scan_gallery(Path(args.gallery) if args.gallery else train_dir)
-    query_files, missing = collect_queries(args.query or [str(test_dir)])
+    if options.gallery is None or not options.query:
+        train_dir, test_dir = prepare_folders(run.data, cross_train=False)
+    gallery = scan_gallery(Path(options.gallery) if options.gallery else train_dir)
+    query_files, missing = collect_queries(list(options.query) or [str(test_dir)])
     for entry in missing:
         log.warning("query not found: %s", entry)
     if not query_files:
-        raise UsageError(f"no query images in --query {' '.join(args.query or [str(test_dir)])}")
+        raise UsageError(f"no query images in --query "
+                         f"{' '.join(options.query or [str(test_dir)])}")
 
-    out = Path(args.out)
-    explicit = args.index is not None
-    index_path = Path(args.index) if explicit else default_index_path(out, ckpt, gallery.root)
+    out = Path(run.output.out)
+    explicit = options.index is not None
+    index_path = Path(options.index) if explicit else default_index_path(out, ckpt,
+                                                                         gallery.root)
     fingerprints = (model_fingerprint(model), gallery.fingerprint)
-    sharded = ShardedEncoder(_encoder(model, args, device, "gallery", allow_empty=True),
+    sharded = ShardedEncoder(_encoder(model, run, device, "gallery", allow_empty=True),
                              shard_dir(index_path), fingerprints, info,
-                             reuse=not args.rebuild_index)
+                             reuse=not options.rebuild_index)
     index, status = open_or_build(model, gallery, index_path, explicit, sharded,
-                                  rebuild=args.rebuild_index, is_main=info.is_main)
+                                  rebuild=options.rebuild_index, is_main=info.is_main)
     sharded.cleanup()
     barrier(info)
     if not info.is_main:  # process 0 saved the merged index
@@ -169,11 +181,11 @@ def _run_search(args: argparse.Namespace, device: torch.device, info: DistInfo,
         log.info("gallery index %s: %s (%d images%s)", status, index_path, len(index),
                  f", {len(index.skipped)} unreadable" if index.skipped else "")
     ivf = None
-    if args.index_type == "ivf":
-        nlist = args.nlist or default_nlist(len(index))
+    if options.index_type == "ivf":
+        nlist = options.nlist or default_nlist(len(index))
         ivf, ivf_status, ivf_folder = open_or_build_ivf(
-            model.quantizer, index, index_path, nlist, args.nprobe or default_nprobe(nlist),
-            info, seed=args.seed)
+            model.quantizer, index, index_path, nlist, options.nprobe or default_nprobe(nlist),
+            info, seed=options.seed)
         if info.is_main:
             log.info("IVF index %s: %s (nlist %d, nprobe %d)", ivf_status, ivf_folder, nlist,
                      ivf.nprobe)
@@ -181,11 +193,11 @@ def _run_search(args: argparse.Namespace, device: torch.device, info: DistInfo,
         return {}
 
     which = "faiss-query" if ivf is not None else "query"
-    queries, kept = _encoder(model, args, device, which)([str(p) for p in query_files])
+    queries, kept = _encoder(model, run, device, which)([str(p) for p in query_files])
     kept_list = kept.cpu().tolist()
     readable = set(kept_list)
     unreadable = [str(p) for i, p in enumerate(query_files) if i not in readable] + missing
-    topk = args.topk or DEFAULT_TOPK
+    topk = options.topk or DEFAULT_TOPK
     if ivf is None:
         scores, positions = rank(queries, index, topk)
     else:
@@ -206,7 +218,7 @@ def _run_search(args: argparse.Namespace, device: torch.device, info: DistInfo,
         "num_words": model.config.num_words,
         "gallery": str(gallery.root), "gallery_size": len(index),
         "gallery_unreadable": [str(gallery.root / p) for p in index.skipped],
-        "index": str(index_path), "index_status": status, "index_type": args.index_type,
+        "index": str(index_path), "index_status": status, "index_type": options.index_type,
         **({"ivf_index": str(ivf_folder), "ivf_status": ivf_status, "nlist": ivf.nlist,
             "nprobe": ivf.nprobe} if ivf is not None else {}),
         "topk": topk, "score": "sum_m P_m[code_m] (asymmetric, higher is closer)",
@@ -219,7 +231,7 @@ def _run_search(args: argparse.Namespace, device: torch.device, info: DistInfo,
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "search.json"
     atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
-    shown = rows[: args.grid_rows]
+    shown = rows[: options.grid_rows]
     title = f"{ckpt.stem}: top-{topk} of {len(index)} gallery images"
     png = draw_grid(shown, topk, out / "search.png", title)
     page = write_html(rows[:HTML_ROWS], topk, out / "search.html", title)
@@ -235,7 +247,7 @@ def _run_search(args: argparse.Namespace, device: torch.device, info: DistInfo,
 
 
 def write_examples(model: OPQN, gallery: Dataset, queries: Dataset, codes: Tensor,
-                   args: argparse.Namespace, device: torch.device, stem: str,
+                   run: RunSettings, device: torch.device, stem: str,
                    count: int = EXAMPLE_QUERIES, seed: int = EXAMPLE_SEED) -> Path | None:
     """``<out>/<stem>_examples.png``: the grid of ``count`` test queries drawn at a fixed
     seed, ranked against the evaluated gallery ``codes`` ``(N, M)``."""
@@ -247,15 +259,15 @@ def write_examples(model: OPQN, gallery: Dataset, queries: Dataset, codes: Tenso
     pick = torch.randperm(len(query_items), generator=torch.Generator().manual_seed(seed))
     chosen = [query_items[i] for i in sorted(pick[:count].tolist())]
     try:
-        tables, kept = _encoder(model, args, device, "query")([p for p, _ in chosen])
+        tables, kept = _encoder(model, run, device, "query")([p for p, _ in chosen])
     except UsageError as exc:  # the evaluation itself succeeded: only the picture is lost
         log.warning("no examples grid: %s", exc)
         return None
     index = GalleryIndex(Path("."), [p for p, _ in items], codes, "", "")
-    topk = args.topk or DEFAULT_TOPK
+    topk = run.evaluation.topk or DEFAULT_TOPK
     scores, positions = rank(tables, index, topk)
     kept_list = kept.cpu().tolist()
     rows = ranked_rows([chosen[i][0] for i in kept_list], [chosen[i][1] for i in kept_list],
                        scores, positions, index.paths, [ident for _, ident in items])
-    return draw_grid(rows, topk, Path(args.out) / f"{stem}_examples.png",
+    return draw_grid(rows, topk, Path(run.output.out) / f"{stem}_examples.png",
                      f"{stem}: {len(rows)} test queries (seed {seed}), top-{topk}")

@@ -4,7 +4,7 @@ Built on faiss's own client/server (``faiss.contrib.client_server`` over its ``r
 module); nothing here speaks a protocol of its own.
 
 * :class:`ShardServer` serves one index file (an IVF shard written by
-  :func:`utils.shards.open_or_build_ivf`, or any faiss index) on a host and port. It binds
+  :func:`utils.retrieval.shards.open_or_build_ivf`, or any faiss index) on a host and port. It binds
   the loopback interface unless told otherwise (faiss's ``run_server`` binds every
   interface).
 * :class:`ShardFront` connects to the servers, sends each query batch to all of them and
@@ -17,7 +17,7 @@ module); nothing here speaks a protocol of its own.
 and a client may call any method of the served index (``reset``, ``add``, ...). Never expose
 a port beyond machines you control.
 
-Command line: ``python -m utils.shard_search serve SHARD.faiss --port 12032 [--host H]``.
+Command line: ``python -m utils.retrieval.shard_search serve SHARD.faiss --port 12032 [--host H]``.
 """
 from __future__ import annotations
 
@@ -146,10 +146,11 @@ class ShardFront:
 
 def main(argv: list[str] | None = None) -> int:
     """``serve INDEX --port P [--host H]``: serve one index file until interrupted."""
-    from .errors import OneLineParser
+    from utils.errors import OneLineParser
+
     from .ivf_index import read_ivf
 
-    parser = OneLineParser(prog="python -m utils.shard_search",
+    parser = OneLineParser(prog="python -m utils.retrieval.shard_search",
                            description="serve a faiss index shard (trusted networks only)")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve one index file")
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index = read_ivf(args.index)
     except RuntimeError as exc:
-        print(f"python -m utils.shard_search: error: cannot read {args.index}: "
+        print(f"python -m utils.retrieval.shard_search: error: cannot read {args.index}: "
               f"{str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     server = ShardServer(index, args.port, args.host)

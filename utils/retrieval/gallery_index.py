@@ -1,6 +1,6 @@
 """A saved gallery index for search: the gallery's codes, built once and reused.
 
-The index file (written atomically with :func:`utils.checkpoint.save_checkpoint`, read with
+The index file (written atomically with :func:`utils.checkpoints.store.save_checkpoint`, read with
 ``weights_only=True``) holds
 
 * ``codes``: the hard codes ``(N, M)``, uint8 when K <= 256, so 1,000,000 items at 64 bits
@@ -29,9 +29,8 @@ from torch import Tensor
 
 from data.datasets import list_images
 from models import OPQN
-
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .validation import UsageError
+from utils.checkpoints.store import CheckpointError, load_checkpoint, save_checkpoint
+from utils.errors import UsageError
 
 INDEX_KIND = "opqn-gallery-index"
 INDEX_VERSION = 1
@@ -140,7 +139,7 @@ def open_or_build(model: OPQN, gallery: GalleryFiles, index_path: Path, explicit
         explicit: ``index_path`` was named by the user: an index there that another model
             built is a ``UsageError`` unless ``rebuild``.
         is_main: only the main process of a torchrun job saves the index (the others get
-            what ``encode`` returned to them, see :class:`utils.shards.ShardedEncoder`).
+            what ``encode`` returned to them, see :class:`utils.retrieval.shards.ShardedEncoder`).
     Returns:
         ``(index, status)``, ``status`` saying whether it was reused, built or rebuilt and why.
     """
