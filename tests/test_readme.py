@@ -172,17 +172,36 @@ def test_docs_pages_start_with_a_title_and_a_link_back():
         assert "(../README.md)" in "\n".join(lines[1:4]), page.name
 
 
-def test_code_map_names_files_and_functions_that_exist():
-    """Every file and function the README's code map names is there (moves update it)."""
-    section = README.read_text(encoding="utf-8").split("## Code map", 1)[1].split("\n## ")[0]
+def code_map_paths(section: str) -> set[str]:
+    """The files and folders the code map's list names, as paths from the repository root:
+    an item opens with its top folder (`utils/`), and the names under it are relative to it
+    unless they start at the root (`bench/...`)."""
+    roots = ("models/", "losses/", "data/", "utils/", "bench/", "tests/", "opqn_main.py")
     paths = set(re.findall(r"`((?:models|losses|data|utils|bench)/[\w/]*\.py)`", section))
     bullets = next(part for part in section.split("\n\n") if part.startswith("- "))
-    for item in bullets[2:].split("\n- "):  # one item per folder: `folder/`, then its files
+    for item in bullets[2:].split("\n- "):  # one item per top folder, then its files
         folder = re.match(r"`(\w+)/`", item).group(1)
-        paths |= {f"{folder}/{name}" for name in re.findall(r"`([\w/]+\.py|\w+/)`", item)[1:]}
+        for name in re.findall(r"`([\w/]+\.py|[\w/]+/)`", item)[1:]:
+            paths.add(name if name.startswith(roots) else f"{folder}/{name}")
+    return paths
+
+
+def test_code_map_names_files_and_functions_that_exist():
+    """Every file and function the README's code map names is there (moves update it), and
+    it names every package and module of models/, losses/, data/ and utils/."""
+    section = README.read_text(encoding="utf-8").split("## Code map", 1)[1].split("\n## ")[0]
+    paths = code_map_paths(section)
     assert len(paths) > 30
     for path in paths:
         assert (REPO / path).exists(), path
+    for folder in ("models", "losses", "data", "utils"):
+        for module in (REPO / folder).rglob("*.py"):
+            rel = module.relative_to(REPO)
+            if module.name == "__init__.py":
+                if len(rel.parts) > 2:  # a sub-package, named as `pkg/`
+                    assert f"{rel.parent.as_posix()}/" in paths, rel.parent
+                continue
+            assert rel.as_posix() in paths, rel
     sources = "\n".join(p.read_text(encoding="utf-8") for folder in
                         ("models", "losses", "data", "utils") for p in (REPO / folder).rglob("*.py"))
     table = [line for line in section.splitlines() if line.startswith("| ")][2:]
