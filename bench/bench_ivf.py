@@ -167,7 +167,7 @@ def bench_nlist(n: int) -> int:
     :func:`utils.retrieval.ivf_index.default_nlist`'s rule of at least 39 items a list. Four times
     the library's default: routing items is cheap (per-book tables) and the query's
     ``nlist x D`` routing is a small part of its time, while finer lists find the same
-    recall in fewer scanned codes (README, "Pick nlist and nprobe")."""
+    recall in fewer scanned codes (docs/scaling.md, "Pick nlist and nprobe")."""
     nlist = 4 * default_nlist(n)
     while nlist > 1 and nlist * MIN_POINTS_PER_LIST > n:
         nlist //= 2

@@ -68,8 +68,8 @@ def test_each_method_evaluates_from_its_checkpoint_alone(method, trained, tiny_d
     assert result["mAP"] == pytest.approx(trained_result["mAP"], abs=1e-6)
     if method == "dpq":
         # DPQ's joint centre loss dominates its first steps (67 of a loss of 72 at the
-        # first epoch on digits); after these 6 steps, with precise BN, it ranks at chance + 0.01 (README,
-        # "Compared methods"). It must not fall below chance.
+        # first epoch on digits); after these 6 steps, with precise BN, it ranks at chance + 0.01
+        # (docs/methods.md). It must not fall below chance.
         assert result["mAP"] > chance_map() - 0.01, (method, result["mAP"], chance_map())
     else:
         # opqn, l2q (raw query side), gpq and dcdh: precise BN (on by default) gives

@@ -48,7 +48,7 @@ def cpu_bf16_hardware() -> dict[str, bool]:
             "avx512_bf16": probe("_is_avx512_bf16_supported")}
 
 
-# Methods whose bf16 training holds mAP (README, "Mixed precision"), and whether that needs
+# Methods whose bf16 training holds mAP (docs/training.md, "Mixed precision"), and whether that needs
 # precise BN after training (utils/precise_bn.py): OPQN measured over 3 seeds on synthface
 # and digits here, and on an AMX CPU (issue 16), where it lost 10 points without precise BN;
 # GPQ and DCDH on that AMX CPU, where bf16 cost them nothing. ``auto`` trains any other
@@ -63,7 +63,7 @@ def resolve_amp(choice: str, device: torch.device, method: str = "opqn",
 
     ``auto`` is bf16 on CUDA and on CPUs with AMX, for the methods of
     :data:`BF16_HOLDS_ACCURACY` (OPQN only with ``precise_bn``), and float32 everywhere
-    else. A CPU with AVX512-BF16 but no AMX stays float32: there bf16 made the README job
+    else. A CPU with AVX512-BF16 but no AMX stays float32: there bf16 made the quick-start job
     only 1.14-1.27x faster; without either, bf16 is emulated and several times slower.
     """
     if choice not in AMP_CHOICES:

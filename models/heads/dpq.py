@@ -6,7 +6,7 @@ the authors'. ``V_m`` is Xavier uniform by default, and standard normal with ``-
 normal`` (the authors', who left ``xavier_uniform_`` for it commented out): with
 standard-normal ``V_m`` the logits ``x_m V_m`` of the BatchNorm-ed features have sd about
 sqrt(d), the softmax starts saturated, and within our budgets DPQ never leaves chance
-(README, "Compared methods").
+(docs/methods.md).
 
 Soft assignment
 ``p_m = softmax(x_m V_m)`` on the un-normalised sub-vector, soft sub-vector ``s_m = C_m p_m``

@@ -14,8 +14,7 @@ Which sub-vector gives a query's ``P_m`` (``query_side``, flag ``--l2q-query``):
 * ``normalized``: the L2-normalised sub-vector, as the authors' evaluator
   (``PqDistRet_Ortho_euclidean``). Training sees sub-vectors of norm about sqrt(d), so
   this softmax is sqrt(d) times flatter; with a short budget ``s_m`` stays near the mean
-  codeword and every query ranks the gallery by the codeword norms (README, "Compared
-  methods").
+  codeword and every query ranks the gallery by the codeword norms (docs/methods.md).
 """
 from __future__ import annotations
 

@@ -346,7 +346,7 @@ def run_evaluation(run: RunSettings, specs: list[CodeSpec], device: torch.device
         model = model.to(device)
         log.info("evaluating %s (%s, %d-bit, %dx%d) on %s", path, config.method, config.bits,
                  config.num_books, config.num_words, data.dataset)
-        # Its own name, never the training-time result's <stem>.json (see README).
+        # Its own name, never the training-time result's <stem>.json (see docs/usage.md, "Outputs").
         stem = f"{path.stem}_on_{data.dataset}{'_cross' if data.cross_dataset else ''}"
         extra = {"checkpoint": str(path), "checkpoint_epoch": int(checkpoint.get("epoch", 0)),
                  "ties": evaluation.ties, "identity_overlap": overlap,

@@ -15,7 +15,7 @@ codeword.
   centroid is a sum of ``M`` table entries, not ``D`` multiply-adds. For inner product the
   centroids stay the lists' means (not normalised): a query's inner product with a mean is
   the list's mean score, and at equal nprobe that found far more of the exhaustive top-10
-  than spherical k-means did (``spherical=True``; README, "From one machine to many").
+  than spherical k-means did (``spherical=True``; docs/scaling.md).
 * ``"hamming"`` (dcdh): ``faiss.IndexBinaryIVF`` over the bits (the bits are the vectors,
   so training and adding cannot change them).
 
@@ -74,7 +74,7 @@ def default_nlist(n: int) -> int:
     Building costs ``nlist * M`` table look-ups per item (k-means and routing, book by
     book), a query ``nlist * D`` for its routing; this stays below the ``4 * sqrt(n)`` often
     used for short vectors to bound the build time, although finer lists reach the same
-    recall in fewer scanned codes (the benchmark uses ``4 * sqrt(n)``; README, "Pick nlist
+    recall in fewer scanned codes (the benchmark uses ``4 * sqrt(n)``; docs/scaling.md, "Pick nlist
     and nprobe")."""
     if n < 1:
         raise ValueError("an IVF index needs at least one item")
@@ -85,7 +85,7 @@ def default_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists scanned per query by default: 1/16 of them (see the README's recall table)."""
+    """Lists scanned per query by default: 1/16 of them (see the recall table in docs/scaling.md)."""
     return max(1, nlist // 16)
 
 

@@ -6,8 +6,8 @@ batch size) so that only the method differs. The optimiser is each method's own:
 
 * opqn, l2q: SGD, lr 0.1, momentum 0.9, weight decay 5e-4 (the paper's).
 * DPQ: SGD at lr 0.1. The OPQN authors' DPQ baseline (``dpq.py``) used 0.01 for 160
-  epochs; with our budgets the comparison protocol's validation split chose 0.1 (README,
-  "Compared methods"); ``--lr 0.01`` gives theirs.
+  epochs; with our budgets the comparison protocol's validation split chose 0.1
+  (docs/methods.md); ``--lr 0.01`` gives theirs.
 * GPQ: Adam at lr 2e-4 with beta1 = 0.5 and no weight decay (the GPQ authors' ``train.py``).
 * DCDH: Adam with amsgrad at lr 0.005 and weight decay 1e-4 on the 32x32 sets (the DCDH
   authors'); SGD at :data:`DCDH_SGD_LR` (weight decay 5e-4) on the 112x112 protocols

@@ -11,7 +11,7 @@ training) while its running mean and variance accumulate an exact image-weighted
 pycls and detectron2 call this step precise BN.
 
 Why the project needs it: under bf16 training the stored averages cost OPQN 7-10 mAP points
-on real images, although the learned weights are good (see README, "Mixed precision").
+on real images, although the learned weights are good (see docs/training.md, "Mixed precision").
 """
 from __future__ import annotations
 
