@@ -224,7 +224,7 @@ def _stats(t: torch.Tensor) -> tuple[float, float]:
 
 def test_initialisations_are_the_authors():
     """DPQ's codewords and DCDH's centres come from torch.randn (mean 0, sd 1); DPQ's V_m
-    is Xavier by default (the deviation the README states) and torch.randn with
+    is Xavier by default (the deviation docs/methods.md states) and torch.randn with
     --dpq-init normal, as the authors'; l2q's codewords are torch.randn by default
     (--l2q-init xavier: Xavier uniform), its V_m Xavier as OPQN's."""
     torch.manual_seed(0)
