@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from utils.training.methods import METHOD_HYPERPARAMETERS
+
 
 @dataclass(frozen=True)
 class DataSettings:
@@ -142,8 +144,6 @@ class RunSettings:
         progress = not getattr(args, "no_progress", False)
         given = dict(vars(args), progress=progress)
         method = given.get("method") or "opqn"
-        from utils.training.methods import METHOD_HYPERPARAMETERS
-
         method_fields = {name: given.get(name, default)
                          for name, default, _text in METHOD_HYPERPARAMETERS.get(method, ())}
         batch = given.get("bs")
