@@ -216,7 +216,7 @@ class LoadMeter:
         return text
 
 
-def print_machine(threads: int, device) -> None:
+def print_machine(requested: int, device) -> None:
     load = os.getloadavg()
     cores = os.cpu_count() or 1
     try:
@@ -228,7 +228,8 @@ def print_machine(threads: int, device) -> None:
     print(f"  torch {torch.__version__} (kernels {capability}), device {device}; threads: torch "
           f"{torch.get_num_threads()} intra-op (both sides), faiss "
           f"{'not installed' if faiss_threads is None else faiss_threads}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; --threads {threads}")
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; --threads {requested}"
+          + (" (the libraries' defaults)" if requested <= 0 else ""))
     print(f"  load average at start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)"
           + (f"\n  WARNING: load average above the {cores} cores: other jobs share this machine"
              if load[0] > cores else ""), flush=True)
@@ -494,7 +495,7 @@ def main():
         return
     start = time.perf_counter()
     device = torch.device(args.device)
-    print_machine(threads, device)
+    print_machine(args.threads, device)
     n, q, n_big = (20_000, 200, 200_000) if args.quick else (100_000, 1_000, 1_000_000)
     bench_rss(n_big, 250, threads)  # first, while this process is small
     tables, codes = bench_eval(n, q, args.k, device, args.baseline_queries, args.repeats, threads)
