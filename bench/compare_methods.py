@@ -1,14 +1,14 @@
 """The paper's comparison under one protocol that gives every method the same chance:
 OPQN, OPQN-l2q, DPQ, GPQ and DCDH at one code length on one dataset.
 
-Protocol (``utils/comparison.py``):
+Protocol (``utils/comparison/plan.py``):
 
 1. **Validation, never test, for choices.** ``--val-per-identity`` training images of every
    identity are held out as queries, the rest of the training split is the gallery
    (``data/validation_split.py``: a folder of symbolic links under ``--out``, leak-checked).
 2. **Learning rate per method, equal budget.** Every method trains ``--tune-epochs`` epochs
    on the validation gallery at every lr of its optimiser's grid (``--sgd-lrs`` or
-   ``--adam-lrs``, plus its default and its authors' lr from ``utils/methods.py``); the lr
+   ``--adam-lrs``, plus its default and its authors' lr from ``utils/training/methods.py``); the lr
    with the highest validation mAP is chosen. Epochs, schedule, batch, data and backbone are the
    same for every method.
 3. **Seeds.** The chosen lr is retrained on the full training split with ``--seeds S``

@@ -55,7 +55,7 @@ def check_input_shape(images: Tensor, input_size: int) -> None:
 
     Without it a wrong size only fails deep inside the head (``running_mean should contain
     8192 elements``), and unnormalised input is not caught at all, hence the pointer to
-    ``utils.retrieval.inference.encode_images``, which applies the model's own transform.
+    ``utils.retrieval.encode_images``, which applies the model's own transform.
     """
     if (not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3
             or images.shape[2] != input_size or images.shape[3] != input_size):
@@ -63,7 +63,7 @@ def check_input_shape(images: Tensor, input_size: int) -> None:
         raise ValueError(
             f"expected a batch of normalised images of shape (B, 3, {input_size}, "
             f"{input_size}) for this {input_size}x{input_size} model, got {got}; "
-            f"utils.retrieval.inference.encode_images(model, images) takes image paths or PIL images "
+            f"utils.retrieval.encode_images(model, images) takes image paths or PIL images "
             f"and applies the model's own evaluation transform")
 
 

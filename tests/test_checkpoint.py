@@ -1,4 +1,4 @@
-"""Tests for utils/checkpoint.py: weights_only round-trips, refusal of malicious pickles,
+"""Tests for utils/checkpoints/store.py: weights_only round-trips, refusal of malicious pickles,
 clear errors for broken files, and atomic saves that survive crashes and SIGKILL."""
 
 from __future__ import annotations

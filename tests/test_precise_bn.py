@@ -1,4 +1,4 @@
-"""Precise BN (utils/precise_bn.py): population statistics of the finished weights."""
+"""Precise BN (utils/training/precise_bn.py): population statistics of the finished weights."""
 import pytest
 import torch
 from torch import nn

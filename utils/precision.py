@@ -48,11 +48,11 @@ def cpu_bf16_hardware() -> dict[str, bool]:
             "avx512_bf16": probe("_is_avx512_bf16_supported")}
 
 
-# Methods whose bf16 training holds mAP (docs/training.md, "Mixed precision"), and whether that needs
-# precise BN after training (utils/precise_bn.py): OPQN measured over 3 seeds on synthface
-# and digits here, and on an AMX CPU (issue 16), where it lost 10 points without precise BN;
-# GPQ and DCDH on that AMX CPU, where bf16 cost them nothing. ``auto`` trains any other
-# method, and OPQN with --precise-bn 0, in float32.
+# Methods whose bf16 training holds mAP (docs/training.md, "Mixed precision"), and whether
+# that needs precise BN after training (utils/training/precise_bn.py): OPQN measured over 3
+# seeds on synthface and digits here, and on an AMX CPU (issue 16), where it lost 10 points
+# without precise BN; GPQ and DCDH on that AMX CPU, where bf16 cost them nothing. ``auto``
+# trains any other method, and OPQN with --precise-bn 0, in float32.
 BF16_HOLDS_ACCURACY: dict[str, bool] = {"opqn": True, "gpq": False, "dcdh": False}
 
 

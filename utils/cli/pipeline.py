@@ -211,8 +211,8 @@ def _train_one(run: RunSettings, spec: CodeSpec, feature_dim: int, best: Path, l
     log.info("[config] method %s%s", config.method, _method_detail(config))
     log.info("[config] %d-bit code: %d codebooks x %d words, D=%d (d=%d), input %dx%d, "
              "width %d, margin %.3f, scale %.1f, miu %.4f, bf16 autocast %s", config.bits,
-             config.num_books, config.num_words, config.feature_dim, config.word_dim, config.input_size,
-             config.input_size, config.width, config.margin, config.scale, config.miu,
+             config.num_books, config.num_words, config.feature_dim, config.word_dim,
+             config.input_size, config.input_size, config.width, config.margin, config.scale, config.miu,
              "on" if resolve_amp(training.amp, device, config.method, training.precise_bn > 0)
              else "off")
     log.info("[config] backbone %s%s%s, %s margin", config.backbone,
@@ -244,7 +244,8 @@ def _precise_bn(training: TrainingOptions, splits: RetrievalSplits, device: torc
                 settings: TrainSettings, best: Path, last: Path) -> None:
     """Precise BN in both saved models: their BatchNorm statistics recomputed in float32 over
     at most --precise-bn training images under the evaluation transform
-    (utils.training.precise_bn), saved back in place; each checkpoint records it under ``"precise_bn"``."""
+    (utils.training.precise_bn), saved back in place; each checkpoint records it under
+    ``"precise_bn"``."""
     subset = precise_bn_subset(splits.gallery, training.precise_bn, training.seed)
     loader = make_loader(subset, settings.batch_size, settings.workers, device)
     done: dict[int, tuple[dict, dict]] = {}  # epoch -> (backbone state, record)

@@ -1,16 +1,17 @@
 """``--search``: photos in, ranked gallery out, with a picture of it.
 
 The gallery (a folder of images, an ``<identity>/`` layout optional; by default
-``--dataset``'s train split) is encoded once into a saved index (:mod:`utils.retrieval.gallery_index`)
-and reused while the model and the gallery files are unchanged. Each query (files, folders,
+``--dataset``'s train split) is encoded once into a saved index
+(:mod:`utils.retrieval.gallery_index`) and reused while the model and the gallery files are
+unchanged. Each query (files, folders,
 or ``--dataset``'s test split) is scored against the whole gallery by the model's asymmetric
 query tables with the top-k search :func:`utils.retrieval.adc.search_adc`.
 
 Codes and tables come from :func:`utils.retrieval.encoding.encode_gallery` and
-:func:`utils.retrieval.encoding.encode_queries`, the same functions the evaluation uses, so a search
-ranks exactly as ``-e`` scores. The gallery is encoded in shards (:mod:`utils.retrieval.shards`), split
-over the processes under torchrun and resumed after an interruption; process 0 alone
-searches and writes the results. ``--index-type ivf`` searches an inverted-file index over
+:func:`utils.retrieval.encoding.encode_queries`, the same functions the evaluation uses, so a
+search ranks exactly as ``-e`` scores. The gallery is encoded in shards
+(:mod:`utils.retrieval.shards`), split over the processes under torchrun and resumed after an
+interruption; process 0 alone searches and writes the results. ``--index-type ivf`` searches an inverted-file index over
 the same codes (:mod:`utils.retrieval.ivf_index`) with the head's faiss query vectors instead.
 
 Outputs under ``--out``: ``search.json`` (every query's ranked paths, identities, scores),
@@ -93,7 +94,8 @@ _ENCODERS = {"gallery": "encode_gallery", "query": "encode_queries",
 def _encoder(model: OPQN, run: RunSettings, device: torch.device, which: str,
              allow_empty: bool = False):
     """paths -> (codes, tables or faiss query vectors, positions of the readable paths), via
-    utils.retrieval.encoding; with ``allow_empty`` no readable image gives ``(M`` columns, 0 rows)."""
+    utils.retrieval.encoding; with ``allow_empty`` no readable image gives ``(M`` columns, 0
+    rows)."""
     transform = build_transform(model.config.input_size, train=False)
     fn = getattr(encoding, _ENCODERS[which])  # looked up late: tests replace them
 

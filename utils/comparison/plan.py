@@ -81,8 +81,9 @@ class ComparisonPlan:
 
 def lr_grid(method: str, optimizer: str, sgd_lrs: Sequence[float],
             adam_lrs: Sequence[float]) -> tuple[float, ...]:
-    """The grid of the method's optimiser plus its default (:func:`utils.training.methods.default_lr`)
-    and its authors' lr (:func:`utils.training.methods.authors_lr`), largest first."""
+    """The grid of the method's optimiser plus its default
+    (:func:`utils.training.methods.default_lr`) and its authors' lr
+    (:func:`utils.training.methods.authors_lr`), largest first."""
     grid = set(sgd_lrs if optimizer == "sgd" else adam_lrs)
     grid.update((default_lr(method, optimizer), authors_lr(method, optimizer)))
     return tuple(sorted(grid, reverse=True))

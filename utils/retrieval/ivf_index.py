@@ -1,8 +1,8 @@
 """An inverted-file (IVF) faiss index over a model's own codes: search that scans a few lists.
 
-The flat index (:func:`utils.retrieval.faiss_index.build_head_index`) scans every code. The IVF index
-splits the gallery into ``nlist`` lists by a coarse quantizer and scans only the ``nprobe``
-lists nearest to the query. It holds the codes the model chose, unchanged: faiss never
+The flat index (:func:`utils.retrieval.faiss_index.build_head_index`) scans every code. The
+IVF index splits the gallery into ``nlist`` lists by a coarse quantizer and scans only the
+``nprobe`` lists nearest to the query. It holds the codes the model chose, unchanged: faiss never
 re-encodes an item, because OPQN picks codes by its learned assignment, not by the nearest
 codeword.
 
@@ -85,7 +85,7 @@ def default_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists scanned per query by default: 1/16 of them (see the recall table in docs/scaling.md)."""
+    """Lists scanned per query by default: 1/16 of them (the recall table of docs/scaling.md)."""
     return max(1, nlist // 16)
 
 

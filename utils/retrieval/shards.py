@@ -12,8 +12,8 @@ The IVF index is built the same way (:func:`open_or_build_ivf`): process 0 train
 quantizer, every process adds its ranges of codes to a copy of it and writes an IVF shard
 file, and process 0 merges those into on-disk inverted lists (``lists.ivfdata``), which
 faiss memory-maps at search time. The IVF shards stay beside it: each can be served by its
-own machine (:mod:`utils.retrieval.shard_search`). The IVF folder's ``meta.json`` holds the model and
-gallery fingerprints; a folder that does not match them is rebuilt.
+own machine (:mod:`utils.retrieval.shard_search`). The IVF folder's ``meta.json`` holds the
+model and gallery fingerprints; a folder that does not match them is rebuilt.
 
 All processes must see the same file system (the folder of ``--index``). Only process 0
 writes the merged files.
@@ -75,8 +75,8 @@ def shard_dir(index_path: Path) -> Path:
 
 
 class ShardedEncoder:
-    """An encoder for :func:`utils.retrieval.gallery_index.open_or_build` that encodes this process's
-    shards (reusing finished ones), waits for the others and, in process 0, returns the
+    """An encoder for :func:`utils.retrieval.gallery_index.open_or_build` that encodes this
+    process's shards (reusing finished ones), waits for the others and, in process 0, returns the
     merged ``(codes (n, M), positions (n,))``; other processes return empty tensors.
 
     Args:

@@ -1,6 +1,6 @@
-"""The OPQN training loop: SGD with step decay (or cosine, utils.training.schedules), monitoring every
-few epochs, and atomic checkpoints of the last epoch and of the lowest training loss (as the
-paper kept).
+"""The OPQN training loop: SGD with step decay (or cosine, utils.training.schedules),
+monitoring every few epochs, and atomic checkpoints of the last epoch and of the lowest
+training loss (as the paper kept).
 
 :func:`train` reads as the procedure: :func:`build_run` (model, loss, optimiser, schedule),
 :func:`restore_run` under ``--resume``, :func:`distribute` under torchrun, then per epoch
