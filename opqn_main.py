@@ -28,7 +28,7 @@ PROG = "opqn_main.py"
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="PyTorch implementation of Orthonormal Product "
                       "Quantization Network (OPQN)\nfor scalable face image retrieval.",
-                      epilog="examples:\n" + __doc__.split("\n\n", 1)[1].split('"""')[0],
+                      epilog="examples:\n" + __doc__.split("\n\n", 1)[1],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run (default: train one model per code length)")
     g.add_argument("-e", "--evaluate", action="store_true",

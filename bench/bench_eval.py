@@ -42,11 +42,11 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from functools import partial
+from statistics import median
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -113,10 +113,6 @@ def timed(fn, device):
     out = fn()
     _sync(device)
     return time.perf_counter() - t0, time.process_time() - c0, out
-
-
-def median(values):
-    return statistics.median(values)
 
 
 def spread(values):
@@ -216,6 +212,10 @@ class LoadMeter:
         return text
 
 
+def _load_warning(load: float, cores: int, why: str = "") -> str:
+    return f"\n  WARNING: load average above the {cores} cores{why}" if load > cores else ""
+
+
 def print_machine(requested: int, device) -> None:
     load = os.getloadavg()
     cores = os.cpu_count() or 1
@@ -231,8 +231,7 @@ def print_machine(requested: int, device) -> None:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; --threads {requested}"
           + (" (the libraries' defaults)" if requested <= 0 else ""))
     print(f"  load average at start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)"
-          + (f"\n  WARNING: load average above the {cores} cores: other jobs share this machine"
-             if load[0] > cores else ""), flush=True)
+          + _load_warning(load[0], cores, ": other jobs share this machine"), flush=True)
 
 
 def print_load_end(start: float) -> None:
@@ -240,7 +239,7 @@ def print_load_end(start: float) -> None:
     cores = os.cpu_count() or 1
     print(f"[machine] load average at end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; whole run "
           f"{time.perf_counter() - start:.0f} s"
-          + (f"\n  WARNING: load average above the {cores} cores" if load[0] > cores else ""))
+          + _load_warning(load[0], cores))
 
 
 ROWS = (("95% of books keep a class's word", 0.95), ("70% keep it", 0.70), ("random codes", 0.0))
@@ -255,10 +254,14 @@ def use_cpu_clock(threads: int, device) -> bool:
     return threads == 1 and device.type == "cpu"
 
 
+def clock_name(cpu_clock: bool) -> str:
+    return "CPU seconds of the one bench thread" if cpu_clock else "wall seconds"
+
+
 def bench_eval(n, q, k, device, baseline_queries, repeats, threads):
     qb = min(q, baseline_queries) if baseline_queries else q
     cpu_clock = use_cpu_clock(threads, device)
-    clock = "CPU seconds of the one bench thread" if cpu_clock else "wall seconds"
+    clock = clock_name(cpu_clock)
     print(f"[eval] Q={q:,} queries vs N={n:,} items, M=6 K=64, device={device}; the per-query "
           f"algorithm runs {qb:,} of the queries per repeat (its time is scaled to Q when fewer)")
     print(f"  times: medians of {repeats} interleaved repeats of each side, in {clock}; "
@@ -317,7 +320,7 @@ def bench_vggface2(device, sample_queries, baseline_queries, repeats, threads):
     pick = 1 if cpu_clock else 0  # timed() gives (wall, cpu, out)
     print(f"[vggface2 scale] {sample_queries} queries vs {n:,} random 8x256 codes, "
           f"extrapolated to {q_full:,} queries (device={device}); medians of {repeats} "
-          f"interleaved repeats, in {'CPU seconds of the one bench thread' if cpu_clock else 'wall seconds'}")
+          f"interleaved repeats, in {clock_name(cpu_clock)}")
     meter = LoadMeter()
     baseline_map(tables[:1], codes, ql[:1], dl, 10)  # warm-up
     evaluate_adc(tables[:1], codes, ql[:1], dl, k=10, ties="expected")
@@ -379,7 +382,7 @@ def bench_search(tables, codes, topk, device, repeats, threads):
     max_diff = (torch.from_numpy(dist) - s.cpu()).abs().max().item()
     print(f"[search] top-{topk}, Q={tables.shape[0]:,} N={codes.shape[0]:,} (faiss threads={faiss.omp_get_max_threads()},"
           f" torch threads={torch.get_num_threads()}); medians of {repeats}, in "
-          f"{'CPU seconds of the one bench thread' if cpu_clock else 'wall seconds'}")
+          f"{clock_name(cpu_clock)}")
     print(f"  faiss IndexPQ search    : {t_f:8.3f} s  (spread {spread(t_fs):.2f})")
     print(f"  search_adc              : {t_o:8.3f} s  (spread {spread(t_os):.2f})  ratio faiss/ours "
           f"x{t_f / t_o:.1f}   max |score diff| {max_diff:.1e}")

@@ -16,8 +16,8 @@ from data.folders import identity_folders
 from data.loaders import RetrievalSplits, build_splits, make_loader
 from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, PretrainedUnavailable,
                     build_backbone, choose_feature_dim, parse_backbone_args)
-from utils.checkpoints import last_checkpoint_path, load_checkpoint, load_model, save_checkpoint
-from utils.checkpoints.store import checkpoint_path
+from utils.checkpoints import (checkpoint_path, last_checkpoint_path, load_checkpoint, load_model,
+                               save_checkpoint)
 from utils.logger import get_logger, setup_logging
 from utils.precision import resolve_amp
 from utils.retrieval.encoding import evaluate_model
