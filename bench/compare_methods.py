@@ -50,6 +50,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from dataclasses import replace
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,9 +61,9 @@ from data.validation_split import (ValidationSplit, ValidationSplitError,  # noq
                                    build_validation_split, queries_per_identity,
                                    split_listing)
 from utils.comparison.plan import (ComparisonPlan, MethodPlan, RunKey, RunStore,  # noqa: E402
-                              StaleRun, late_gain, lr_grid, run_comparison)
+                              StaleRun, equal_grids, late_gain, run_comparison)
 from utils.checkpoints.store import last_checkpoint_path  # noqa: E402
-from utils.comparison.report import write_report  # noqa: E402
+from utils.comparison.report import write_budget_report, write_report  # noqa: E402
 from utils.errors import OneLineParser, report_error  # noqa: E402
 from utils.training.methods import default_lr, default_optimizer  # noqa: E402
 from utils.cli.validation import HASHING_METHODS, METHODS, UsageError  # noqa: E402
@@ -151,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-cross", action="store_true", help="run only the -c protocol")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the grid runs' checkpoints (default: only the final runs')")
+    p.add_argument("--measure-budget", action="store_true",
+                   help="instead of the comparison: train every method at its default lr "
+                        "on the validation split for --epochs epochs, validation mAP "
+                        "(precise BN) every --val-every epochs, and choose the shortest "
+                        "budget at which every curve has levelled off "
+                        "(budget_<tag>.{md,json,png})")
+    p.add_argument("--max-rise", type=FRACTION, default=0.01,
+                   help="--measure-budget: a curve has levelled off at E when it rose less "
+                        "than this over E's last third and never rises this much later "
+                        "(0.01)")
     return p
 
 
@@ -215,8 +226,6 @@ def prepare_data(args: argparse.Namespace, given: argparse.Namespace,
                  cross: bool) -> tuple[Path, tuple[Path, ...], tuple[Path, ...]]:
     """Generate synthface if needed; returns (training split, the test splits the
     validation split must not touch, the extra files the validation folder needs)."""
-    from dataclasses import replace
-
     from utils.cli.data_folders import prepare_folders
     from utils.cli.settings import RunSettings
     from utils.cli.validation import check_split_dir
@@ -322,15 +331,20 @@ class OpqnMainRunner:
 
     @staticmethod
     def _checkpoint_facts(last: Path) -> dict:
-        """Per-epoch history and class count from the run's last checkpoint."""
+        """Per-epoch history, class count and the chance levels of the identity
+        cross-entropies (from the run's own config) from the run's last checkpoint."""
         if not last.is_file():
-            return {"history": [], "num_classes": 0}
+            return {"history": [], "num_classes": 0, "ce_chance": None}
+        from losses import chance_levels
+        from models import OPQNConfig
         from utils.checkpoints.store import load_checkpoint
 
         checkpoint = load_checkpoint(last, map_location="cpu")
         history = list(checkpoint.get("history", []))
         seconds = [h["seconds"] for h in history]
-        return {"history": history, "num_classes": int(checkpoint["config"]["num_classes"]),
+        config = OPQNConfig.from_dict(checkpoint["config"])
+        return {"history": history, "num_classes": config.num_classes,
+                "ce_chance": chance_levels(config),
                 "train_seconds_per_epoch": sum(seconds) / max(1, len(seconds))}
 
 
@@ -364,12 +378,14 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
                 "validation": {k: validation.info[k] for k in ("per_identity", "seed")},
                 "train_listing": split_listing(train_dir),
                 "test_listing": [split_listing(t) for t in test_dirs]}
-    plans = []
-    for method in args.methods:
-        optimizer = default_optimizer(method, preset.input_size)
-        plans.append(MethodPlan(method, optimizer, default_lr(method, optimizer),
-                                lr_grid(method, optimizer, args.sgd_lrs, args.adam_lrs)))
-    plan = ComparisonPlan(plans, list(range(args.seeds)), epochs, tune_epochs, settings,
+    optimizers = {m: default_optimizer(m, preset.input_size) for m in args.methods}
+    grids = equal_grids(list(optimizers.items()), args.sgd_lrs, args.adam_lrs)
+    plans = [MethodPlan(m, o, default_lr(m, o), grids[m]) for m, o in optimizers.items()]
+    seeds = list(range(args.seeds))
+    if args.measure_budget:  # one run per method at its default lr, no final runs
+        plans = [replace(p, grid=(p.default_lr,)) for p in plans]
+        seeds, tune_epochs = [], epochs
+    plan = ComparisonPlan(plans, seeds, epochs, tune_epochs, settings,
                           min_loss_drop=args.min_loss_drop, ce_margin=args.ce_margin)
     print(f"[{tag}] validation split {validation.data_dir}: {validation.info['identities']} "
           f"identities, {validation.info['gallery_images']} gallery and "
@@ -380,6 +396,8 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
                              say=lambda line: print(line, flush=True), tag=tag)
     if [split_listing(t) for t in test_dirs] != settings["test_listing"]:
         raise ValidationSplitError("a test split changed during the comparison")
+    if args.measure_budget:
+        return write_budget_report(summary, args, tag, out / f"budget_{tag}")
     table = {"protocol": settings["protocol"], "dataset": args.dataset,
              "train_dataset": train_dir.parent.name, "bits": args.len,
              "num_books": args.num, "selection": "validation",
@@ -446,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         given, flags = run_flags(extra)
         for cross in protocols:
             run_protocol(args, given, flags, cross)
-            print(Path(args.out) / f"compare_{_tag(args, cross)}.md", flush=True)
+            stem = "budget" if args.measure_budget else "compare"
+            print(Path(args.out) / f"{stem}_{_tag(args, cross)}.md", flush=True)
     except (UsageError, ValidationSplitError, StaleRun) as exc:
         return report_error(PROG, str(exc), 2)
     except RunFailed as exc:

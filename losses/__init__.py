@@ -7,7 +7,8 @@ Every loss is called as ``criterion(*head(features), labels) -> (loss, parts)``,
 from .dcdh_loss import DCDHLoss
 from .dpq_loss import DPQLoss
 from .gpq_loss import GPQLoss
-from .margins import MARGIN_TYPES, apply_margin, arcface_margin, cosface_margin
+from .margins import (MARGIN_TYPES, apply_margin, arcface_margin, cosface_margin,
+                      uninformed_cross_entropy)
 from .opqn_loss import OPQNLoss, assignment_entropy, margin_cosine_logits
 
 
@@ -33,6 +34,14 @@ def build_loss(config):
     raise ValueError(f"unknown method {method!r}")
 
 
-__all__ = ["OPQNLoss", "DPQLoss", "GPQLoss", "DCDHLoss", "build_loss", "assignment_entropy",
+def chance_levels(config) -> dict[str, float]:
+    """``{part: value}`` of the loss parts of ``config.method`` that are cross-entropies
+    over the identities, each at the value a model that knows nothing gets (log C, or far
+    above it under a margin): what a "did not train" check compares with."""
+    return build_loss(config).chance_levels()
+
+
+__all__ = ["OPQNLoss", "DPQLoss", "GPQLoss", "DCDHLoss", "build_loss", "chance_levels",
+           "uninformed_cross_entropy", "assignment_entropy",
            "margin_cosine_logits", "MARGIN_TYPES", "apply_margin", "arcface_margin",
            "cosface_margin"]

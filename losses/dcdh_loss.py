@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,6 +41,11 @@ class DCDHLoss(nn.Module):
         self.sigma, self.eta, self.center_weight = sigma, eta, center_weight
         # Standard normal, as the DCDH authors' centres (torch.randn).
         self.centers = nn.Parameter(torch.randn(num_classes, bits))
+
+    def chance_levels(self) -> dict[str, float]:
+        """The identity cross-entropy part and its value for a model that knows nothing
+        (log C: every centre at the same distance)."""
+        return {"class": math.log(self.num_classes)}
 
     def forward(self, h: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """

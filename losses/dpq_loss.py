@@ -15,6 +15,8 @@ Defaults: alpha 0.25, beta_1 1, beta_2 0.01 (the authors').
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,6 +44,12 @@ class DPQLoss(nn.Module):
         self.centers = nn.Parameter(torch.empty(num_classes, feature_dim))
         nn.init.xavier_uniform_(self.classifier.weight)
         nn.init.xavier_uniform_(self.centers)
+
+    def chance_levels(self) -> dict[str, float]:
+        """The identity cross-entropy parts and their value for a model that knows nothing
+        (log C; the centre term is no cross-entropy)."""
+        chance = math.log(self.classifier.out_features)
+        return {"ce_soft": chance, "ce_hard": chance}
 
     def forward(self, soft: Tensor, hard: Tensor, probs: Tensor,
                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

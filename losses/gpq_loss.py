@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,6 +47,11 @@ class GPQLoss(nn.Module):
         self.lambda_ce, self.lambda_entropy = lambda_ce, lambda_entropy
         self.prototypes = nn.Parameter(torch.empty(num_classes, feature_dim))
         nn.init.xavier_uniform_(self.prototypes)
+
+    def chance_levels(self) -> dict[str, float]:
+        """The identity cross-entropy part and its value for a model that knows nothing
+        (log C; the N-pair term is a cross-entropy over the batch, not the identities)."""
+        return {"ce": math.log(self.prototypes.shape[0])}
 
     def _prototypes(self) -> Tensor:
         p = self.prototypes

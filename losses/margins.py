@@ -59,3 +59,15 @@ def apply_margin(cos: Tensor, onehot: Tensor, margin: float,
         raise ValueError(f"unknown margin type {margin_type!r}: choose one of "
                          f"{', '.join(MARGIN_TYPES)}") from None
     return fn(cos, onehot, margin)
+
+
+def uninformed_cross_entropy(num_classes: int, scale: float = 1.0, margin: float = 0.0,
+                             margin_type: str = "cosface") -> float:
+    """The cross-entropy of a classifier that knows nothing: every cosine 0, the target's
+    with the margin applied, times ``scale``. ``log C`` without a margin; with CosFace
+    ``s·m + log(C − 1 + e^(−s·m))``, about 10 nats above ``log C`` at s = 20, m = 0.5.
+    The level a "did not train" check must compare a margin loss with."""
+    zero = torch.zeros(1)
+    target = scale * apply_margin(zero, torch.ones(1), margin, margin_type).item()
+    return math.log(math.exp(target) + num_classes - 1) - target
+

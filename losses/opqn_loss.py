@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .margins import MARGIN_TYPES, apply_margin
+from .margins import MARGIN_TYPES, apply_margin, uninformed_cross_entropy
 
 
 def margin_cosine_logits(sub: Tensor, class_weights: Tensor, labels: Tensor, margin: float,
@@ -63,6 +63,13 @@ class OPQNLoss(nn.Module):
         self.class_weights = nn.Parameter(torch.empty(num_books, num_classes, word_dim))
         for book in self.class_weights.data:
             nn.init.xavier_uniform_(book)
+
+    def chance_levels(self) -> dict[str, float]:
+        """The identity cross-entropy parts and their value for a model that knows nothing
+        (every cosine 0; the margin makes it far above log C)."""
+        level = uninformed_cross_entropy(self.num_classes, self.scale, self.margin,
+                                         self.margin_type)
+        return {"ce_x": level, "ce_s": level}
 
     def _book_ce(self, sub: Tensor, labels: Tensor) -> Tensor:
         logits = margin_cosine_logits(sub, self.class_weights, labels, self.margin, self.scale,

@@ -16,8 +16,9 @@ from conftest import REPO
 from data.validation_split import (ValidationSplitError, build_validation_split,
                                    check_validation_split)
 from utils.comparison.plan import (ComparisonPlan, MethodPlan, RunKey, RunStore, StaleRun,
-                              choose_lr, lr_grid, mean_sd, paired_difference, run_comparison,
+                              choose_lr, equal_grids, lr_grid, mean_sd, paired_difference, run_comparison,
                               summarise, training_failures)
+from utils.cli.validation import METHODS
 from utils.training.methods import authors_lr, default_lr, default_optimizer
 
 
@@ -46,6 +47,37 @@ def test_lr_grid_is_the_optimisers_grid_plus_the_authors_default(method):
                        [default_lr(method, optimizer)])) == len(own)
     if method == "dpq":  # our default (chosen on validation) and the authors' 0.01
         assert own == {0.1, 0.01}
+
+
+def test_every_method_gets_the_same_number_of_learning_rates():
+    """The default grids gave SGD methods 5 rates, GPQ 3 and DCDH 4: unequal tuning."""
+    methods = [(m, default_optimizer(m, 32)) for m in ("opqn", "l2q", "dpq", "gpq", "dcdh")]
+    for sgd, adam in (([0.3, 0.1, 0.03, 0.01, 0.003], [2e-3, 5e-4, 2e-4]),
+                      ([0.1, 0.03], [2e-3, 5e-4]), ([0.1], [1e-3])):
+        grids = equal_grids(methods, sgd, adam)
+        sizes = {len(g) for g in grids.values()}
+        assert len(sizes) == 1, grids
+        for m, optimizer in methods:
+            own = lr_grid(m, optimizer, sgd, adam)
+            assert set(own) <= set(grids[m])  # extended, never cut
+            assert len(set(grids[m])) == len(grids[m])
+    # GPQ's three Adam rates plus one below and one above, a grid step apart.
+    gpq = equal_grids(methods, [0.3, 0.1, 0.03, 0.01, 0.003], [2e-3, 5e-4, 2e-4])["gpq"]
+    assert gpq == pytest.approx((6.32e-3, 2e-3, 5e-4, 2e-4, 6.32e-5))
+
+
+def test_the_verdict_follows_the_95_percent_interval():
+    better = paired_difference({0: 0.80, 1: 0.82, 2: 0.81}, {0: 0.70, 1: 0.71, 2: 0.72})
+    assert better["verdict"] == "better" and better["ci"][0] > 0
+    half = 4.302652729911275 * better["sd"] / math.sqrt(3)  # t(0.975, 2 d.o.f.)
+    assert better["ci"] == pytest.approx([better["mean"] - half, better["mean"] + half])
+    worse = paired_difference({0: 0.70, 1: 0.71, 2: 0.72}, {0: 0.80, 1: 0.82, 2: 0.81})
+    assert worse["verdict"] == "worse" and worse["ci"][1] < 0
+    mixed = paired_difference({0: 0.80, 1: 0.70, 2: 0.75}, {0: 0.72, 1: 0.76, 2: 0.74})
+    assert mixed["verdict"] == "no detectable difference"
+    assert mixed["ci"][0] < 0 < mixed["ci"][1]
+    one = paired_difference({0: 0.9}, {0: 0.1})
+    assert one["ci"] is None and one["verdict"] == "no detectable difference"
 
 
 def test_choose_lr_is_the_argmax_of_validation_map():
@@ -85,20 +117,67 @@ def _history(losses, **parts):
 def test_training_failures_flag_a_flat_loss_and_a_cross_entropy_at_chance():
     classes = 50
     chance = math.log(classes)
+    plain = {"ce_x": chance}
     good = _history([9.0, 5.0, 2.0], ce_x=[8.0, 4.0, 1.0], entropy=[4.0, 4.0, 4.0])
-    assert training_failures(good, classes) == []
+    assert training_failures(good, plain) == []
     flat = _history([9.0, 8.9, 8.8], ce_x=[8.0, 3.0, 1.0])
-    assert len(training_failures(flat, classes)) == 1
-    assert "loss fell" in training_failures(flat, classes)[0]
-    assert training_failures(flat, classes, min_loss_drop=0.02) == []
+    assert len(training_failures(flat, plain)) == 1
+    assert "loss fell" in training_failures(flat, plain)[0]
+    assert training_failures(flat, plain, min_loss_drop=0.02) == []
+    dpq = {"ce_soft": chance, "ce_hard": chance}
     at_chance = _history([9.0, 6.0, 4.5], ce_soft=[chance, chance, chance * 0.95],
                          ce_hard=[chance, chance, chance * 0.97])
-    reasons = training_failures(at_chance, classes)
+    reasons = training_failures(at_chance, dpq)
     assert len(reasons) == 1 and "ce_soft" in reasons[0] and "chance level" in reasons[0]
-    assert training_failures(at_chance, classes, ce_margin=0.01) == []
-    # DCDH's "class" is a cross-entropy too; one epoch says nothing about the loss's fall.
-    assert len(training_failures(_history([3.0], **{"class": [chance]}), classes)) == 1
-    assert training_failures(_history([3.0], **{"class": [1.0]}), classes) == []
+    assert training_failures(at_chance, dpq, ce_margin=0.01) == []
+    # DCDH's "class" is a cross-entropy too.
+    assert len(training_failures(_history([3.0, 2.0], **{"class": [chance] * 2}),
+                                 {"class": chance})) == 1
+    assert training_failures(_history([3.0, 2.0], **{"class": [1.0] * 2}),
+                             {"class": chance}) == []
+    # Without chance levels nobody can tell: flagged, never waved through.
+    assert "no chance level" in training_failures(good, None)[0]
+
+
+def test_a_centre_term_that_falls_does_not_hide_a_cross_entropy_at_chance():
+    """DPQ in its authors' form: the centre term falls, the CE stays near log C; the old
+    check took every part starting with "ce" (also "center") and its minimum."""
+    chance = math.log(10)
+    history = _history([280.0, 40.0, 8.0], ce_soft=[chance] * 3, ce_hard=[chance] * 3,
+                       center=[269.0, 30.0, 0.5])
+    reasons = training_failures(history, {"ce_soft": chance, "ce_hard": chance})
+    assert len(reasons) == 1 and "ce_soft" in reasons[0]
+
+
+def test_a_half_trained_margin_model_is_not_at_chance():
+    """OPQN's CosFace CE of a model that knows nothing is s·m + log(C − 1 + e^(−s·m)),
+    about 12.2 nats at C = 10, s = 20, m = 0.5: 6 nats there is half trained, not chance,
+    although it is far above log C."""
+    from losses import chance_levels
+    from models import OPQNConfig
+
+    config = OPQNConfig(num_books=4, num_words=64, feature_dim=64, num_classes=10)
+    levels = chance_levels(config)
+    assert levels["ce_x"] == pytest.approx(10 + math.log(9 + math.exp(-10)))
+    half = _history([13.0, 9.0, 6.5], ce_x=[12.0, 8.0, 6.0], ce_s=[12.1, 8.2, 6.1])
+    assert training_failures(half, levels) == []
+    stuck = _history([13.0, 12.5, 12.3], ce_x=[12.2, 12.1, 12.0], ce_s=[12.2, 12.1, 12.1])
+    assert any("chance level" in r for r in training_failures(stuck, levels, 0.01))
+    # DCDH's and DPQ's plain cross-entropies sit at log C.
+    for method, parts in (("dcdh", {"class"}), ("dpq", {"ce_soft", "ce_hard"}),
+                          ("gpq", {"ce"})):
+        levels = chance_levels(OPQNConfig(num_books=4, num_words=64, feature_dim=24,
+                                          num_classes=10, method=method))
+        assert set(levels) == parts and all(v == pytest.approx(math.log(10))
+                                            for v in levels.values())
+
+
+def test_a_one_epoch_run_is_tested_against_its_first_step():
+    chance = {"ce_x": 12.2}
+    stuck = [{"epoch": 1, "loss": 13.6, "first_step_loss": 13.7, "ce_x": 11.0}]
+    assert any("from its first step" in r for r in training_failures(stuck, chance))
+    fell = [{"epoch": 1, "loss": 9.0, "first_step_loss": 13.7, "ce_x": 7.0}]
+    assert training_failures(fell, chance) == []
 
 
 # ---------------------------------------------------------------- run records and resuming
@@ -155,7 +234,8 @@ class FakeRunner:
             {"opqn": 0.8, "dpq": 0.3, "dcdh": 0.7}[key.method] + 0.02 * key.seed ** 2
         curve = {"precision": [score, score / 2], "recall": [0.5, 1.0], "cutoffs": [5, 10]}
         return {"status": "done", "mAP": score, "precision_at_k": score - 0.05, "k": 5,
-                "history": _history(losses), "num_classes": 10, "wall_seconds": 1.0,
+                "history": _history(losses, ce_x=[loss / 2 for loss in losses]),
+                "num_classes": 10, "ce_chance": {"ce_x": 12.2}, "wall_seconds": 1.0,
                 "precision": "float32", "bits": 12, "num_books": 2, "num_words": 64,
                 "pr_curve": curve, "train_seconds_per_epoch": 0.5}
 
@@ -462,3 +542,24 @@ def test_a_diverged_run_is_recorded_and_any_other_failure_stops(tmp_path, monkey
     monkeypatch.setattr(runner, "_call", lambda _cmd, _log: "opqn_main.py: error: disk full")
     with pytest.raises(tool.RunFailed, match="tune_opqn_lr0.3_seed0_e2 failed: .*disk full"):
         runner(key, plan)
+
+
+@pytest.mark.slow
+def test_a_sabotaged_run_is_flagged_for_every_method(tiny_data_dir, tmp_path):
+    """Real opqn_main.py runs at lr 1e-7 (nothing moves): every method "did not train",
+    whatever its loss parts."""
+    tool = _load_tool()
+    args, _ = tool.parse_args(["--len", "12", "--num", "2", "--data-dir", str(tiny_data_dir),
+                               "--val-every", "0"])
+    flags = ["--width", "8", "--bs", "8", "--workers", "0", "--amp", "off"]
+    runner = tool.OpqnMainRunner(args, flags, tmp_path / "work", False, None, "off",
+                                 "float32")
+    plan = ComparisonPlan([], [0], epochs=2, tune_epochs=2, settings={})
+    from utils.comparison.plan import _failures
+
+    for method in METHODS:
+        optimizer = default_optimizer(method, 32)
+        method_plan = MethodPlan(method, optimizer, default_lr(method, optimizer), ())
+        outcome = runner(RunKey("final", method, 1e-7, 0, 2), method_plan)
+        reasons = _failures(outcome, plan)
+        assert reasons and outcome["ce_chance"], (method, outcome["history"])

@@ -1,4 +1,6 @@
 """Precise BN (utils/training/precise_bn.py): population statistics of the finished weights."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -107,3 +109,26 @@ def test_training_saves_precise_statistics(run_cli, tiny_data_dir, tmp_path, one
 def test_negative_precise_bn_is_a_usage_error(run_cli, tiny_data_dir, capsys, no_debug):
     assert _train(run_cli, tiny_data_dir, "--precise-bn", "-1") == 2
     one_line_error(capsys, "--precise-bn must be zero or positive")
+
+
+def test_the_monitoring_curve_is_measured_with_precise_statistics(run_cli, tiny_data_dir,
+                                                                  tmp_path, one_thread):
+    """The validation curve and the final evaluation measure the same model: the last
+    monitoring point equals the final mAP (both after precise BN), and the training
+    weights and statistics are untouched by the monitoring."""
+    from utils.checkpoints.store import load_checkpoint
+
+    assert _train(run_cli, tiny_data_dir, "--save", "m.tar", "--eval-every", "1",
+                  "--epochs", "2") == 0
+    assert _train(run_cli, tiny_data_dir, "--save", "q.tar", "--eval-every", "0",
+                  "--epochs", "2") == 0
+    monitored = load_checkpoint(tmp_path / "checkpoint" / "m.last.tar")
+    quiet = load_checkpoint(tmp_path / "checkpoint" / "q.last.tar")
+    history = monitored["history"]
+    assert all(h["monitor_precise_bn"] for h in history)
+    result = json.loads((tmp_path / "results" / "m.json").read_text())
+    best = history[result["checkpoint_epoch"] - 1]  # the lowest-loss epoch, evaluated
+    assert best["monitor_mAP"] == pytest.approx(result["mAP"], abs=1e-9)
+    for key, value in quiet["backbone"].items():  # monitoring changed nothing it trains
+        assert torch.equal(value, monitored["backbone"][key]), key
+    assert [h["loss"] for h in history] == [h["loss"] for h in quiet["history"]]

@@ -80,13 +80,32 @@ class ComparisonPlan:
 
 
 def lr_grid(method: str, optimizer: str, sgd_lrs: Sequence[float],
-            adam_lrs: Sequence[float]) -> tuple[float, ...]:
+            adam_lrs: Sequence[float], size: int | None = None) -> tuple[float, ...]:
     """The grid of the method's optimiser plus its default
     (:func:`utils.training.methods.default_lr`) and its authors' lr
-    (:func:`utils.training.methods.authors_lr`), largest first."""
-    grid = set(sgd_lrs if optimizer == "sgd" else adam_lrs)
-    grid.update((default_lr(method, optimizer), authors_lr(method, optimizer)))
+    (:func:`utils.training.methods.authors_lr`), largest first.
+
+    With ``size``, a shorter grid is extended to ``size`` rates, so that every method gets
+    the same tuning effort: one geometric step below its smallest rate, then one above its
+    largest, and so on; the step is the optimiser grid's mean ratio (√10 for one rate)."""
+    given = sorted(set(sgd_lrs if optimizer == "sgd" else adam_lrs))
+    grid = set(given) | {default_lr(method, optimizer), authors_lr(method, optimizer)}
+    if size is not None and len(grid) > size:
+        raise ValueError(f"the {method} grid already holds {len(grid)} rates, over {size}")
+    step = (given[-1] / given[0]) ** (1 / (len(given) - 1)) if len(given) > 1 else 10 ** 0.5
+    below = True
+    while size is not None and len(grid) < size:
+        grid.add(float(f"{min(grid) / step:.3g}") if below else float(f"{max(grid) * step:.3g}"))
+        below = not below
     return tuple(sorted(grid, reverse=True))
+
+
+def equal_grids(methods: Sequence[tuple[str, str]], sgd_lrs: Sequence[float],
+                adam_lrs: Sequence[float]) -> dict[str, tuple[float, ...]]:
+    """Every ``(method, optimizer)``'s :func:`lr_grid`, all extended to the largest one's
+    size: the same number of learning rates for every method."""
+    size = max(len(lr_grid(m, o, sgd_lrs, adam_lrs)) for m, o in methods)
+    return {m: lr_grid(m, o, sgd_lrs, adam_lrs, size) for m, o in methods}
 
 
 def choose_lr(grid: Sequence[dict], default: float) -> float | None:
@@ -110,46 +129,67 @@ def mean_sd(values: Iterable[float | None]) -> tuple[float | None, float | None]
     return statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else None
 
 
+VERDICTS = ("better", "worse", "no detectable difference")
+
+
 def paired_difference(reference: dict[int, float | None],
-                      other: dict[int, float | None]) -> dict:
-    """``reference − other`` seed by seed over the seeds both have, with its mean and sd."""
+                      other: dict[int, float | None], confidence: float = 0.95) -> dict:
+    """``reference − other`` seed by seed over the seeds both have: its mean, sd, the
+    Student-t ``confidence`` interval of the mean (``ci``, None below two seeds) and the
+    verdict on the reference: "better" when the interval lies above 0, "worse" below 0,
+    else "no detectable difference"."""
     seeds = sorted(s for s in set(reference) & set(other)
                    if reference[s] is not None and other[s] is not None)
     values = [reference[s] - other[s] for s in seeds]
     mean, sd = mean_sd(values)
-    return {"seeds": seeds, "values": values, "mean": mean, "sd": sd}
+    ci = None
+    if sd is not None:
+        from scipy.stats import t
+
+        half = t.ppf(0.5 + confidence / 2, len(values) - 1) * sd / math.sqrt(len(values))
+        ci = [float(mean - half), float(mean + half)]
+    verdict = VERDICTS[2] if ci is None else \
+        VERDICTS[0] if ci[0] > 0 else VERDICTS[1] if ci[1] < 0 else VERDICTS[2]
+    return {"seeds": seeds, "values": values, "mean": mean, "sd": sd,
+            "confidence": confidence, "ci": ci, "verdict": verdict}
 
 
-def cross_entropy_parts(record: dict) -> list[str]:
-    """The loss parts of an epoch record that are cross-entropies over the identities
-    (``ce_x``, ``ce_s``, ``ce_soft``, ``ce_hard``, ``ce``, DCDH's ``class``)."""
-    return [k for k in record if k.startswith("ce") or k == "class"]
+def training_failures(history: Sequence[dict], chance: dict[str, float] | None,
+                      min_loss_drop: float = 0.05, ce_margin: float = 0.1) -> list[str]:
+    """Why a run "did not train" (empty when it did), from its per-epoch records and the
+    chance levels of its identity cross-entropies (``losses.chance_levels``):
 
-
-def training_failures(history: Sequence[dict], num_classes: int, min_loss_drop: float = 0.05,
-                      ce_margin: float = 0.1) -> list[str]:
-    """Why a run "did not train" (empty when it did), from its per-epoch records:
-
-    * its last epoch's loss is less than ``min_loss_drop`` (relative) below its first's;
-    * even its lowest cross-entropy part in the last epoch is at least
-      ``(1 − ce_margin)·log C``, the loss of a classifier that knows nothing.
+    * its last epoch's loss is less than ``min_loss_drop`` (relative) below the loss it
+      started from: the first step's (``first_step_loss`` of epoch 1, so that a one-epoch
+      run is tested too), else the first epoch's mean;
+    * even its best identity cross-entropy in the last epoch is at least ``1 − ce_margin``
+      of that part's chance level, the loss of a model that knows nothing (``log C``, or far
+      above it under a margin);
+    * the chance levels are unknown (None or empty): whether it trained cannot be told.
     """
     reasons: list[str] = []
-    if len(history) >= 2:
-        first, last = history[0]["loss"], history[-1]["loss"]
+    if not history:
+        return ["no epoch was recorded"]
+    first = history[0].get("first_step_loss")
+    since = "its first step"
+    if first is None and len(history) >= 2:
+        first, since = history[0]["loss"], "epoch 1"
+    if first is not None:
+        last = history[-1]["loss"]
         drop = (first - last) / abs(first) if first else 0.0
-        if drop < min_loss_drop:
-            reasons.append(f"loss fell {100 * drop:.1f}% from epoch 1 ({first:.4g}) to epoch "
+        if not drop >= min_loss_drop:  # also a NaN
+            reasons.append(f"loss fell {100 * drop:.1f}% from {since} ({first:.4g}) to epoch "
                            f"{len(history)} ({last:.4g}), under {100 * min_loss_drop:g}%")
-    if history and num_classes >= 2:
-        parts = {p: history[-1][p] for p in cross_entropy_parts(history[-1])}
-        if parts:
-            name, value = min(parts.items(), key=lambda item: item[1])
-            chance = math.log(num_classes)
-            if value >= (1 - ce_margin) * chance:
-                reasons.append(f"cross-entropy {name} {value:.3g} not below chance level "
-                               f"(at least {1 - ce_margin:g} x log C = "
-                               f"{(1 - ce_margin) * chance:.3g}, C = {num_classes})")
+    if not chance:
+        return reasons + ["no chance level of its cross-entropies was recorded"]
+    parts = {p: history[-1][p] / level for p, level in chance.items() if p in history[-1]}
+    if not parts:
+        return reasons + [f"its history holds none of the cross-entropies {sorted(chance)}"]
+    name, ratio = min(parts.items(), key=lambda item: item[1])
+    if not ratio < 1 - ce_margin:
+        reasons.append(f"cross-entropy {name} {history[-1][name]:.3g} not below chance level "
+                       f"(at least {1 - ce_margin:g} x {chance[name]:.3g}, the loss of a "
+                       f"model that knows nothing)")
     return reasons
 
 
@@ -161,6 +201,32 @@ def late_gain(points: Sequence[Sequence[float]]) -> float | None:
         return None
     earlier = [value for epoch, value in points if epoch <= points[-1][0] * 2 / 3]
     return points[-1][1] - earlier[-1] if earlier else None
+
+
+def levelled_budget(curves: dict[str, Sequence[Sequence[float]]],
+                    max_rise: float = 0.01) -> int | None:
+    """The shortest budget (an epoch of the curves) at which every validation curve
+    (``[epoch, mAP]`` pairs, measured at the same epochs) has stopped rising: truncated
+    there, it rose less than ``max_rise`` over its last third (:func:`late_gain`), and no
+    later point of it is ``max_rise`` or more above its value there. None when no measured
+    epoch qualifies (the curves were still rising: measure longer).
+
+    Truncating a curve gives the run of the shorter budget exactly under a schedule that
+    does not depend on the total epoch count (the step schedule)."""
+    epochs = sorted({int(e) for points in curves.values() for e, _ in points})
+    for budget in epochs:
+        if all(_levelled(points, budget, max_rise) for points in curves.values()):
+            return budget
+    return None
+
+
+def _levelled(points: Sequence[Sequence[float]], budget: int, max_rise: float) -> bool:
+    head = [p for p in points if p[0] <= budget]
+    if not head or head[-1][0] != budget:
+        return False
+    gain = late_gain(head)
+    later = max((value for epoch, value in points if epoch > budget), default=-math.inf)
+    return gain is not None and gain < max_rise and later - head[-1][1] < max_rise
 
 
 class StaleRun(ValueError):
@@ -209,6 +275,7 @@ class RunStore:
 Runner = Callable[[RunKey, MethodPlan], dict]
 """Trains (and evaluates) one run; returns its outcome: ``status`` ("done" or "diverged"),
 ``mAP``, ``precision_at_k``, ``k``, ``history`` (per-epoch records), ``num_classes``,
+``ce_chance`` (``losses.chance_levels`` of the run's config),
 ``wall_seconds``, and anything else worth keeping."""
 
 
@@ -283,7 +350,7 @@ def _failures(outcome: dict, plan: ComparisonPlan) -> list[str]:
     if outcome["status"] != "done":
         return [f"training {outcome['status']}" + (f": {outcome['error']}"
                                                    if outcome.get("error") else "")]
-    return training_failures(outcome.get("history", []), int(outcome.get("num_classes", 0)),
+    return training_failures(outcome.get("history", []), outcome.get("ce_chance"),
                              plan.min_loss_drop, plan.ce_margin)
 
 
@@ -326,6 +393,8 @@ def summarise(plan: ComparisonPlan, records: Sequence[dict]) -> dict:
             reference = dict(zip(methods[REFERENCE]["seeds"], methods[REFERENCE][field]))
             for m, entry in methods.items():
                 if m != REFERENCE:
-                    entry.setdefault("paired_difference", {})[metric] = paired_difference(
-                        reference, dict(zip(entry["seeds"], entry[field])))
+                    diff = paired_difference(reference, dict(zip(entry["seeds"], entry[field])))
+                    if not (methods[REFERENCE]["trained"] and entry["trained"]):
+                        diff["verdict"] = "not compared: a method did not train"
+                    entry.setdefault("paired_difference", {})[metric] = diff
     return {"methods": methods, "runs": list(records)}

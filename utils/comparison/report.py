@@ -31,6 +31,26 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
+def difference_text(diff: dict | None) -> str:
+    """``+3.10 ± 1.20 [+0.12, +6.08]`` points (mean ± sd [95% interval]); ``—`` for none."""
+    if diff is None or diff.get("mean") is None:
+        return "—"
+    text = f"{100 * diff['mean']:+.2f}"
+    if diff.get("sd") is not None:
+        text += f" ± {100 * diff['sd']:.2f}"
+    if diff.get("ci"):
+        text += f" [{100 * diff['ci'][0]:+.2f}, {100 * diff['ci'][1]:+.2f}]"
+    return text
+
+
+def _verdict(diff: dict | None, trained: bool) -> str:
+    if diff is None:
+        return "—"
+    if not trained:
+        return "not ranked (did not train)"
+    return f"**{diff['verdict']}**" if diff.get("ci") else f"{diff['verdict']} (one seed)"
+
+
 def ordered_methods(table: dict) -> list[str]:
     """Ranked methods first (by rank), then those that did not train, in the given order."""
     methods = table["methods"]
@@ -61,10 +81,10 @@ def markdown(table: dict) -> str:
         f"same for every method; seeds {', '.join(map(str, table['seeds']))}; precision "
         f"{table['precision']} (--amp {table['amp']}); wall time of all runs "
         f"{_duration(table['wall_seconds'])}.", "", f"`{table['command']}`", "",
-        f"| rank | method | code | optimizer, chosen lr (default) | val mAP | test mAP "
-        f"| P@{k} | {REFERENCE_NAME} − method, mAP | precision | train s/epoch | bytes/item "
-        f"(stored, packed) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        f"| rank | method | code | optimizer, chosen lr (default) | epochs | val mAP "
+        f"| test mAP | P@{k} | {REFERENCE_NAME} − method, mAP [95% CI] | verdict on "
+        f"{REFERENCE_NAME} | precision | train s/epoch | bytes/item (stored, packed) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method in ordered_methods(table):
         e = table["methods"][method]
         diff = e.get("paired_difference", {}).get("mAP")
@@ -73,14 +93,17 @@ def markdown(table: dict) -> str:
         lines.append(
             f"| {e['rank'] if e['rank'] is not None else 'did not train'} | {e['name']} | "
             f"{table['bits']} bits ({e.get('code', 'n/a')}) | {e['optimizer']}, {lr} "
-            f"({e['default_lr']:g}) | {_pct(_val_at_chosen(e))} | "
+            f"({e['default_lr']:g}) | {table['epochs']} | {_pct(_val_at_chosen(e))} | "
             f"{mean_sd_text(e['mean_mAP'], e['sd_mAP'])} | "
             f"{mean_sd_text(e['mean_precision_at_k'], e['sd_precision_at_k'])} | "
-            f"{'—' if diff is None else mean_sd_text(diff['mean'], diff['sd'])} | "
+            f"{difference_text(diff)} | {_verdict(diff, e['trained'])} | "
             f"{', '.join(e['precision'])} | {'n/a' if seconds is None else f'{seconds:.1f}'} | "
             f"{e.get('bytes_per_item', 'n/a')}, {e.get('packed_bytes_per_item', 'n/a')} |")
     lines += ["", "Mean ± sample sd over the seeds; the paired difference is taken seed by "
-              "seed. Validation mAP of every learning rate tried (chosen in bold):", "",
+              "seed, in mAP points, with its Student-t 95% interval over the seeds; the "
+              "verdict is on OPQN: better (interval above 0), worse (below 0) or no "
+              "detectable difference. Validation mAP of every learning rate tried (chosen "
+              "in bold):", "",
               "| method | lr: validation mAP |", "| --- | --- |"]
     for method in ordered_methods(table):
         e = table["methods"][method]
@@ -186,3 +209,54 @@ def write_report(table: dict, stem: Path) -> list[Path]:
     if any(points for e in table["methods"].values() for points in e["val_curves"].values()):
         written.append(plot_validation(table, stem.with_name(stem.name + "_val.png")))
     return written
+
+
+def write_budget_report(summary: dict, args, tag: str, stem: Path) -> dict:
+    """``stem.json``, ``stem.md`` and ``stem.png`` of ``--measure-budget``: every method's
+    validation curve at its default lr and the shortest budget at which all have levelled
+    off (:func:`utils.comparison.plan.levelled_budget`); returns the JSON's content."""
+    from utils.comparison.plan import levelled_budget
+
+    curves, lrs = {}, {}
+    for record in summary["runs"]:
+        method = record["key"]["method"]
+        lrs[method] = record["key"]["lr"]
+        curves[method] = [[h["epoch"], h["monitor_mAP"]] for h in record["outcome"]["history"]
+                          if h.get("monitor_mAP") is not None]
+    own = {m: levelled_budget({m: points}, args.max_rise) for m, points in curves.items()}
+    budget = levelled_budget(curves, args.max_rise)
+    result = {"dataset": args.dataset, "tag": tag, "bits": args.len, "num_books": args.num,
+              "measured_epochs": args.epochs, "val_every": args.val_every,
+              "max_rise": args.max_rise, "budget": budget, "levelled_at": own,
+              "lr": lrs, "curves": curves, "command": args.command}
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    epochs = sorted({e for points in curves.values() for e, _ in points})
+    lines = [f"Validation mAP (precise BN) of every method at its default lr, seed 0, "
+             f"{args.dataset} {args.len} bits; a curve has levelled off at E when it rose "
+             f"less than {100 * args.max_rise:g} point(s) over E's last third and never "
+             f"rises that much later. Chosen budget: "
+             f"{budget if budget is not None else f'none within {args.epochs} epochs'}.",
+             "", f"`{args.command}`", "",
+             "| method | lr | levelled at | " + " | ".join(f"e{e}" for e in epochs) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in epochs) + " |"]
+    for method, points in curves.items():
+        values = dict((e, v) for e, v in points)
+        lines.append(f"| {method} | {lrs[method]:g} | {own[method] or 'not yet'} | " + " | ".join(
+            _pct(values.get(e)) for e in epochs) + " |")
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for method, points in curves.items():
+        if points:
+            ax.plot(*zip(*points), marker=".", label=f"{method} (lr {lrs[method]:g})")
+    if budget is not None:
+        ax.axvline(budget, color="grey", linestyle="--", label=f"budget {budget}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation mAP (precise BN)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="x-small")
+    ax.set_title(f"{args.dataset}, {args.len} bits: validation curves at the default lr",
+                 fontsize="medium")
+    _save(fig, stem.with_suffix(".png"))
+    return result

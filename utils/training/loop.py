@@ -7,6 +7,7 @@ training loss (as the paper kept).
 :func:`train_epoch`, the scheduler step, the monitoring evaluation and :func:`save_run`."""
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,7 +41,8 @@ from utils.precision import (
 from utils.retrieval.encoding import evaluate_model
 from utils.runtime import DistInfo, accumulator_dtype
 
-from .precise_bn import DEFAULT_PRECISE_BN_IMAGES
+from .precise_bn import (DEFAULT_PRECISE_BN_IMAGES, precise_bn_subset,
+                         recompute_bn_statistics)
 from .schedules import build_scheduler
 
 
@@ -231,6 +233,7 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     use_amp: bool
+    first_step_loss: float | None = None  # set by the first epoch of a fresh run
 
 
 def build_run(config: OPQNConfig, settings: TrainSettings, device: torch.device) -> TrainingRun:
@@ -292,6 +295,7 @@ class _EpochSums:
     total: Tensor  # (1 + parts,): loss, then each of logged_parts(), times images
     seen: int
     skipped: Tensor  # (2,): skipped batches, their readable images
+    first_step_loss: float | None = None  # the loss of the epoch's first step, before it
 
 
 def _run_steps(run: TrainingRun, train_module: nn.Module, loader, train_set, epoch: int,
@@ -321,6 +325,8 @@ def _run_steps(run: TrainingRun, train_module: nn.Module, loader, train_set, epo
         loss.backward()
         run.optimizer.step()
         n = labels.shape[0]
+        if sums.first_step_loss is None:
+            sums.first_step_loss = loss.item()
         sums.total += n * torch.stack([loss.detach()] + [parts[p] for p in part_names]).to(
             sums.total.dtype)
         sums.seen += n
@@ -350,6 +356,10 @@ def _epoch_means(run: TrainingRun, sums: _EpochSums, epoch: int, settings: Train
     if seen == 0:
         raise RuntimeError("no training batch could be read in this epoch")
     means = (sums.total / seen).tolist()
+    if epoch == 0 and sums.first_step_loss is not None:
+        # The loss of the untrained model (this rank's first batch): a one-epoch run
+        # still shows whether its loss fell.
+        run.first_step_loss = sums.first_step_loss
     if not math.isfinite(means[0]):
         raise TrainingDiverged(
             f"training loss became {means[0]} at epoch {epoch + 1}; stopped. The last "
@@ -375,7 +385,12 @@ def train_epoch(run: TrainingRun, train_module: nn.Module, train_set, sampler,
 
 class _Monitor:
     """The evaluation every ``eval_every`` epochs (gallery = training split, as -e does);
-    its loaders are built on first use."""
+    its loaders are built on first use.
+
+    With precise BN on, each point evaluates a copy of the model whose BatchNorm statistics
+    are recomputed as after training (utils.training.precise_bn, same images), so that the
+    curve and the final evaluation measure the same thing; the training model is untouched.
+    """
 
     def __init__(self, splits: RetrievalSplits, settings: TrainSettings,
                  device: torch.device) -> None:
@@ -386,19 +401,31 @@ class _Monitor:
         every = self.settings.eval_every
         return bool(every) and epoch % every == 0 and dist_info.is_main
 
+    def _build_loaders(self) -> tuple:
+        settings = self.settings
+        loaders = [make_loader(split, settings.batch_size, settings.workers, self.device)
+                   for split in (self.splits.gallery, self.splits.queries)]
+        if settings.precise_bn:
+            subset = precise_bn_subset(self.splits.gallery, settings.precise_bn, settings.seed)
+            loaders.append(make_loader(subset, settings.batch_size, settings.workers,
+                                       self.device))
+        return tuple(loaders)
+
     def __call__(self, model: OPQN) -> dict:
-        """``monitor_mAP`` and ``monitor_precision_at_<k>`` of ``model`` now."""
+        """``monitor_mAP`` and ``monitor_precision_at_<k>`` of ``model`` now, and
+        ``monitor_precise_bn`` (whether its BatchNorm statistics were recomputed)."""
         settings = self.settings
         if self.loaders is None:
-            self.loaders = (
-                make_loader(self.splits.gallery, settings.batch_size, settings.workers,
-                            self.device),
-                make_loader(self.splits.queries, settings.batch_size, settings.workers,
-                            self.device))
-        result, _, _ = evaluate_model(model, *self.loaders, self.device, k=settings.monitor_k,
-                                      progress=settings.progress)
+            self.loaders = self._build_loaders()
+        gallery, queries = self.loaders[:2]
+        if settings.precise_bn:
+            model = copy.deepcopy(model)
+            recompute_bn_statistics(model, self.loaders[2], self.device, progress=False)
+        result, _, _ = evaluate_model(model, gallery, queries, self.device,
+                                      k=settings.monitor_k, progress=settings.progress)
         return {"monitor_mAP": result["mAP"],
-                f"monitor_precision_at_{settings.monitor_k}": result["precision_at_k"]}
+                f"monitor_precision_at_{settings.monitor_k}": result["precision_at_k"],
+                "monitor_precise_bn": bool(settings.precise_bn)}
 
 
 def _epoch_line(record: dict, part_names: list[str], settings: TrainSettings) -> str:
@@ -451,6 +478,8 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
         state.epoch = epoch + 1
         record = {"epoch": state.epoch, "loss": means[0], **dict(zip(part_names, means[1:])),
                   "lr": lr, "seconds": time.perf_counter() - start}
+        if epoch == 0 and run.first_step_loss is not None:
+            record["first_step_loss"] = run.first_step_loss
         improved = means[0] < state.best_loss
         if improved:
             state.best_loss, state.best_epoch = means[0], state.epoch
