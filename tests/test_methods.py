@@ -346,6 +346,49 @@ def test_dcdh_loss_terms():
     torch.testing.assert_close(parts["quant"], ((h - direct) ** 2).sum() / 6)
 
 
+def pinv_targets(h: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 eta: float) -> torch.Tensor:
+    """The dense formula ``sign(Y pinv(Y^T Y) Y^T sign(h) + eta h)``, in float64."""
+    y = F.one_hot(labels, num_classes).double()
+    signs = torch.where(h >= 0, 1.0, -1.0).double()
+    out = y @ (torch.linalg.pinv(y.T @ y) @ y.T @ signs) + eta * h.double()
+    return torch.where(out >= 0, 1.0, -1.0).to(h.dtype)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dcdh_targets_equal_the_pinv_formula(seed):
+    gen = torch.Generator().manual_seed(seed)
+    classes, batch = 7, 12
+    # Class 6 never appears; most samples in 0..4, so some classes have one sample or none.
+    labels = torch.randint(0, 5, (batch,), generator=gen)
+    h = torch.randn(batch, L, generator=gen)
+    h[0, :3] = 0.0  # sign(0) = +1, as in the codes
+    # Ties: class 5's two samples have opposite signs, its mean is 0 and eta * h decides.
+    labels[1], labels[2] = 5, 5
+    h[2] = -h[1]
+    target = discrete_targets(h, labels, classes, eta=0.01)
+    torch.testing.assert_close(target, pinv_targets(h, labels, classes, 0.01), rtol=0, atol=0)
+    assert set(target.unique().tolist()) <= {-1.0, 1.0}
+    torch.testing.assert_close(target[1:3], torch.sign(h[1:3]) + (h[1:3] == 0))
+
+
+def test_dcdh_targets_need_no_class_by_class_matrix():
+    # pinv of a 200000 x 200000 float32 matrix would need 160 GB; per-class sums need B x L.
+    torch.manual_seed(0)
+    h = torch.randn(32, 64)
+    labels = torch.randint(0, 200_000, (32,))
+    labels[1] = labels[0]
+    target = discrete_targets(h, labels, 200_000, eta=0.01)
+    assert target.shape == h.shape
+    small, inverse = torch.unique(labels, return_inverse=True)
+    torch.testing.assert_close(target, pinv_targets(h, inverse, small.numel(), 0.01))
+    labels = torch.randint(0, 9000, (16,))
+    h = torch.randn(16, 24)
+    torch.testing.assert_close(discrete_targets(h, labels, 9000, 0.01),
+                               pinv_targets(h, torch.unique(labels, return_inverse=True)[1],
+                                            labels.unique().numel(), 0.01))
+
+
 def test_l2q_shares_the_opqn_loss_and_learns_its_codewords():
     config = OPQNConfig(num_books=M, num_words=K, feature_dim=D, num_classes=4, width=4,
                         method="l2q")
