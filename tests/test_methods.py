@@ -205,6 +205,19 @@ def test_dpq_loss_is_ce_centre_and_gini_terms_without_classifier_bias():
     torch.testing.assert_close(loss, expected)
 
 
+def test_dpq_centre_term_starts_near_half_the_feature_dim_as_the_authors():
+    # Codewords N(0, 1) and centres Xavier (near 0), as the authors' dpq_layer.py: at the
+    # start the hard vector has ||h||^2 ~ D and the centre term ~ D / 2 (~270 at D = 512),
+    # however small the CE. Not a scaling bug: the authors sum over D and divide by B too.
+    torch.manual_seed(0)
+    head = build_head(OPQNConfig(num_books=4, num_words=64, feature_dim=512,
+                                 num_classes=40, method="dpq"))
+    soft, hard, probs = (t.detach() for t in head(torch.randn(64, 512)))
+    _, parts = DPQLoss(40, 512)(soft, hard, probs, torch.arange(64) % 40)
+    assert 240 < parts["center"] < 300
+    assert 0.5 * hard.pow(2).sum(1).mean() > 0.9 * parts["center"]
+
+
 def test_gini_terms_at_their_extremes():
     """Uniform assignments: diversity M/K (its minimum), sharpness -M/K (its maximum);
     one word for every sample: diversity M, sharpness -M."""
