@@ -6,7 +6,8 @@
   with learnable centres ``c_j`` (batch mean);
 * centre separation: mean over pairs ``i != j`` of ``softplus(L/2 * cos(c_i, c_j))``;
 * quantization: ``||h - B||^2 / batch`` with ``B = sign(Y W + eta h)`` and
-  ``W = pinv(Y^T Y) Y^T sign(h)`` from the batch's one-hot labels ``Y`` (no gradient through B).
+  ``W = pinv(Y^T Y) Y^T sign(h)`` from the batch's one-hot labels ``Y`` (no gradient through B),
+  computed as per-class batch means of ``sign(h)`` since ``Y^T Y`` is diagonal.
 """
 from __future__ import annotations
 
@@ -23,10 +24,22 @@ def sign_pm(x: Tensor) -> Tensor:
 
 
 def discrete_targets(h: Tensor, labels: Tensor, num_classes: int, eta: float) -> Tensor:
-    """``B = sign(Y W + eta h)``, ``W = pinv(Y^T Y) Y^T sign(h)``: ``(B, L)`` in {-1, +1}."""
-    y = F.one_hot(labels, num_classes).to(h.dtype)
-    w = torch.linalg.pinv(y.T @ y) @ y.T @ sign_pm(h)
-    return sign_pm(y @ w + eta * h)
+    """``B = sign(Y W + eta h)``, ``W = pinv(Y^T Y) Y^T sign(h)``: ``(B, L)`` in {-1, +1}.
+
+    ``Y^T Y`` is diagonal (the per-class counts in the batch), so ``W`` holds each present
+    class's batch mean of ``sign(h)`` (zero rows for absent classes, which ``Y W`` never
+    reads) and ``Y W`` gives each sample its class's mean. Computed over the classes
+    present in the batch only: O(B L) memory, no ``C x C`` or ``B x C`` matrix, so it
+    scales to any ``num_classes`` (kept in the signature; the labels are checked against
+    it by the class loss's cross-entropy).
+    """
+    signs = sign_pm(h)
+    present, inverse = torch.unique(labels, return_inverse=True)
+    sums = signs.new_zeros(present.shape[0], h.shape[1]).index_add_(0, inverse, signs)
+    counts = torch.bincount(inverse, minlength=present.shape[0]).to(h.dtype)
+    # Sums of +-1 and the counts are exact integers: the mean is the exact quotient.
+    means = sums / counts[:, None]
+    return sign_pm(means[inverse] + eta * h)
 
 
 class DCDHLoss(nn.Module):

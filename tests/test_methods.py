@@ -205,6 +205,19 @@ def test_dpq_loss_is_ce_centre_and_gini_terms_without_classifier_bias():
     torch.testing.assert_close(loss, expected)
 
 
+def test_dpq_centre_term_starts_near_half_the_feature_dim_as_the_authors():
+    # Codewords N(0, 1) and centres Xavier (near 0), as the authors' dpq_layer.py: at the
+    # start the hard vector has ||h||^2 ~ D and the centre term ~ D / 2 (~270 at D = 512),
+    # however small the CE. Not a scaling bug: the authors sum over D and divide by B too.
+    torch.manual_seed(0)
+    head = build_head(OPQNConfig(num_books=4, num_words=64, feature_dim=512,
+                                 num_classes=40, method="dpq"))
+    soft, hard, probs = (t.detach() for t in head(torch.randn(64, 512)))
+    _, parts = DPQLoss(40, 512)(soft, hard, probs, torch.arange(64) % 40)
+    assert 240 < parts["center"] < 300
+    assert 0.5 * hard.pow(2).sum(1).mean() > 0.9 * parts["center"]
+
+
 def test_gini_terms_at_their_extremes():
     """Uniform assignments: diversity M/K (its minimum), sharpness -M/K (its maximum);
     one word for every sample: diversity M, sharpness -M."""
@@ -344,6 +357,49 @@ def test_dcdh_loss_terms():
     pairs = [F.softplus(0.5 * L * (c[i] @ c[j])) for i in range(4) for j in range(4) if i != j]
     torch.testing.assert_close(parts["center"], torch.stack(pairs).mean().detach())
     torch.testing.assert_close(parts["quant"], ((h - direct) ** 2).sum() / 6)
+
+
+def pinv_targets(h: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 eta: float) -> torch.Tensor:
+    """The dense formula ``sign(Y pinv(Y^T Y) Y^T sign(h) + eta h)``, in float64."""
+    y = F.one_hot(labels, num_classes).double()
+    signs = torch.where(h >= 0, 1.0, -1.0).double()
+    out = y @ (torch.linalg.pinv(y.T @ y) @ y.T @ signs) + eta * h.double()
+    return torch.where(out >= 0, 1.0, -1.0).to(h.dtype)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dcdh_targets_equal_the_pinv_formula(seed):
+    gen = torch.Generator().manual_seed(seed)
+    classes, batch = 7, 12
+    # Class 6 never appears; most samples in 0..4, so some classes have one sample or none.
+    labels = torch.randint(0, 5, (batch,), generator=gen)
+    h = torch.randn(batch, L, generator=gen)
+    h[0, :3] = 0.0  # sign(0) = +1, as in the codes
+    # Ties: class 5's two samples have opposite signs, its mean is 0 and eta * h decides.
+    labels[1], labels[2] = 5, 5
+    h[2] = -h[1]
+    target = discrete_targets(h, labels, classes, eta=0.01)
+    torch.testing.assert_close(target, pinv_targets(h, labels, classes, 0.01), rtol=0, atol=0)
+    assert set(target.unique().tolist()) <= {-1.0, 1.0}
+    torch.testing.assert_close(target[1:3], torch.sign(h[1:3]) + (h[1:3] == 0))
+
+
+def test_dcdh_targets_need_no_class_by_class_matrix():
+    # pinv of a 200000 x 200000 float32 matrix would need 160 GB; per-class sums need B x L.
+    torch.manual_seed(0)
+    h = torch.randn(32, 64)
+    labels = torch.randint(0, 200_000, (32,))
+    labels[1] = labels[0]
+    target = discrete_targets(h, labels, 200_000, eta=0.01)
+    assert target.shape == h.shape
+    small, inverse = torch.unique(labels, return_inverse=True)
+    torch.testing.assert_close(target, pinv_targets(h, inverse, small.numel(), 0.01))
+    labels = torch.randint(0, 9000, (16,))
+    h = torch.randn(16, 24)
+    torch.testing.assert_close(discrete_targets(h, labels, 9000, 0.01),
+                               pinv_targets(h, torch.unique(labels, return_inverse=True)[1],
+                                            labels.unique().numel(), 0.01))
 
 
 def test_l2q_shares_the_opqn_loss_and_learns_its_codewords():
