@@ -563,3 +563,19 @@ def test_a_sabotaged_run_is_flagged_for_every_method(tiny_data_dir, tmp_path):
         outcome = runner(RunKey("final", method, 1e-7, 0, 2), method_plan)
         reasons = _failures(outcome, plan)
         assert reasons and outcome["ce_chance"], (method, outcome["history"])
+
+
+def test_the_budget_is_the_shortest_at_which_every_curve_levelled_off():
+    from utils.comparison.plan import levelled_budget
+
+    fast = [[e, min(0.8, 0.1 * e)] for e in range(2, 61, 2)]  # flat from epoch 8
+    slow = [[e, min(0.72, 0.03 * e)] for e in range(2, 61, 2)]  # flat from epoch 24
+    assert levelled_budget({"fast": fast}) == 12  # flat over the last third of 12
+    assert levelled_budget({"slow": slow}) == 36
+    assert levelled_budget({"fast": fast, "slow": slow}) == 36
+    # A plateau that rises again later is not where the curve stopped.
+    step = [[e, 0.5 if e < 30 else 0.6] for e in range(2, 61, 2)]
+    assert levelled_budget({"step": step}) == 46
+    assert levelled_budget({"step": step}, max_rise=0.2) == 6
+    rising = [[e, 0.02 * e] for e in range(2, 61, 2)]
+    assert levelled_budget({"rising": rising}) is None
