@@ -62,9 +62,9 @@ from data.validation_split import (ValidationSplit, ValidationSplitError,  # noq
 from utils.comparison.plan import (ComparisonPlan, MethodPlan, RunKey, RunStore,  # noqa: E402
                               StaleRun, late_gain, lr_grid, run_comparison)
 from utils.checkpoints.store import last_checkpoint_path  # noqa: E402
-from utils.comparison.report import write_report  # noqa: E402
+from utils.comparison.report import precision_text, write_report  # noqa: E402
 from utils.errors import OneLineParser, report_error  # noqa: E402
-from utils.training.methods import default_lr, default_optimizer  # noqa: E402
+from utils.training.methods import authors_lr, default_lr  # noqa: E402
 from utils.cli.validation import HASHING_METHODS, METHODS, UsageError  # noqa: E402
 
 PROG = "compare_methods.py"
@@ -203,12 +203,53 @@ def _bytes_per_item(result: dict) -> tuple[int, int]:
     return result["num_books"] * per_code, math.ceil(result["bits"] / 8)
 
 
-def _precision(amp: str, device_name: str) -> str:
-    """What ``--amp`` gives on this machine's device: "bf16" or "float32"."""
-    from utils.precision import resolve_amp
+def _precision(amp: str, device_name: str, method: str, precise_bn: int) -> str:
+    """What ``--amp`` gives a run of ``method`` on this machine's device: "bf16" or
+    "float32" (``auto`` keeps float32 for the methods whose bf16 costs accuracy)."""
+    from utils.precision import precision_name, resolve_amp
     from utils.runtime import resolve_device
 
-    return "bf16" if resolve_amp(amp, resolve_device(device_name)) else "float32"
+    return precision_name(resolve_amp(amp, resolve_device(device_name), method,
+                                      precise_bn > 0))
+
+
+def method_settings(method: str, given: argparse.Namespace, input_size: int) -> dict:
+    """What every run of ``method`` resolves besides the lr and seed the protocol gives it:
+    its optimiser, weight decay (and Adam form), default and authors' lr, its
+    hyper-parameters (``--<method>-*`` flags or their defaults) and its precision. Its
+    records are checked against these, so that a default changed since makes them stale."""
+    from utils.cli.pipeline import resolve_optimizer
+    from utils.cli.settings import RunSettings
+
+    run = RunSettings.from_args(argparse.Namespace(**{**vars(given), "method": method}))
+    resolved = resolve_optimizer(run.training, method, input_size)
+    del resolved["lr"]  # the protocol's: each run's key holds it
+    if resolved["optimizer"] != "adam":  # SGD never reads them
+        del resolved["adam_betas"], resolved["amsgrad"]
+    optimizer = resolved["optimizer"]
+    return {**resolved, "default_lr": default_lr(method, optimizer),
+            "authors_lr": authors_lr(method, optimizer), **run.model.method_fields,
+            "precision": _precision(given.amp, given.device, method, given.precise_bn)}
+
+
+def method_plans(args: argparse.Namespace, given: argparse.Namespace,
+                 input_size: int) -> list[MethodPlan]:
+    """Each compared method's optimiser, default lr, lr grid and resolved settings."""
+    plans = []
+    for method in args.methods:
+        settings = method_settings(method, given, input_size)
+        optimizer = settings["optimizer"]
+        plans.append(MethodPlan(method, optimizer, settings["default_lr"],
+                                lr_grid(method, optimizer, args.sgd_lrs, args.adam_lrs),
+                                settings))
+    return plans
+
+
+def precision_label(plans: list[MethodPlan]) -> str | dict[str, str]:
+    """The comparison's precision: one name when every method trains in it, else the
+    name of each method."""
+    names = {plan.method: plan.settings["precision"] for plan in plans}
+    return next(iter(names.values())) if len(set(names.values())) == 1 else names
 
 
 def prepare_data(args: argparse.Namespace, given: argparse.Namespace,
@@ -245,7 +286,8 @@ class OpqnMainRunner:
     """
 
     def __init__(self, args: argparse.Namespace, flags: list[str], work: Path, cross: bool,
-                 validation: ValidationSplit, amp: str, precision: str) -> None:
+                 validation: ValidationSplit, amp: str,
+                 precision: str | dict[str, str]) -> None:
         self.args, self.flags, self.work, self.cross = args, flags, work, cross
         self.validation, self.amp, self.precision = validation, amp, precision
         self.data_dir = str(Path(args.data_dir).resolve())
@@ -305,11 +347,20 @@ class OpqnMainRunner:
         wall = time.perf_counter() - start
         if error is not None and "training loss became" not in error:
             raise RunFailed(f"{key.name} failed: {error} (log: {log_path})")
+        planned = self.precision[key.method] if isinstance(self.precision, dict) \
+            else self.precision
+        expected = method.settings.get("precision", planned)
+        facts = self._checkpoint_facts(last_checkpoint_path(best))
+        # The label is what the checkpoint says the run trained in, never the plan's guess;
+        # a run that wrote no checkpoint (diverged in its first epoch) keeps the plan's.
+        trained = facts.pop("precision", None) or expected
+        if trained != expected:
+            raise RunFailed(f"{key.name} trained in {trained}, but the comparison expected "
+                            f"{expected} for {key.method} (--amp {self.amp}; log: {log_path})")
         outcome = {"status": "done" if error is None else "diverged", "error": error,
-                   "wall_seconds": wall, "amp": self.amp, "precision": self.precision,
+                   "wall_seconds": wall, "amp": self.amp, "precision": trained,
                    "command": shlex.join(cmd), "log": str(log_path),
-                   "data": "validation" if key.phase == "tune" else "test"}
-        outcome.update(self._checkpoint_facts(last_checkpoint_path(best)))
+                   "data": "validation" if key.phase == "tune" else "test", **facts}
         if error is None:
             result = json.loads((self.work / "results" / f"{stem}.json").read_text("utf-8"))
             outcome.update({k: result.get(k) for k in (
@@ -322,7 +373,8 @@ class OpqnMainRunner:
 
     @staticmethod
     def _checkpoint_facts(last: Path) -> dict:
-        """Per-epoch history and class count from the run's last checkpoint."""
+        """From the run's last checkpoint: per-epoch history, class count, the precision it
+        trained in, and its own config and training settings (what really ran)."""
         if not last.is_file():
             return {"history": [], "num_classes": 0}
         from utils.checkpoints.store import load_checkpoint
@@ -331,7 +383,10 @@ class OpqnMainRunner:
         history = list(checkpoint.get("history", []))
         seconds = [h["seconds"] for h in history]
         return {"history": history, "num_classes": int(checkpoint["config"]["num_classes"]),
-                "train_seconds_per_epoch": sum(seconds) / max(1, len(seconds))}
+                "train_seconds_per_epoch": sum(seconds) / max(1, len(seconds)),
+                "precision": checkpoint.get("train_precision"),
+                "config": checkpoint["config"],
+                "train_settings": checkpoint.get("train_settings")}
 
 
 def _tag(args: argparse.Namespace, cross: bool) -> str:
@@ -353,28 +408,24 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
     preset = dataset_preset(args.dataset, cross=cross)
     epochs = args.epochs or preset.epochs
     tune_epochs = args.tune_epochs or epochs
-    precision = _precision(given.amp, given.device)
     schedule = {"name": given.schedule or "step", "lr_step": preset.lr_step,
                 "warmup": given.warmup or 0}
     settings = {"dataset": args.dataset, "protocol": "cross" if cross else "standard",
                 "bits": args.len, "num_books": args.num, "data_dir": str(Path(args.data_dir)
                                                                         .resolve()),
-                "flags": flags, "amp": given.amp, "precision": precision,
+                "flags": flags, "amp": given.amp,
                 "val_every": args.val_every,
                 "validation": {k: validation.info[k] for k in ("per_identity", "seed")},
                 "train_listing": split_listing(train_dir),
                 "test_listing": [split_listing(t) for t in test_dirs]}
-    plans = []
-    for method in args.methods:
-        optimizer = default_optimizer(method, preset.input_size)
-        plans.append(MethodPlan(method, optimizer, default_lr(method, optimizer),
-                                lr_grid(method, optimizer, args.sgd_lrs, args.adam_lrs)))
+    plans = method_plans(args, given, preset.input_size)
+    precision = precision_label(plans)
     plan = ComparisonPlan(plans, list(range(args.seeds)), epochs, tune_epochs, settings,
                           min_loss_drop=args.min_loss_drop, ce_margin=args.ce_margin)
     print(f"[{tag}] validation split {validation.data_dir}: {validation.info['identities']} "
           f"identities, {validation.info['gallery_images']} gallery and "
           f"{validation.info['query_images']} query images; {plan.total_runs} runs, "
-          f"{precision}", flush=True)
+          f"{precision_text(precision, NAMES)}", flush=True)
     runner = OpqnMainRunner(args, flags, work, cross, validation, given.amp, precision)
     summary = run_comparison(plan, RunStore(work / "records"), runner,
                              say=lambda line: print(line, flush=True), tag=tag)
@@ -409,7 +460,9 @@ def _add_run_facts(table: dict) -> None:
         if done:
             entry["code"] = f"{done[0]['num_books']}x{done[0]['num_words']}"
             entry["bytes_per_item"], entry["packed_bytes_per_item"] = _bytes_per_item(done[0])
-        entry["precision"] = sorted({o["precision"] for o in finals}) or [table["precision"]]
+        planned = table["precision"]
+        entry["precision"] = sorted({o["precision"] for o in finals}) or [
+            planned[method] if isinstance(planned, dict) else planned]
         entry["wall_seconds"] = [o.get("wall_seconds") for o in finals]
         seconds = [o["train_seconds_per_epoch"] for o in finals
                    if o.get("train_seconds_per_epoch")]

@@ -177,6 +177,18 @@ def run_training(run: RunSettings, specs: list[CodeSpec], device: torch.device) 
         cleanup_distributed()
 
 
+def resolve_optimizer(training: TrainingOptions, method: str, input_size: int) -> dict:
+    """``optimizer``, ``lr``, ``weight_decay``, ``adam_betas`` and ``amsgrad`` of a run of
+    ``method``: the flags where given, else the method's defaults (utils.training.methods)."""
+    optimizer = training.optimizer or default_optimizer(method, input_size)
+    adam = adam_form(method)
+    return {"optimizer": optimizer, "lr": training.lr or default_lr(method, optimizer),
+            "weight_decay": _given(training.weight_decay,
+                                   default_weight_decay(method, optimizer)),
+            "adam_betas": tuple(training.adam_betas or adam.betas),
+            "amsgrad": _given(training.amsgrad, adam.amsgrad)}
+
+
 def resolve_job(run: RunSettings, spec: CodeSpec, feature_dim: int, num_classes: int, preset,
                 width: int, epochs: int, source: str, model_choice: dict,
                 schedule: tuple[str, int], best: Path, last: Path,
@@ -190,15 +202,9 @@ def resolve_job(run: RunSettings, spec: CodeSpec, feature_dim: int, num_classes:
         num_classes=num_classes, input_size=preset.input_size, width=width,
         margin=model.margin, scale=model.scale or preset.scale, miu=model.miu, dataset=source,
         method=model.method_name, **model_choice, **model.method_fields)
-    optimizer = training.optimizer or default_optimizer(config.method, preset.input_size)
-    lr = training.lr or default_lr(config.method, optimizer)
-    adam = adam_form(config.method)
     settings = TrainSettings(
-        epochs=epochs, lr=lr, optimizer=optimizer, lr_step=preset.lr_step,
-        weight_decay=_given(training.weight_decay,
-                            default_weight_decay(config.method, optimizer)),
-        adam_betas=tuple(training.adam_betas or adam.betas),
-        amsgrad=_given(training.amsgrad, adam.amsgrad),
+        epochs=epochs, lr_step=preset.lr_step,
+        **resolve_optimizer(training, config.method, preset.input_size),
         batch_size=training.batch_size or preset.batch_size,
         workers=run.data.loader_workers(),
         seed=training.seed, eval_every=training.eval_every, best_path=best, last_path=last,

@@ -31,6 +31,18 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
+def precision_text(precision: str | dict[str, str],
+                   names: dict[str, str] | None = None) -> str:
+    """``precision float32``, or, when the methods train in different precisions (``--amp
+    auto`` keeps bf16 for the methods it holds accuracy for), each one's, named by
+    ``names``."""
+    if isinstance(precision, str):
+        return f"precision {precision}"
+    names = names or {}
+    return "precision per method (" + ", ".join(
+        f"{names.get(m, m)} {p}" for m, p in precision.items()) + ")"
+
+
 def ordered_methods(table: dict) -> list[str]:
     """Ranked methods first (by rank), then those that did not train, in the given order."""
     methods = table["methods"]
@@ -49,6 +61,7 @@ def markdown(table: dict) -> str:
     validation mAP of every lr tried, and why a method did not train."""
     k = table["k"]
     val = table["validation"]
+    names = {m: e["name"] for m, e in table["methods"].items()}
     protocol = ("cross-dataset (-c, unseen identities)" if table["protocol"] == "cross"
                 else "standard")
     lines = [
@@ -58,9 +71,9 @@ def markdown(table: dict) -> str:
         f"{val['query_images']} query images); the test split used once per final model. "
         f"Grid runs {table['tune_epochs']} epochs, final runs {table['epochs']} epochs, "
         f"schedule {table['schedule']['name']} (lr step {table['schedule']['lr_step']}), the "
-        f"same for every method; seeds {', '.join(map(str, table['seeds']))}; precision "
-        f"{table['precision']} (--amp {table['amp']}); wall time of all runs "
-        f"{_duration(table['wall_seconds'])}.", "", f"`{table['command']}`", "",
+        f"same for every method; seeds {', '.join(map(str, table['seeds']))}; "
+        f"{precision_text(table['precision'], names)} (--amp {table['amp']}); wall time of "
+        f"all runs {_duration(table['wall_seconds'])}.", "", f"`{table['command']}`", "",
         f"| rank | method | code | optimizer, chosen lr (default) | val mAP | test mAP "
         f"| P@{k} | {REFERENCE_NAME} − method, mAP | precision | train s/epoch | bytes/item "
         f"(stored, packed) |",
