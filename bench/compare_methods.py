@@ -63,9 +63,10 @@ from data.validation_split import (ValidationSplit, ValidationSplitError,  # noq
 from utils.comparison.plan import (ComparisonPlan, MethodPlan, RunKey, RunStore,  # noqa: E402
                               StaleRun, equal_grids, late_gain, run_comparison)
 from utils.checkpoints.store import last_checkpoint_path  # noqa: E402
-from utils.comparison.report import write_budget_report, write_report  # noqa: E402
+from utils.comparison.report import (precision_text, write_budget_report,  # noqa: E402
+                                     write_report)
 from utils.errors import OneLineParser, report_error  # noqa: E402
-from utils.training.methods import default_lr, default_optimizer  # noqa: E402
+from utils.training.methods import authors_lr, default_lr  # noqa: E402
 from utils.cli.validation import HASHING_METHODS, METHODS, UsageError  # noqa: E402
 
 PROG = "compare_methods.py"
@@ -214,12 +215,51 @@ def _bytes_per_item(result: dict) -> tuple[int, int]:
     return result["num_books"] * per_code, math.ceil(result["bits"] / 8)
 
 
-def _precision(amp: str, device_name: str) -> str:
-    """What ``--amp`` gives on this machine's device: "bf16" or "float32"."""
-    from utils.precision import resolve_amp
+def _precision(amp: str, device_name: str, method: str, precise_bn: int) -> str:
+    """What ``--amp`` gives a run of ``method`` on this machine's device: "bf16" or
+    "float32" (``auto`` keeps float32 for the methods whose bf16 costs accuracy)."""
+    from utils.precision import precision_name, resolve_amp
     from utils.runtime import resolve_device
 
-    return "bf16" if resolve_amp(amp, resolve_device(device_name)) else "float32"
+    return precision_name(resolve_amp(amp, resolve_device(device_name), method,
+                                      precise_bn > 0))
+
+
+def method_settings(method: str, given: argparse.Namespace, input_size: int) -> dict:
+    """What every run of ``method`` resolves besides the lr and seed the protocol gives it:
+    its optimiser, weight decay (and Adam form), default and authors' lr, its
+    hyper-parameters (``--<method>-*`` flags or their defaults) and its precision. Its
+    records are checked against these, so that a default changed since makes them stale."""
+    from utils.cli.pipeline import resolve_optimizer
+    from utils.cli.settings import RunSettings
+
+    run = RunSettings.from_args(argparse.Namespace(**{**vars(given), "method": method}))
+    resolved = resolve_optimizer(run.training, method, input_size)
+    del resolved["lr"]  # the protocol's: each run's key holds it
+    if resolved["optimizer"] != "adam":  # SGD never reads them
+        del resolved["adam_betas"], resolved["amsgrad"]
+    optimizer = resolved["optimizer"]
+    return {**resolved, "default_lr": default_lr(method, optimizer),
+            "authors_lr": authors_lr(method, optimizer), **run.model.method_fields,
+            "precision": _precision(given.amp, given.device, method, given.precise_bn)}
+
+
+def method_plans(args: argparse.Namespace, given: argparse.Namespace,
+                 input_size: int) -> list[MethodPlan]:
+    """Each compared method's optimiser, default lr, lr grid (all of the same size:
+    :func:`utils.comparison.plan.equal_grids`) and resolved settings."""
+    settings = {m: method_settings(m, given, input_size) for m in args.methods}
+    grids = equal_grids([(m, s["optimizer"]) for m, s in settings.items()], args.sgd_lrs,
+                        args.adam_lrs)
+    return [MethodPlan(m, s["optimizer"], s["default_lr"], grids[m], s)
+            for m, s in settings.items()]
+
+
+def precision_label(plans: list[MethodPlan]) -> str | dict[str, str]:
+    """The comparison's precision: one name when every method trains in it, else the
+    name of each method."""
+    names = {plan.method: plan.settings["precision"] for plan in plans}
+    return next(iter(names.values())) if len(set(names.values())) == 1 else names
 
 
 def prepare_data(args: argparse.Namespace, given: argparse.Namespace,
@@ -254,7 +294,8 @@ class OpqnMainRunner:
     """
 
     def __init__(self, args: argparse.Namespace, flags: list[str], work: Path, cross: bool,
-                 validation: ValidationSplit, amp: str, precision: str) -> None:
+                 validation: ValidationSplit, amp: str,
+                 precision: str | dict[str, str]) -> None:
         self.args, self.flags, self.work, self.cross = args, flags, work, cross
         self.validation, self.amp, self.precision = validation, amp, precision
         self.data_dir = str(Path(args.data_dir).resolve())
@@ -314,11 +355,20 @@ class OpqnMainRunner:
         wall = time.perf_counter() - start
         if error is not None and "training loss became" not in error:
             raise RunFailed(f"{key.name} failed: {error} (log: {log_path})")
+        planned = self.precision[key.method] if isinstance(self.precision, dict) \
+            else self.precision
+        expected = method.settings.get("precision", planned)
+        facts = self._checkpoint_facts(last_checkpoint_path(best))
+        # The label is what the checkpoint says the run trained in, never the plan's guess;
+        # a run that wrote no checkpoint (diverged in its first epoch) keeps the plan's.
+        trained = facts.pop("precision", None) or expected
+        if trained != expected:
+            raise RunFailed(f"{key.name} trained in {trained}, but the comparison expected "
+                            f"{expected} for {key.method} (--amp {self.amp}; log: {log_path})")
         outcome = {"status": "done" if error is None else "diverged", "error": error,
-                   "wall_seconds": wall, "amp": self.amp, "precision": self.precision,
+                   "wall_seconds": wall, "amp": self.amp, "precision": trained,
                    "command": shlex.join(cmd), "log": str(log_path),
-                   "data": "validation" if key.phase == "tune" else "test"}
-        outcome.update(self._checkpoint_facts(last_checkpoint_path(best)))
+                   "data": "validation" if key.phase == "tune" else "test", **facts}
         if error is None:
             result = json.loads((self.work / "results" / f"{stem}.json").read_text("utf-8"))
             outcome.update({k: result.get(k) for k in (
@@ -331,8 +381,9 @@ class OpqnMainRunner:
 
     @staticmethod
     def _checkpoint_facts(last: Path) -> dict:
-        """Per-epoch history, class count and the chance levels of the identity
-        cross-entropies (from the run's own config) from the run's last checkpoint."""
+        """From the run's last checkpoint: per-epoch history, class count, the chance levels
+        of its identity cross-entropies, the precision it trained in, and its own config and
+        training settings (what really ran)."""
         if not last.is_file():
             return {"history": [], "num_classes": 0, "ce_chance": None}
         from losses import chance_levels
@@ -345,7 +396,10 @@ class OpqnMainRunner:
         config = OPQNConfig.from_dict(checkpoint["config"])
         return {"history": history, "num_classes": config.num_classes,
                 "ce_chance": chance_levels(config),
-                "train_seconds_per_epoch": sum(seconds) / max(1, len(seconds))}
+                "train_seconds_per_epoch": sum(seconds) / max(1, len(seconds)),
+                "precision": checkpoint.get("train_precision"),
+                "config": checkpoint["config"],
+                "train_settings": checkpoint.get("train_settings")}
 
 
 def _tag(args: argparse.Namespace, cross: bool) -> str:
@@ -367,20 +421,18 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
     preset = dataset_preset(args.dataset, cross=cross)
     epochs = args.epochs or preset.epochs
     tune_epochs = args.tune_epochs or epochs
-    precision = _precision(given.amp, given.device)
     schedule = {"name": given.schedule or "step", "lr_step": preset.lr_step,
                 "warmup": given.warmup or 0}
     settings = {"dataset": args.dataset, "protocol": "cross" if cross else "standard",
                 "bits": args.len, "num_books": args.num, "data_dir": str(Path(args.data_dir)
                                                                         .resolve()),
-                "flags": flags, "amp": given.amp, "precision": precision,
+                "flags": flags, "amp": given.amp,
                 "val_every": args.val_every,
                 "validation": {k: validation.info[k] for k in ("per_identity", "seed")},
                 "train_listing": split_listing(train_dir),
                 "test_listing": [split_listing(t) for t in test_dirs]}
-    optimizers = {m: default_optimizer(m, preset.input_size) for m in args.methods}
-    grids = equal_grids(list(optimizers.items()), args.sgd_lrs, args.adam_lrs)
-    plans = [MethodPlan(m, o, default_lr(m, o), grids[m]) for m, o in optimizers.items()]
+    plans = method_plans(args, given, preset.input_size)
+    precision = precision_label(plans)
     seeds = list(range(args.seeds))
     if args.measure_budget:  # one run per method at its default lr, no final runs
         plans = [replace(p, grid=(p.default_lr,)) for p in plans]
@@ -390,7 +442,7 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
     print(f"[{tag}] validation split {validation.data_dir}: {validation.info['identities']} "
           f"identities, {validation.info['gallery_images']} gallery and "
           f"{validation.info['query_images']} query images; {plan.total_runs} runs, "
-          f"{precision}", flush=True)
+          f"{precision_text(precision, NAMES)}", flush=True)
     runner = OpqnMainRunner(args, flags, work, cross, validation, given.amp, precision)
     summary = run_comparison(plan, RunStore(work / "records"), runner,
                              say=lambda line: print(line, flush=True), tag=tag)
@@ -427,7 +479,9 @@ def _add_run_facts(table: dict) -> None:
         if done:
             entry["code"] = f"{done[0]['num_books']}x{done[0]['num_words']}"
             entry["bytes_per_item"], entry["packed_bytes_per_item"] = _bytes_per_item(done[0])
-        entry["precision"] = sorted({o["precision"] for o in finals}) or [table["precision"]]
+        planned = table["precision"]
+        entry["precision"] = sorted({o["precision"] for o in finals}) or [
+            planned[method] if isinstance(planned, dict) else planned]
         entry["wall_seconds"] = [o.get("wall_seconds") for o in finals]
         seconds = [o["train_seconds_per_epoch"] for o in finals
                    if o.get("train_seconds_per_epoch")]

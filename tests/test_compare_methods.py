@@ -579,3 +579,105 @@ def test_the_budget_is_the_shortest_at_which_every_curve_levelled_off():
     assert levelled_budget({"step": step}, max_rise=0.2) == 6
     rising = [[e, 0.02 * e] for e in range(2, 61, 2)]
     assert levelled_budget({"rising": rising}) is None
+
+
+# ---------------------------------------------------------------- method defaults, precision
+
+
+@pytest.mark.parametrize("change", ["dpq_init", "weight_decay", "default_lr", "adam"])
+def test_a_record_made_before_a_method_default_changed_is_stale(change, tmp_path, monkeypatch):
+    """A record is checked against its method's resolved defaults: once one changes, the
+    old record is refused (StaleRun), never reused as if made under the new default."""
+    import utils.training.methods as methods
+
+    tool = _load_tool()
+    args, extra = tool.parse_args(["--methods", "opqn", "dpq", "dcdh", "--seeds", "1",
+                                   "--sgd-lrs", "0.1", "--adam-lrs", "5e-4"])
+    given, _flags = tool.run_flags(extra)
+
+    def plan() -> ComparisonPlan:
+        return ComparisonPlan(tool.method_plans(args, given, 32), [0], epochs=4,
+                              tune_epochs=3, settings=SETTINGS)
+
+    run_comparison(plan(), RunStore(tmp_path), FakeRunner(), say=lambda _line: None)
+    again = FakeRunner()
+    run_comparison(plan(), RunStore(tmp_path), again, say=lambda _line: None)
+    assert again.calls == []  # the same defaults: every record reused
+    method = {"dpq_init": "dpq", "weight_decay": "opqn", "default_lr": "dpq",
+              "adam": "dcdh"}[change]
+    if change == "dpq_init":  # the flag's default (opqn_main.py builds it from the table)
+        fields = methods.METHOD_HYPERPARAMETERS["dpq"]
+        monkeypatch.setitem(methods.METHOD_HYPERPARAMETERS, "dpq",
+                            (("dpq_init", "normal", fields[0][2]),) + fields[1:])
+        given, _flags = tool.run_flags(extra)
+    elif change == "weight_decay":
+        monkeypatch.setattr(methods, "SGD_WEIGHT_DECAY", 1e-3)
+    elif change == "default_lr":  # the old default stays in the grid: same run keys
+        monkeypatch.setitem(methods.AUTHORS_SGD_LR, "dpq", 0.1)
+        monkeypatch.setitem(methods.METHOD_LR, "dpq", 0.01)
+    else:
+        monkeypatch.setitem(methods.METHOD_ADAM, "dcdh", methods.AdamForm(
+            lr=0.005, weight_decay=1e-4, amsgrad=False))
+    with pytest.raises(StaleRun, match=rf"{method}_lr.*settings\.method"):
+        run_comparison(plan(), RunStore(tmp_path), FakeRunner(), say=lambda _line: None)
+
+
+def test_amp_auto_labels_each_method_with_the_precision_it_trains_in(monkeypatch):
+    """Under --amp auto on a device where OPQN trains in bf16 (an AMX CPU here), a method
+    that auto keeps in float32 is labelled float32, not bf16 as OPQN."""
+    from utils.comparison.report import precision_text
+    from utils.precision import BF16_HOLDS_ACCURACY
+
+    monkeypatch.setenv("OPQN_CPU_BF16_PROBE", "amx")
+    tool = _load_tool()
+    args, extra = tool.parse_args(["--", "--amp", "auto", "--device", "cpu"])
+    given, flags = tool.run_flags(extra)
+    assert flags == ["--amp", "auto", "--device", "cpu"]
+    labels = {p.method: p.settings["precision"] for p in tool.method_plans(args, given, 32)}
+    assert labels["opqn"] == "bf16"
+    assert labels == {m: "bf16" if m in BF16_HOLDS_ACCURACY else "float32"
+                      for m in ("opqn", "l2q", "dpq", "gpq", "dcdh")}
+    assert labels["l2q"] == labels["dpq"] == "float32"
+    label = tool.precision_label(tool.method_plans(args, given, 32))
+    assert label == labels
+    text = precision_text(label, tool.NAMES)
+    assert "per method" in text and "OPQN bf16" in text and "DPQ float32" in text
+    # OPQN without precise BN: auto keeps it in float32 too.
+    given, _ = tool.run_flags([*extra, "--precise-bn", "0"])
+    assert tool.method_plans(args, given, 32)[0].settings["precision"] == "float32"
+    # Where no method can use bf16, one precision for all.
+    monkeypatch.setenv("OPQN_CPU_BF16_PROBE", "none")
+    assert tool.precision_label(tool.method_plans(args, given, 32)) == "float32"
+
+
+def test_an_outcome_holds_the_checkpoints_precision_config_and_settings(tmp_path, monkeypatch):
+    """The record says what the checkpoint trained in, and a run that trained in another
+    precision than planned fails loudly instead of being relabelled."""
+    from utils.checkpoints.store import save_checkpoint
+
+    tool = _load_tool()
+    args, _ = tool.parse_args(["--data-dir", str(tmp_path)])
+    split = type("Split", (), {"data_dir": tmp_path / "val"})()
+    work = tmp_path / "work"
+    runner = tool.OpqnMainRunner(args, [], work, False, split, "auto", "float32")
+    key = RunKey("final", "dpq", 0.1, 0, 2)
+    from models import OPQNConfig
+
+    config = OPQNConfig(num_books=2, num_words=64, feature_dim=64, num_classes=6,
+                        method="dpq").to_dict()
+    settings = {"lr": 0.1, "weight_decay": 5e-4, "amp": "auto"}
+
+    def fake_call(cmd, _log):
+        (work / "results").mkdir(parents=True, exist_ok=True)
+        (work / "results" / f"{key.name}.json").write_text(json.dumps({"mAP": 0.5, "k": 5}))
+        save_checkpoint({"config": config, "train_settings": settings, "history": [],
+                         "train_precision": "float32", "epoch": 2},
+                        work / "checkpoint" / f"{key.name}.last.tar")
+
+    monkeypatch.setattr(runner, "_call", fake_call)
+    outcome = runner(key, MethodPlan("dpq", "sgd", 0.1, (0.1,), {"precision": "float32"}))
+    assert outcome["precision"] == "float32"
+    assert outcome["config"] == config and outcome["train_settings"] == settings
+    with pytest.raises(tool.RunFailed, match=rf"{key.name} trained in float32, but the "
+                                              r"comparison expected bf16 for dpq"):
+        runner(key, MethodPlan("dpq", "sgd", 0.1, (0.1,), {"precision": "bf16"}))

@@ -235,3 +235,69 @@ def test_resume_refuses_a_different_model(flags, fragments, trained_run, run_cli
                    "run.tar", *flags, "--resume") == 2
     one_line_error(capsys, "contradicts", *fragments)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+# --------------------------------------------------------------------------- --resume settings
+
+
+def _resume_copy(checkpoint: Path, tmp_path: Path, edit=None) -> None:
+    """``checkpoint`` as ``tmp_path/checkpoint/run.last.tar``, changed by ``edit`` first."""
+    from utils.checkpoints.store import save_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    if edit is not None:
+        edit(state)
+    save_checkpoint(state, tmp_path / "checkpoint" / "run.last.tar")
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--weight-decay", "0.001"], ["weight_decay 0.001 of this run", "weight_decay 0.0005"]),
+    (["--margin", "0.3"], ["margin 0.3 of this run", "margin 0.5"]),
+    (["--lr", "0.05"], ["lr 0.05 of this run", "lr 0.1"]),
+    (["--bs", "8"], ["batch_size 8 of this run", "batch_size 12"]),
+    (["--seed", "4"], ["seed 4 of this run", "seed 3"]),
+    (["--amp", "bf16"], ["amp bf16 of this run", "amp off"]),
+], ids=["weight-decay", "margin", "lr", "bs", "seed", "amp"])
+def test_resume_refuses_other_training_settings(flags, fragments, trained_run, run_cli,
+                                                tmp_path, capsys):
+    """Continuing the optimiser state under other flags would record a run that never
+    happened: refused before any work, naming the setting and both values."""
+    _resume_copy(trained_run, tmp_path)
+    assert run_cli(*COMMON, "--data-dir", str(tmp_path / "data"), "--epochs", "3", "--save",
+                   "run.tar", *flags, "--resume") == 2
+    one_line_error(capsys, "--resume:", "contradicts checkpoint", "run.last.tar",
+                   "resumes only with the settings it started with", *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_resume_refuses_another_method_option_and_continues_with_the_same(
+        tiny_data_dir, run_cli, tmp_path, capsys):
+    argv = [*COMMON, "--data-dir", str(tiny_data_dir), "--method", "dpq", "--save", "run.tar"]
+    assert run_cli(*argv, "--epochs", "1") == 0
+    capsys.readouterr()
+    assert run_cli(*argv, "--epochs", "2", "--dpq-init", "normal", "--resume") == 2
+    one_line_error(capsys, "--resume: dpq_init normal of this run contradicts checkpoint",
+                   "which holds dpq_init xavier")
+    assert load_checkpoint(tmp_path / "checkpoint" / "run.last.tar")["epoch"] == 1
+    assert run_cli(*argv, "--epochs", "2", "--resume") == 0  # the same flags continue
+    out, _ = capsys.readouterr()
+    assert "resumed from epoch 1" in out
+    assert load_checkpoint(tmp_path / "checkpoint" / "run.last.tar")["epoch"] == 2
+
+
+def test_resume_with_the_same_settings_and_an_older_checkpoint(trained_run, run_cli, tmp_path,
+                                                               capsys):
+    """Settings a checkpoint was written without are not held against it (miu of the
+    config reads as its default, the missing training settings are not compared)."""
+    def older(state: dict) -> None:
+        del state["config"]["miu"]
+        for key in ("weight_decay", "amp", "precise_bn", "adam_betas", "amsgrad", "warmup"):
+            del state["train_settings"][key]
+
+    _resume_copy(trained_run, tmp_path, older)
+    shutil.copy(trained_run.with_name("run.tar"), tmp_path / "checkpoint" / "run.tar")
+    assert run_cli(*COMMON, "--data-dir", str(tmp_path / "data"), "--epochs", "3", "--save",
+                   "run.tar", "--weight-decay", "0.001", "--resume") == 0
+    out, _ = capsys.readouterr()
+    assert "resumed from epoch 2" in out
+    assert load_checkpoint(tmp_path / "checkpoint" / "run.last.tar")["epoch"] == 3

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from models import DEFAULT_BACKBONE, OPQN, OPQNConfig
+from models.opqn import LEGACY_DEFAULTS
 from utils.checkpoints.loading import load_model
 from utils.checkpoints.store import CheckpointError, load_checkpoint
 from utils.training.loop import CRITERION_KEY, criterion_state
@@ -64,9 +65,42 @@ def check_evaluation_choice(config: dict, path: Path, backbone: str | None,
                          f"a {stored_method} model (-e reads the method from the checkpoint)")
 
 
+# Config fields that --resume does not compare: the code length (--len/--num/--words are
+# checked by reconcile_spec with their own message; bits follows from them) and the class
+# count, which the data decides (the restored class head checks it).
+UNCOMPARED_CONFIG = ("num_books", "num_words", "bits", "num_classes")
+CONVERTED_CONFIG = {"feature_dim", "width", "input_size", "method", "backbone",
+                    "backbone_args", "margin_type"}
+# Training settings a run resumes only with (epochs apart: see check_resumable). Paths,
+# workers, progress, eval_every, monitor_k and resume itself are bookkeeping.
+RESUMED_SETTINGS = ("optimizer", "lr", "momentum", "weight_decay", "adam_betas", "amsgrad",
+                    "batch_size", "seed", "amp", "precise_bn", "lr_step", "lr_decay",
+                    "schedule", "warmup")
+ADAM_ONLY = ("adam_betas", "amsgrad")
+# What checkpoints written before a setting was stored trained with, where that is certain.
+# Other settings a checkpoint lacks are not compared: it cannot be refused for a record it
+# never had the chance to write.
+HISTORICAL_SETTINGS = {"schedule": "step", "warmup": 0}
+
+
+def _comparable(value):
+    """Tuples as lists (a checkpoint may hold either), so that equal settings compare equal."""
+    if isinstance(value, (tuple, list)):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def _refuse_difference(key: str, value, stored, path: Path, why: str) -> None:
+    if _comparable(value) != _comparable(stored):
+        raise UsageError(f"--resume: {key} {value} of this run contradicts checkpoint {path}, "
+                         f"which holds {key} {stored} ({why})")
+
+
 def check_resumable(spec: CodeSpec, expected: dict, path: Path,
-                    expected_schedule: dict | None = None) -> None:
-    """--resume must continue the same model: its last checkpoint is complete and agrees."""
+                    expected_settings: dict | None = None) -> None:
+    """--resume must continue the same run: its last checkpoint is complete, and its model
+    configuration (``expected``: ``OPQNConfig.to_dict()`` of this run) and training
+    settings (``expected_settings``: ``TrainSettings.to_dict()``) agree with this run's."""
     checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
     # A converted authors' file has no training state: resuming it starts a new class head.
     converted = "converted_from" in checkpoint
@@ -79,22 +113,35 @@ def check_resumable(spec: CodeSpec, expected: dict, path: Path,
                               path)
     config = checked_config(checkpoint, path)
     reconcile_spec(spec, config, path)
-    # Fields absent from older checkpoints take their defaults (opqn, sphere20, cosface).
-    defaults = OPQNConfig(1, 2, 2, 1).to_dict()
+    # Fields absent from older checkpoints read as OPQNConfig.from_dict reads them: the
+    # defaults (opqn, sphere20, cosface), then the method's legacy ones (LEGACY_DEFAULTS).
+    defaults = {**OPQNConfig(1, 2, 2, 1).to_dict(),
+                **LEGACY_DEFAULTS.get(config.get("method", "opqn"), {})}
+    # A converted file holds weights but no run: a run resumed from it starts its training
+    # anew, so only what shapes those weights must agree (and it has no settings to check).
+    compared = CONVERTED_CONFIG if converted else set(expected) - set(UNCOMPARED_CONFIG)
     for key, value in expected.items():
-        stored = config.get(key, defaults.get(key))
-        if stored != value:
-            raise UsageError(f"--resume: {key} {value} of this run contradicts checkpoint "
-                             f"{path}, which holds {key} {stored}")
-    stored_settings = checkpoint.get("train_settings") or {}
-    if expected_schedule:
-        schedule = stored_settings.get("schedule", "step")
-        keys = ("schedule", "warmup") + (("epochs",) if schedule == "cosine" else ())
-        for key in keys:
-            value = expected_schedule[key]
-            stored = stored_settings.get(key, {"schedule": "step", "warmup": 0}.get(key))
-            if stored != value:
-                raise UsageError(f"--resume: {key} {value} of this run contradicts checkpoint "
-                                 f"{path}, which holds {key} {stored} (a {schedule} schedule "
-                                 f"resumes only with its own settings)")
+        if key in compared:
+            _refuse_difference(key, value, config.get(key, defaults.get(key)), path,
+                               "a run resumes only with the settings it started with")
+    if expected_settings and not converted:
+        _check_resumed_settings(expected_settings, checkpoint, path)
     checked_model(checkpoint, path)
+
+
+def _check_resumed_settings(expected: dict, checkpoint: dict, path: Path) -> None:
+    """This run's training settings against those the checkpoint was trained with."""
+    stored = {**HISTORICAL_SETTINGS, **(checkpoint.get("train_settings") or {})}
+    schedule = stored["schedule"]
+    # Under the step schedule a run may be given more epochs; a cosine schedule's length
+    # shapes every epoch's lr, so it resumes only with its own.
+    keys = RESUMED_SETTINGS + (("epochs",) if schedule == "cosine" else ())
+    if expected.get("optimizer") != "adam":  # SGD never reads them
+        keys = tuple(k for k in keys if k not in ADAM_ONLY)
+    for key in keys:
+        if key in stored and key in expected:
+            why = (f"a {schedule} schedule resumes only with its own settings"
+                   if key in ("schedule", "warmup", "epochs")
+                   else "a run resumes only with the settings it started with")
+            _refuse_difference(key, expected[key], stored[key], path, why)
+

@@ -142,12 +142,15 @@ def run_training(run: RunSettings, specs: list[CodeSpec], device: torch.device) 
     resuming = [job for job in jobs if job[3].is_file()] if training.resume else []
     if training.resume and not resuming:
         raise UsageError(f"--resume: no last checkpoint to resume from: {jobs[0][3]}")
-    for spec, feature_dim, _best, last in resuming:
-        check_resumable(spec, {"feature_dim": feature_dim, "width": width,
-                                "input_size": preset.input_size, "method": method,
-                                "backbone": backbone, "backbone_args": backbone_args,
-                                "margin_type": margin_type}, last,
-                         {"schedule": schedule, "warmup": warmup, "epochs": epochs})
+    model_choice = {"backbone": backbone, "backbone_args": backbone_args,
+                    "pretrained": run.model.pretrained, "margin_type": margin_type}
+    for spec, feature_dim, best, last in resuming:
+        # The class count comes from the data, not read yet: the checkpoint's class head
+        # checks it when the run restores it.
+        config, settings = resolve_job(run, spec, feature_dim, 0, preset, width, epochs,
+                                       source, model_choice, (schedule, warmup), best, last,
+                                       resume=True)
+        check_resumable(spec, config.to_dict(), last, settings.to_dict())
 
     dist_info = init_distributed(run.device)
     try:
@@ -162,8 +165,6 @@ def run_training(run: RunSettings, specs: list[CodeSpec], device: torch.device) 
         if dist_info.distributed and dist_info.is_main:
             torch.distributed.barrier()
         check_batch_fits(len(splits.train), training.batch_size, preset.batch_size, train_dir)
-        model_choice = {"backbone": backbone, "backbone_args": backbone_args,
-                        "pretrained": run.model.pretrained, "margin_type": margin_type}
         try:
             for spec, feature_dim, best, last in jobs:
                 # Under --resume a model of a multi-model run that never started starts now.
@@ -176,35 +177,55 @@ def run_training(run: RunSettings, specs: list[CodeSpec], device: torch.device) 
         cleanup_distributed()
 
 
+def resolve_optimizer(training: TrainingOptions, method: str, input_size: int) -> dict:
+    """``optimizer``, ``lr``, ``weight_decay``, ``adam_betas`` and ``amsgrad`` of a run of
+    ``method``: the flags where given, else the method's defaults (utils.training.methods)."""
+    optimizer = training.optimizer or default_optimizer(method, input_size)
+    adam = adam_form(method)
+    return {"optimizer": optimizer, "lr": training.lr or default_lr(method, optimizer),
+            "weight_decay": _given(training.weight_decay,
+                                   default_weight_decay(method, optimizer)),
+            "adam_betas": tuple(training.adam_betas or adam.betas),
+            "amsgrad": _given(training.amsgrad, adam.amsgrad)}
+
+
+def resolve_job(run: RunSettings, spec: CodeSpec, feature_dim: int, num_classes: int, preset,
+                width: int, epochs: int, source: str, model_choice: dict,
+                schedule: tuple[str, int], best: Path, last: Path,
+                resume: bool) -> tuple[OPQNConfig, TrainSettings]:
+    """The model configuration and training settings of one job, every default resolved
+    (the dataset's, the method's): what it trains with, and what --resume checks a
+    checkpoint against."""
+    training, model = run.training, run.model
+    config = OPQNConfig(
+        num_books=spec.num_books, num_words=spec.num_words, feature_dim=feature_dim,
+        num_classes=num_classes, input_size=preset.input_size, width=width,
+        margin=model.margin, scale=model.scale or preset.scale, miu=model.miu, dataset=source,
+        method=model.method_name, **model_choice, **model.method_fields)
+    settings = TrainSettings(
+        epochs=epochs, lr_step=preset.lr_step,
+        **resolve_optimizer(training, config.method, preset.input_size),
+        batch_size=training.batch_size or preset.batch_size,
+        workers=run.data.loader_workers(),
+        seed=training.seed, eval_every=training.eval_every, best_path=best, last_path=last,
+        resume=resume, progress=run.output.progress,
+        schedule=schedule[0], warmup=schedule[1], amp=training.amp,
+        precise_bn=training.precise_bn)
+    return config, settings
+
+
 def _train_one(run: RunSettings, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
                splits: RetrievalSplits, preset, width: int, epochs: int, source: str,
                device: torch.device, dist_info: DistInfo, model_choice: dict,
                schedule: tuple[str, int] = ("step", 0), resume: bool | None = None) -> None:
-    training, model = run.training, run.model
+    training = run.training
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    settings_batch = training.batch_size or preset.batch_size
     log = setup_logging(Path(run.output.log_dir) / f"{best.stem}_{stamp}.txt",
                         dist_info.is_main)
-    config = OPQNConfig(
-        num_books=spec.num_books, num_words=spec.num_words, feature_dim=feature_dim,
-        num_classes=splits.num_classes, input_size=preset.input_size, width=width,
-        margin=model.margin, scale=model.scale or preset.scale, miu=model.miu, dataset=source,
-        method=model.method_name, **model_choice, **model.method_fields)
-    optimizer = training.optimizer or default_optimizer(config.method, preset.input_size)
-    lr = training.lr or default_lr(config.method, optimizer)
-    adam = adam_form(config.method)
-    settings = TrainSettings(
-        epochs=epochs, lr=lr, optimizer=optimizer, lr_step=preset.lr_step,
-        weight_decay=_given(training.weight_decay,
-                            default_weight_decay(config.method, optimizer)),
-        adam_betas=tuple(training.adam_betas or adam.betas),
-        amsgrad=_given(training.amsgrad, adam.amsgrad),
-        batch_size=settings_batch,
-        workers=run.data.loader_workers(),
-        seed=training.seed, eval_every=training.eval_every, best_path=best, last_path=last,
-        resume=training.resume if resume is None else resume, progress=run.output.progress,
-        schedule=schedule[0], warmup=schedule[1], amp=training.amp,
-        precise_bn=training.precise_bn)
+    config, settings = resolve_job(run, spec, feature_dim, splits.num_classes, preset, width,
+                                   epochs, source, model_choice, schedule, best, last,
+                                   training.resume if resume is None else resume)
+    lr, settings_batch = settings.lr, settings.batch_size
     log.info("[config] dataset %s%s: %d identities, %d training images, %d test images",
              source, " (cross-dataset training)" if run.data.cross_dataset else "",
              splits.num_classes, len(splits.train), len(splits.queries))

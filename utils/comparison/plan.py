@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -59,6 +59,9 @@ class MethodPlan:
     optimizer: str
     default_lr: float
     grid: tuple[float, ...]
+    # What the method's runs resolve besides lr and seed (its defaults, its precision): part
+    # of its records' settings, so that a changed default makes an old record stale.
+    settings: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass
@@ -272,6 +275,12 @@ class RunStore:
         return record
 
 
+def run_settings(plan: ComparisonPlan, method: MethodPlan) -> dict:
+    """The settings a run of ``method`` is recorded with and checked against: the
+    comparison's, and the method's own under ``"method"``."""
+    return {**plan.settings, "method": method.settings}
+
+
 Runner = Callable[[RunKey, MethodPlan], dict]
 """Trains (and evaluates) one run; returns its outcome: ``status`` ("done" or "diverged"),
 ``mAP``, ``precision_at_k``, ``k``, ``history`` (per-epoch records), ``num_classes``,
@@ -310,12 +319,13 @@ def run_comparison(plan: ComparisonPlan, store: RunStore, runner: Runner,
     records: list[dict] = []
 
     def fetch(key: RunKey, method: MethodPlan) -> dict:
-        record = store.get(key, plan.settings)
+        settings = run_settings(plan, method)
+        record = store.get(key, settings)
         how = "reused"
         if record is None:
             say(f"[{tag}] starting {key.phase} {key.method} lr {key.lr:g} seed {key.seed} "
                 f"({key.epochs} epochs)")
-            record = store.put(key, plan.settings, runner(key, method))
+            record = store.put(key, settings, runner(key, method))
             how = f"done in {record['outcome'].get('wall_seconds', 0.0):.0f}s"
         progress.report(key, record["outcome"], how)
         records.append(record)
@@ -389,11 +399,12 @@ def summarise(plan: ComparisonPlan, records: Sequence[dict]) -> dict:
     for m, entry in methods.items():
         entry["rank"] = ranked.index(m) + 1 if m in ranked else None
     if REFERENCE in methods:
-        for metric, field in (("mAP", "test_mAP"), ("precision_at_k", "test_precision_at_k")):
-            reference = dict(zip(methods[REFERENCE]["seeds"], methods[REFERENCE][field]))
+        for metric, values in (("mAP", "test_mAP"), ("precision_at_k", "test_precision_at_k")):
+            reference = dict(zip(methods[REFERENCE]["seeds"], methods[REFERENCE][values]))
             for m, entry in methods.items():
                 if m != REFERENCE:
-                    diff = paired_difference(reference, dict(zip(entry["seeds"], entry[field])))
+                    diff = paired_difference(reference,
+                                             dict(zip(entry["seeds"], entry[values])))
                     if not (methods[REFERENCE]["trained"] and entry["trained"]):
                         diff["verdict"] = "not compared: a method did not train"
                     entry.setdefault("paired_difference", {})[metric] = diff

@@ -51,6 +51,18 @@ def _verdict(diff: dict | None, trained: bool) -> str:
     return f"**{diff['verdict']}**" if diff.get("ci") else f"{diff['verdict']} (one seed)"
 
 
+def precision_text(precision: str | dict[str, str],
+                   names: dict[str, str] | None = None) -> str:
+    """``precision float32``, or, when the methods train in different precisions (``--amp
+    auto`` keeps bf16 for the methods it holds accuracy for), each one's, named by
+    ``names``."""
+    if isinstance(precision, str):
+        return f"precision {precision}"
+    names = names or {}
+    return "precision per method (" + ", ".join(
+        f"{names.get(m, m)} {p}" for m, p in precision.items()) + ")"
+
+
 def ordered_methods(table: dict) -> list[str]:
     """Ranked methods first (by rank), then those that did not train, in the given order."""
     methods = table["methods"]
@@ -69,6 +81,7 @@ def markdown(table: dict) -> str:
     validation mAP of every lr tried, and why a method did not train."""
     k = table["k"]
     val = table["validation"]
+    names = {m: e["name"] for m, e in table["methods"].items()}
     protocol = ("cross-dataset (-c, unseen identities)" if table["protocol"] == "cross"
                 else "standard")
     lines = [
@@ -78,9 +91,9 @@ def markdown(table: dict) -> str:
         f"{val['query_images']} query images); the test split used once per final model. "
         f"Grid runs {table['tune_epochs']} epochs, final runs {table['epochs']} epochs, "
         f"schedule {table['schedule']['name']} (lr step {table['schedule']['lr_step']}), the "
-        f"same for every method; seeds {', '.join(map(str, table['seeds']))}; precision "
-        f"{table['precision']} (--amp {table['amp']}); wall time of all runs "
-        f"{_duration(table['wall_seconds'])}.", "", f"`{table['command']}`", "",
+        f"same for every method; seeds {', '.join(map(str, table['seeds']))}; "
+        f"{precision_text(table['precision'], names)} (--amp {table['amp']}); wall time of "
+        f"all runs {_duration(table['wall_seconds'])}.", "", f"`{table['command']}`", "",
         f"| rank | method | code | optimizer, chosen lr (default) | epochs | val mAP "
         f"| test mAP | P@{k} | {REFERENCE_NAME} − method, mAP [95% CI] | verdict on "
         f"{REFERENCE_NAME} | precision | train s/epoch | bytes/item (stored, packed) |",
