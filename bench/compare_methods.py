@@ -153,16 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-cross", action="store_true", help="run only the -c protocol")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the grid runs' checkpoints (default: only the final runs')")
-    p.add_argument("--measure-budget", action="store_true",
+    p.add_argument("--measure-budget", nargs="+", type=POSITIVE_INT, metavar="EPOCHS",
                    help="instead of the comparison: train every method at its default lr "
-                        "on the validation split for --epochs epochs, validation mAP "
-                        "(precise BN) every --val-every epochs, and choose the shortest "
-                        "budget at which every curve has levelled off "
-                        "(budget_<tag>.{md,json,png})")
+                        "on the validation split once per budget given (each run with its "
+                        "own full schedule), and choose the shortest budget after which no "
+                        "method's validation mAP gains --max-rise (budget_<tag>.{md,json,png})")
     p.add_argument("--max-rise", type=FRACTION, default=0.01,
-                   help="--measure-budget: a curve has levelled off at E when it rose less "
-                        "than this over E's last third and never rises this much later "
-                        "(0.01)")
+                   help="--measure-budget: the gain that a longer budget must not reach "
+                        "(0.01, one point of mAP)")
     return p
 
 
@@ -434,22 +432,26 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
     plans = method_plans(args, given, preset.input_size)
     precision = precision_label(plans)
     seeds = list(range(args.seeds))
-    if args.measure_budget:  # one run per method at its default lr, no final runs
-        plans = [replace(p, grid=(p.default_lr,)) for p in plans]
-        seeds, tune_epochs = [], epochs
-    plan = ComparisonPlan(plans, seeds, epochs, tune_epochs, settings,
-                          min_loss_drop=args.min_loss_drop, ce_margin=args.ce_margin)
+    runner = OpqnMainRunner(args, flags, work, cross, validation, given.amp, precision)
+    say = lambda line: print(line, flush=True)  # noqa: E731
     print(f"[{tag}] validation split {validation.data_dir}: {validation.info['identities']} "
           f"identities, {validation.info['gallery_images']} gallery and "
-          f"{validation.info['query_images']} query images; {plan.total_runs} runs, "
+          f"{validation.info['query_images']} query images; "
           f"{precision_text(precision, NAMES)}", flush=True)
-    runner = OpqnMainRunner(args, flags, work, cross, validation, given.amp, precision)
-    summary = run_comparison(plan, RunStore(work / "records"), runner,
-                             say=lambda line: print(line, flush=True), tag=tag)
+    if args.measure_budget:  # one run per method and budget at its default lr, no finals
+        plans = [replace(p, grid=(p.default_lr,)) for p in plans]
+        runs = []
+        for budget in sorted(set(args.measure_budget)):
+            plan = ComparisonPlan(plans, [], budget, budget, settings)
+            runs += run_comparison(plan, RunStore(work / "records"), runner, say=say,
+                                   tag=tag)["runs"]
+        return write_budget_report(runs, args, tag, out / f"budget_{tag}")
+    plan = ComparisonPlan(plans, seeds, epochs, tune_epochs, settings,
+                          min_loss_drop=args.min_loss_drop, ce_margin=args.ce_margin)
+    print(f"[{tag}] {plan.total_runs} runs", flush=True)
+    summary = run_comparison(plan, RunStore(work / "records"), runner, say=say, tag=tag)
     if [split_listing(t) for t in test_dirs] != settings["test_listing"]:
         raise ValidationSplitError("a test split changed during the comparison")
-    if args.measure_budget:
-        return write_budget_report(summary, args, tag, out / f"budget_{tag}")
     table = {"protocol": settings["protocol"], "dataset": args.dataset,
              "train_dataset": train_dir.parent.name, "bits": args.len,
              "num_books": args.num, "selection": "validation",

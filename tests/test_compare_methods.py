@@ -565,20 +565,23 @@ def test_a_sabotaged_run_is_flagged_for_every_method(tiny_data_dir, tmp_path):
         assert reasons and outcome["ce_chance"], (method, outcome["history"])
 
 
-def test_the_budget_is_the_shortest_at_which_every_curve_levelled_off():
-    from utils.comparison.plan import levelled_budget
+def test_the_budget_is_the_shortest_after_which_no_method_gains():
+    from utils.comparison.plan import sufficient_budget
 
-    fast = [[e, min(0.8, 0.1 * e)] for e in range(2, 61, 2)]  # flat from epoch 8
-    slow = [[e, min(0.72, 0.03 * e)] for e in range(2, 61, 2)]  # flat from epoch 24
-    assert levelled_budget({"fast": fast}) == 12  # flat over the last third of 12
-    assert levelled_budget({"slow": slow}) == 36
-    assert levelled_budget({"fast": fast, "slow": slow}) == 36
-    # A plateau that rises again later is not where the curve stopped.
-    step = [[e, 0.5 if e < 30 else 0.6] for e in range(2, 61, 2)]
-    assert levelled_budget({"step": step}) == 46
-    assert levelled_budget({"step": step}, max_rise=0.2) == 6
-    rising = [[e, 0.02 * e] for e in range(2, 61, 2)]
-    assert levelled_budget({"rising": rising}) is None
+    fast = {8: 0.70, 16: 0.705, 24: 0.71}  # enough at 8
+    slow = {8: 0.50, 16: 0.66, 24: 0.665}  # enough at 16
+    assert sufficient_budget({"fast": fast}) == 8
+    assert sufficient_budget({"slow": slow}) == 16
+    assert sufficient_budget({"fast": fast, "slow": slow}) == 16
+    # A rise past a plateau counts: a later budget may not gain either.
+    late = {8: 0.6, 16: 0.6, 24: 0.7, 32: 0.705}
+    assert sufficient_budget({"late": late}) == 24
+    assert sufficient_budget({"late": late}, max_rise=0.2) == 8
+    # Still rising at the longest budget, or a run missing: no budget.
+    assert sufficient_budget({"rising": {8: 0.5, 16: 0.6, 24: 0.7}}) is None
+    assert sufficient_budget({"fast": fast, "gap": {8: 0.5, 16: None, 24: 0.5}}) is None
+    assert sufficient_budget({"gap": {8: None, 16: 0.5, 24: 0.5}}) == 16
+
 
 
 # ---------------------------------------------------------------- method defaults, precision

@@ -206,30 +206,25 @@ def late_gain(points: Sequence[Sequence[float]]) -> float | None:
     return points[-1][1] - earlier[-1] if earlier else None
 
 
-def levelled_budget(curves: dict[str, Sequence[Sequence[float]]],
-                    max_rise: float = 0.01) -> int | None:
-    """The shortest budget (an epoch of the curves) at which every validation curve
-    (``[epoch, mAP]`` pairs, measured at the same epochs) has stopped rising: truncated
-    there, it rose less than ``max_rise`` over its last third (:func:`late_gain`), and no
-    later point of it is ``max_rise`` or more above its value there. None when no measured
-    epoch qualifies (the curves were still rising: measure longer).
-
-    Truncating a curve gives the run of the shorter budget exactly under a schedule that
-    does not depend on the total epoch count (the step schedule)."""
-    epochs = sorted({int(e) for points in curves.values() for e, _ in points})
-    for budget in epochs:
-        if all(_levelled(points, budget, max_rise) for points in curves.values()):
+def sufficient_budget(scores: dict[str, dict[int, float | None]],
+                      max_rise: float = 0.01) -> int | None:
+    """The shortest budget after which no method gains: ``scores`` holds, per method, the
+    validation mAP of a run of each budget (epochs; each run with its own full schedule,
+    so this holds for any schedule). The budget chosen is the smallest measured one from
+    which no longer measured budget of any method is ``max_rise`` or more higher. None when
+    only the longest qualifies (still rising: measure longer) or a run is missing."""
+    budgets = sorted({int(b) for per in scores.values() for b in per})
+    for budget in budgets[:-1]:
+        if all(_stopped(per, budget, max_rise) for per in scores.values()):
             return budget
     return None
 
 
-def _levelled(points: Sequence[Sequence[float]], budget: int, max_rise: float) -> bool:
-    head = [p for p in points if p[0] <= budget]
-    if not head or head[-1][0] != budget:
+def _stopped(per: dict[int, float | None], budget: int, max_rise: float) -> bool:
+    if per.get(budget) is None:
         return False
-    gain = late_gain(head)
-    later = max((value for epoch, value in points if epoch > budget), default=-math.inf)
-    return gain is not None and gain < max_rise and later - head[-1][1] < max_rise
+    later = [v for b, v in per.items() if b > budget]
+    return all(v is not None and v - per[budget] < max_rise for v in later)
 
 
 class StaleRun(ValueError):

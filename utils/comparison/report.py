@@ -224,52 +224,59 @@ def write_report(table: dict, stem: Path) -> list[Path]:
     return written
 
 
-def write_budget_report(summary: dict, args, tag: str, stem: Path) -> dict:
+def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
     """``stem.json``, ``stem.md`` and ``stem.png`` of ``--measure-budget``: every method's
-    validation curve at its default lr and the shortest budget at which all have levelled
-    off (:func:`utils.comparison.plan.levelled_budget`); returns the JSON's content."""
-    from utils.comparison.plan import levelled_budget
+    validation mAP at its default lr after each budget, and the shortest budget after which
+    none gains (:func:`utils.comparison.plan.sufficient_budget`); ``runs`` are the budget
+    runs' records. Returns the JSON's content."""
+    from utils.comparison.plan import sufficient_budget
 
-    curves, lrs = {}, {}
-    for record in summary["runs"]:
-        method = record["key"]["method"]
-        lrs[method] = record["key"]["lr"]
-        curves[method] = [[h["epoch"], h["monitor_mAP"]] for h in record["outcome"]["history"]
-                          if h.get("monitor_mAP") is not None]
-    own = {m: levelled_budget({m: points}, args.max_rise) for m, points in curves.items()}
-    budget = levelled_budget(curves, args.max_rise)
+    scores: dict[str, dict[int, float | None]] = {}
+    lrs, curves = {}, {}
+    for record in runs:
+        key, outcome = record["key"], record["outcome"]
+        scores.setdefault(key["method"], {})[key["epochs"]] = outcome.get("mAP")
+        lrs[key["method"]] = key["lr"]
+        curves[f"{key['method']}_e{key['epochs']}"] = [
+            [h["epoch"], h["monitor_mAP"]] for h in outcome.get("history", [])
+            if h.get("monitor_mAP") is not None]
+    own = {m: sufficient_budget({m: per}, args.max_rise) for m, per in scores.items()}
+    budget = sufficient_budget(scores, args.max_rise)
+    budgets = sorted({b for per in scores.values() for b in per})
     result = {"dataset": args.dataset, "tag": tag, "bits": args.len, "num_books": args.num,
-              "measured_epochs": args.epochs, "val_every": args.val_every,
-              "max_rise": args.max_rise, "budget": budget, "levelled_at": own,
-              "lr": lrs, "curves": curves, "command": args.command}
+              "budgets": budgets, "max_rise": args.max_rise, "budget": budget,
+              "sufficient_alone": own, "lr": lrs,
+              "val_mAP": {m: {str(b): v for b, v in per.items()} for m, per in scores.items()},
+              "curves": curves, "command": args.command}
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
-    epochs = sorted({e for points in curves.values() for e, _ in points})
-    lines = [f"Validation mAP (precise BN) of every method at its default lr, seed 0, "
-             f"{args.dataset} {args.len} bits; a curve has levelled off at E when it rose "
-             f"less than {100 * args.max_rise:g} point(s) over E's last third and never "
-             f"rises that much later. Chosen budget: "
-             f"{budget if budget is not None else f'none within {args.epochs} epochs'}.",
-             "", f"`{args.command}`", "",
-             "| method | lr | levelled at | " + " | ".join(f"e{e}" for e in epochs) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in epochs) + " |"]
-    for method, points in curves.items():
-        values = dict((e, v) for e, v in points)
-        lines.append(f"| {method} | {lrs[method]:g} | {own[method] or 'not yet'} | " + " | ".join(
-            _pct(values.get(e)) for e in epochs) + " |")
+    chosen = budget if budget is not None else f"none of {budgets} (still rising)"
+    lines = [f"Validation mAP (precise BN) of every method at its default lr, seed 0, after "
+             f"each budget (every run with its own full schedule), {args.dataset} "
+             f"{args.len} bits. The budget chosen is the shortest after which no method "
+             f"gains {100 * args.max_rise:g} point(s) or more: {chosen}.", "",
+             f"`{args.command}`", "",
+             "| method | lr | " + " | ".join(f"{b} epochs" for b in budgets)
+             + " | enough alone |", "| --- | --- | " + " | ".join("---" for _ in budgets)
+             + " | --- |"]
+    for method, per in scores.items():
+        lines.append(f"| {method} | {lrs[method]:g} | "
+                     + " | ".join(_pct(per.get(b)) for b in budgets)
+                     + f" | {own[method] if own[method] is not None else 'still rising'} |")
     atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for method, points in curves.items():
+    for method, per in scores.items():
+        points = sorted((b, v) for b, v in per.items() if v is not None)
         if points:
-            ax.plot(*zip(*points), marker=".", label=f"{method} (lr {lrs[method]:g})")
+            ax.plot(*zip(*points), marker="o", label=f"{method} (lr {lrs[method]:g})")
     if budget is not None:
         ax.axvline(budget, color="grey", linestyle="--", label=f"budget {budget}")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("budget (epochs)")
     ax.set_ylabel("validation mAP (precise BN)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="x-small")
-    ax.set_title(f"{args.dataset}, {args.len} bits: validation curves at the default lr",
+    ax.set_title(f"{args.dataset}, {args.len} bits: validation mAP after each budget",
                  fontsize="medium")
     _save(fig, stem.with_suffix(".png"))
     return result
