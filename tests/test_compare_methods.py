@@ -684,3 +684,22 @@ def test_an_outcome_holds_the_checkpoints_precision_config_and_settings(tmp_path
     with pytest.raises(tool.RunFailed, match=rf"{key.name} trained in float32, but the "
                                               r"comparison expected bf16 for dpq"):
         runner(key, MethodPlan("dpq", "sgd", 0.1, (0.1,), {"precision": "bf16"}))
+
+
+@pytest.mark.slow
+def test_measure_budget_runs_each_budget_once_and_writes_its_report(tiny_data_dir, tmp_path):
+    argv = ["--methods", "opqn", "--len", "12", "--num", "2", "--measure-budget", "1", "2",
+            "--val-per-identity", "2", "--val-every", "1", "--data-dir", str(tiny_data_dir),
+            "--out", str(tmp_path), "--", "--width", "8", "--bs", "8", "--workers", "0",
+            "--schedule", "cosine"]
+    first = _tool(*argv)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("starting tune opqn lr 0.1") == 2
+    report = json.loads((tmp_path / "budget_synthface_12bits.json").read_text())
+    assert report["budgets"] == [1, 2] and set(report["val_mAP"]["opqn"]) == {"1", "2"}
+    scores = report["val_mAP"]["opqn"]
+    assert report["budget"] == (1 if scores["2"] - scores["1"] < 0.01 else None)
+    assert "| opqn | 0.1 |" in (tmp_path / "budget_synthface_12bits.md").read_text()
+    assert (tmp_path / "budget_synthface_12bits.png").stat().st_size > 0
+    again = _tool(*argv)  # finished budget runs are reused
+    assert again.returncode == 0 and "starting" not in again.stdout
