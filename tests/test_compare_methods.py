@@ -583,6 +583,18 @@ def test_the_budget_is_the_shortest_after_which_no_method_gains():
     assert sufficient_budget({"gap": {8: None, 16: 0.5, 24: 0.5}}) == 16
 
 
+def test_the_ranking_settles_where_no_longer_budget_reorders_the_methods():
+    from utils.comparison.plan import settled_ranking_budget
+
+    a = {10: 0.70, 20: 0.78, 30: 0.84}  # still rising, always first
+    b = {10: 0.63, 20: 0.72, 30: 0.76}
+    c = {10: 0.64, 20: 0.68, 30: 0.70}  # ahead of b at 10 only
+    assert settled_ranking_budget({"a": a, "b": b, "c": c}) == 20
+    assert settled_ranking_budget({"a": a, "b": b}) == 10
+    assert settled_ranking_budget({"a": a, "c": {10: 0.6, 20: 0.7, 30: 0.9}}) is None
+    assert settled_ranking_budget({"a": a, "b": {10: 0.6, 20: None, 30: 0.7}}) is None
+
+
 
 # ---------------------------------------------------------------- method defaults, precision
 

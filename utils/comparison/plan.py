@@ -220,6 +220,25 @@ def sufficient_budget(scores: dict[str, dict[int, float | None]],
     return None
 
 
+def settled_ranking_budget(scores: dict[str, dict[int, float | None]]) -> int | None:
+    """The shortest budget from which the methods' order by validation mAP (``scores`` as
+    :func:`sufficient_budget`'s) is the same at every longer measured budget; None when
+    only the longest qualifies or a run is missing."""
+    budgets = sorted({int(b) for per in scores.values() for b in per})
+
+    def order(budget: int) -> list[str] | None:
+        values = {m: per.get(budget) for m, per in scores.items()}
+        if any(v is None for v in values.values()):
+            return None
+        return sorted(values, key=lambda m: -values[m])
+
+    orders = [order(b) for b in budgets]
+    for i, budget in enumerate(budgets[:-1]):
+        if orders[i] is not None and all(o == orders[i] for o in orders[i + 1:]):
+            return budget
+    return None
+
+
 def _stopped(per: dict[int, float | None], budget: int, max_rise: float) -> bool:
     if per.get(budget) is None:
         return False

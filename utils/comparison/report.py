@@ -229,7 +229,7 @@ def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
     validation mAP at its default lr after each budget, and the shortest budget after which
     none gains (:func:`utils.comparison.plan.sufficient_budget`); ``runs`` are the budget
     runs' records. Returns the JSON's content."""
-    from utils.comparison.plan import sufficient_budget
+    from utils.comparison.plan import settled_ranking_budget, sufficient_budget
 
     scores: dict[str, dict[int, float | None]] = {}
     lrs, curves = {}, {}
@@ -242,9 +242,11 @@ def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
             if h.get("monitor_mAP") is not None]
     own = {m: sufficient_budget({m: per}, args.max_rise) for m, per in scores.items()}
     budget = sufficient_budget(scores, args.max_rise)
+    settled = settled_ranking_budget(scores)
     budgets = sorted({b for per in scores.values() for b in per})
     result = {"dataset": args.dataset, "tag": tag, "bits": args.len, "num_books": args.num,
               "budgets": budgets, "max_rise": args.max_rise, "budget": budget,
+              "ranking_settled_at": settled,
               "sufficient_alone": own, "lr": lrs,
               "val_mAP": {m: {str(b): v for b, v in per.items()} for m, per in scores.items()},
               "curves": curves, "command": args.command}
@@ -252,10 +254,12 @@ def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
     stem.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
     chosen = budget if budget is not None else f"none of {budgets} (still rising)"
+    ranked = settled if settled is not None else f"none of {budgets}"
     lines = [f"Validation mAP (precise BN) of every method at its default lr, seed 0, after "
              f"each budget (every run with its own full schedule), {args.dataset} "
-             f"{args.len} bits. The budget chosen is the shortest after which no method "
-             f"gains {100 * args.max_rise:g} point(s) or more: {chosen}.", "",
+             f"{args.len} bits. Shortest budget after which no method gains "
+             f"{100 * args.max_rise:g} point(s) or more: {chosen}. Shortest budget from "
+             f"which the methods' order no longer changes: {ranked}.", "",
              f"`{args.command}`", "",
              "| method | lr | " + " | ".join(f"{b} epochs" for b in budgets)
              + " | enough alone |", "| --- | --- | " + " | ".join("---" for _ in budgets)
