@@ -244,13 +244,15 @@ def method_settings(method: str, given: argparse.Namespace, input_size: int) -> 
 
 def method_plans(args: argparse.Namespace, given: argparse.Namespace,
                  input_size: int) -> list[MethodPlan]:
-    """Each compared method's optimiser, default lr, lr grid (all of the same size:
-    :func:`utils.comparison.plan.equal_grids`) and resolved settings."""
-    settings = {m: method_settings(m, given, input_size) for m in args.methods}
+    """Each compared method's optimiser, default lr, lr grid and resolved settings. The
+    grids are made equal over all five methods (:func:`utils.comparison.plan.equal_grids`),
+    whichever ``--methods`` are run, so that a comparison split over several processes
+    by ``--methods`` runs the grids of the whole one."""
+    settings = {m: method_settings(m, given, input_size) for m in METHODS}
     grids = equal_grids([(m, s["optimizer"]) for m, s in settings.items()], args.sgd_lrs,
                         args.adam_lrs)
-    return [MethodPlan(m, s["optimizer"], s["default_lr"], grids[m], s)
-            for m, s in settings.items()]
+    return [MethodPlan(m, settings[m]["optimizer"], settings[m]["default_lr"], grids[m],
+                       settings[m]) for m in args.methods]
 
 
 def precision_label(plans: list[MethodPlan]) -> str | dict[str, str]:

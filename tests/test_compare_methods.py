@@ -715,3 +715,20 @@ def test_measure_budget_runs_each_budget_once_and_writes_its_report(tiny_data_di
     assert (tmp_path / "budget_synthface_12bits.png").stat().st_size > 0
     again = _tool(*argv)  # finished budget runs are reused
     assert again.returncode == 0 and "starting" not in again.stdout
+
+
+def test_a_comparison_split_by_methods_runs_the_grids_of_the_whole_one():
+    """Two processes with --methods opqn l2q and --methods dpq gpq dcdh must try the same
+    rates as one process with all five (the grids are equalised over all methods)."""
+    tool = _load_tool()
+
+    def grids(*methods):
+        args, extra = tool.parse_args(["--methods", *methods, "--sgd-lrs", "0.1", "0.03",
+                                       "--adam-lrs", "2e-3", "5e-4"])
+        given, _ = tool.run_flags(extra)
+        return {p.method: p.grid for p in tool.method_plans(args, given, 32)}
+
+    whole = grids("opqn", "l2q", "dpq", "gpq", "dcdh")
+    assert grids("opqn", "l2q") == {m: whole[m] for m in ("opqn", "l2q")}
+    assert grids("gpq") == {"gpq": whole["gpq"]}
+    assert len({len(g) for g in whole.values()}) == 1 and len(whole["opqn"]) == 3
