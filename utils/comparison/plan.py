@@ -1,16 +1,19 @@
 """The protocol of ``bench/compare_methods.py``, apart from the runs themselves.
 
 * Each method's learning rate is chosen on the validation split from a grid for its
-  optimiser that always holds its default and its authors' lr (:func:`lr_grid`,
-  :func:`choose_lr`).
+  optimiser that always holds its default and its authors' lr, every method's grid of the
+  same size (:func:`lr_grid`, :func:`equal_grids`, :func:`choose_lr`).
 * The chosen rate is retrained on the full training split with several seeds; test mAP and
   P@k are reported as mean ± sd (:func:`mean_sd`), and OPQN's paired difference to every
-  method with its sd over the seeds (:func:`paired_difference`).
-* A method whose training loss barely fell, or whose cross-entropy stayed near chance,
-  "did not train" (:func:`training_failures`) and is not ranked.
+  method with its sd, 95% interval and verdict over the seeds (:func:`paired_difference`).
+* A method whose training loss barely fell, or whose identity cross-entropies stayed near
+  their chance levels, "did not train" (:func:`training_failures`) and is not ranked.
+* The budget: the shortest after which no method gains (:func:`sufficient_budget`), and
+  the shortest from which their order no longer changes (:func:`settled_ranking_budget`).
 * Every finished run is a JSON record (:class:`RunStore`), keyed by phase, method, lr, seed
-  and epochs and checked against the comparison's settings: an interrupted comparison
-  continues where it stopped, and a finished run is never silently replaced.
+  and epochs and checked against the comparison's settings and the method's resolved
+  defaults (:func:`run_settings`): an interrupted comparison continues where it stopped,
+  and a finished run is never silently replaced.
 
 :func:`run_comparison` drives it all with a runner given by the caller (a subprocess of
 ``opqn_main.py`` in the tool, a fake one in the tests) and :func:`summarise` turns the
