@@ -435,31 +435,34 @@ def test_runner_commands_keep_the_test_split_for_the_final_evaluation(tmp_path, 
 @pytest.mark.slow
 def test_the_tool_end_to_end_writes_the_table_and_reuses_finished_runs(tiny_data_dir,
                                                                        tmp_path):
-    """Real runs on the tiny synthface (one method, one lr, one seed: two opqn_main.py
+    """Real runs on the tiny synthface (one method, one seed, two rates: the grids are
+    equalised over all five methods, and DPQ's holds 0.1 and 0.01; three opqn_main.py
     processes), then the same command again, as after an interruption: every finished run
     is reused and its record left untouched."""
     argv = ["--methods", "opqn", "--len", "12", "--num", "2", "--seeds", "1", "--sgd-lrs",
-            "0.1", "--tune-epochs", "1", "--epochs", "1", "--val-per-identity", "2",
+            "0.1", "--adam-lrs", "2e-4", "--tune-epochs", "1", "--epochs", "1", "--val-per-identity", "2",
             "--val-every", "1", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path),
             "--", "--width", "8", "--bs", "8", "--workers", "0"]
     first = _tool(*argv)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "runs 2/2" in first.stdout and "reused" not in first.stdout
+    assert "runs 3/3" in first.stdout and "reused" not in first.stdout
     records = tmp_path / "runs_synthface_12bits" / "records"
     stamps = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
-    assert len(stamps) == 2
+    assert len(stamps) == 3
     second = _tool(*argv)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert second.stdout.count("reused") == 2 and "starting" not in second.stdout
+    assert second.stdout.count("reused") == 3 and "starting" not in second.stdout
     assert all(records.joinpath(n).stat().st_mtime_ns == t for n, t in stamps.items())
     table = json.loads((tmp_path / "compare_synthface_12bits.json").read_text())
     assert (table["protocol"], table["dataset"], table["bits"], table["selection"]) == \
         ("standard", "synthface", 12, "validation")
     assert table["precision"] == "float32" and table["validation"]["query_images"] == 12
     entry = table["methods"]["opqn"]
-    assert [g["lr"] for g in entry["lr_grid"]] == [0.1] and entry["chosen_lr"] == 0.1
+    assert [g["lr"] for g in entry["lr_grid"]] == [0.1, 0.0316]
+    assert entry["chosen_lr"] in (0.1, 0.0316)
     assert entry["lr_grid"][0]["val_mAP"] is not None and entry["seeds"] == [0]
-    run = json.loads((records / "final_opqn_lr0.1_seed0_e1.json").read_text())["outcome"]
+    final = f"final_opqn_lr{entry['chosen_lr']:.6g}_seed0_e1.json"
+    run = json.loads((records / final).read_text())["outcome"]
     assert entry["test_mAP"] == [run["mAP"]] == [entry["mean_mAP"]]
     assert run["precision"] == "float32" and run["wall_seconds"] > 0
     assert run["num_queries"] == 30 and run["num_database"] == 36  # the test split
