@@ -233,7 +233,6 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     use_amp: bool
-    first_step_loss: float | None = None  # set by the first epoch of a fresh run
 
 
 def build_run(config: OPQNConfig, settings: TrainSettings, device: torch.device) -> TrainingRun:
@@ -356,10 +355,6 @@ def _epoch_means(run: TrainingRun, sums: _EpochSums, epoch: int, settings: Train
     if seen == 0:
         raise RuntimeError("no training batch could be read in this epoch")
     means = (sums.total / seen).tolist()
-    if epoch == 0 and sums.first_step_loss is not None:
-        # The loss of the untrained model (this rank's first batch): a one-epoch run
-        # still shows whether its loss fell.
-        run.first_step_loss = sums.first_step_loss
     if not math.isfinite(means[0]):
         raise TrainingDiverged(
             f"training loss became {means[0]} at epoch {epoch + 1}; stopped. The last "
@@ -369,9 +364,11 @@ def _epoch_means(run: TrainingRun, sums: _EpochSums, epoch: int, settings: Train
 
 def train_epoch(run: TrainingRun, train_module: nn.Module, train_set, sampler,
                 epoch: int, per_rank_batch: int, settings: TrainSettings,
-                device: torch.device, dist_info: DistInfo) -> list[float]:
+                device: torch.device,
+                dist_info: DistInfo) -> tuple[list[float], float | None]:
     """One pass over the training set (0-based ``epoch``, seeded by :func:`epoch_seed`);
-    the mean loss and its parts, ``[loss, *logged_parts(run)]``, over all processes."""
+    the mean loss and its parts, ``[loss, *logged_parts(run)]``, over all processes, and
+    the loss of this rank's first step, taken before that step (None if none ran)."""
     torch.manual_seed(epoch_seed(settings.seed, epoch))
     generator = torch.Generator().manual_seed(epoch_seed(settings.seed, epoch))
     if sampler is not None:
@@ -380,7 +377,7 @@ def train_epoch(run: TrainingRun, train_module: nn.Module, train_set, sampler,
                          shuffle=True, generator=generator, sampler=sampler, drop_last=True)
     train_module.train()
     sums = _run_steps(run, train_module, loader, train_set, epoch, settings, device, dist_info)
-    return _epoch_means(run, sums, epoch, settings, device, dist_info)
+    return _epoch_means(run, sums, epoch, settings, device, dist_info), sums.first_step_loss
 
 
 class _Monitor:
@@ -471,15 +468,17 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
                   total=settings.epochs, disable=not (settings.progress and dist_info.is_main))
     for epoch in epochs:
         start = time.perf_counter()
-        means = train_epoch(run, train_module, splits.train, sampler, epoch, per_rank_batch,
-                            settings, device, dist_info)
+        means, first_step_loss = train_epoch(run, train_module, splits.train, sampler,
+                                             epoch, per_rank_batch, settings, device,
+                                             dist_info)
         lr = run.optimizer.param_groups[0]["lr"]
         run.scheduler.step()
         state.epoch = epoch + 1
         record = {"epoch": state.epoch, "loss": means[0], **dict(zip(part_names, means[1:])),
                   "lr": lr, "seconds": time.perf_counter() - start}
-        if epoch == 0 and run.first_step_loss is not None:
-            record["first_step_loss"] = run.first_step_loss
+        if epoch == 0 and first_step_loss is not None:
+            # The untrained model's loss: a one-epoch run still shows whether it fell.
+            record["first_step_loss"] = first_step_loss
         improved = means[0] < state.best_loss
         if improved:
             state.best_loss, state.best_epoch = means[0], state.epoch
