@@ -135,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "power of two near sqrt(gallery size), at least 39 items a list)")
     g.add_argument("--nprobe", type=int, help="--index-type ivf: lists scanned per query "
                    "(default nlist/16; nprobe = nlist gives the flat index's results)")
+    g = p.add_argument_group("galleries in Milvus (--milvus), Lite or a server")
+    g.add_argument("--milvus", metavar="URI", help="with --search: keep the gallery in Milvus "
+                   "and search it there; with -e: write each model's gallery there. A file "
+                   "name ending in .db is Milvus Lite (embedded, no server); "
+                   "http(s)://host:port is a Milvus server or cluster")
+    g.add_argument("--milvus-token", metavar="TOKEN", default=os.environ.get("MILVUS_TOKEN"),
+                   help="--milvus server: user:password or API key (default: $MILVUS_TOKEN)")
+    g.add_argument("--milvus-collection", metavar="NAME", help="--milvus: the collection "
+                   "(default: opqn_<checkpoint name>)")
+    g.add_argument("--milvus-timeout", type=float, default=30.0, metavar="S",
+                   help="--milvus: seconds to wait for the server on each call (default 30)")
+    g.add_argument("--where", metavar="EXPR", help="with --search --milvus: a Milvus filter "
+                   "on the gallery's metadata (path, identity, model, added), e.g. "
+                   "'identity in [\"a\", \"b\"]' or 'path like \"/photos/2024/%%\"'")
+    g.add_argument("--milvus-delete", nargs="+", metavar="PATH", help="with --search "
+                   "--milvus: delete these images from the gallery before searching")
     _add_method_flags(p)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="facescrub",

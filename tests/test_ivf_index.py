@@ -1,5 +1,5 @@
-"""The IVF index over a model's own codes (utils.retrieval.ivf_index) and the shard front
-(utils.retrieval.shard_search), for every method's head."""
+"""The IVF index over a model's own codes (utils.retrieval.ivf_index), for every method's
+head."""
 import numpy as np
 import pytest
 import torch
@@ -136,58 +136,6 @@ def test_default_nlist_and_bad_nlist():
     head, codes, _ = _case("opqn", n=20)
     with pytest.raises(ValueError, match="nlist 21"):
         train_ivf(head, codes, 21)
-
-
-@pytest.mark.parametrize("method", ["opqn", "gpq", "l2q", "dcdh"])
-def test_two_shard_servers_on_loopback_equal_one_index(method):
-    from utils.retrieval.shard_search import ShardFront, ShardServer
-
-    head, codes, queries = _case(method)
-    trained = train_ivf(head, codes, NLIST)
-    whole = _clone(trained)
-    add_to_ivf(whole, head, codes)
-    set_nprobe(whole, 4)
-    servers = []
-    try:
-        for a, b in [(0, 140), (140, 300)]:
-            shard = _clone(trained)
-            add_to_ivf(shard, head, codes[a:b], torch.arange(a, b))
-            servers.append(ShardServer(shard).start())
-        front = ShardFront([(s.host, s.port) for s in servers])
-        front.set_nprobe(4)
-        assert front.ntotal == codes.shape[0]
-        assert front.keep_max == (head.faiss_metric == "ip")
-        want = search_head_index(whole, head, queries, TOPK)
-        got = search_head_index(front, head, queries, TOPK)
-        assert torch.equal(want[0], got[0])
-        # Indices agree wherever scores are not tied (the last may tie with the 11th).
-        for q in range(queries.shape[0]):
-            s = want[0][q]
-            clear = torch.ones_like(s, dtype=torch.bool)
-            clear[-1] = False
-            clear[1:] &= s[1:] != s[:-1]
-            clear[:-1] &= s[:-1] != s[1:]
-            assert torch.equal(want[1][q][clear], got[1][q][clear])
-        if head.faiss_metric == "ip":
-            # The pitfall the front avoids: faiss's own ClientIndex keeps the lowest
-            # similarities, that is the worst matches.
-            from faiss.contrib.client_server import ClientIndex
-
-            naive = ClientIndex([(s.host, s.port) for s in servers])
-            dist, _ = naive.search(head.faiss_queries(queries).numpy(), TOPK)
-            assert (dist[:, 0] < want[0][:, 0].numpy() - 1e-4).all()
-    finally:
-        for server in servers:
-            server.close()
-
-
-def test_serve_command_refuses_a_file_that_is_no_index(tmp_path, capsys):
-    from utils.retrieval.shard_search import main
-
-    (tmp_path / "junk.faiss").write_bytes(b"not an index")
-    assert main(["serve", str(tmp_path / "junk.faiss"), "--port", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot read" in err[0] and "junk.faiss" in err[0]
 
 
 @pytest.mark.parametrize("method,spherical", [("opqn", False), ("opqn", True), ("gpq", False),

@@ -21,12 +21,12 @@ MAX_README_LINES = 300
 COMMON = ["--bs", "12", "--workers", "0", "--no-progress", "--seed", "1"]
 # The Python blocks of all pages run as one script, the README's first, then the docs pages:
 # these first, in this order (a page's blocks may continue an earlier page's: scaling.md's
-# shard example uses the model, gallery and codes of python_api.md), then the rest by name.
+# Milvus example uses the model, gallery and codes of python_api.md), then the rest by name.
 SNIPPET_ORDER = ["python_api.md", "scaling.md"]
 # What each page's snippets print, so that a snippet that silently does nothing fails.
 EXPECTED_OUTPUT = {
     "python_api.md": ["mAP", "best match of the first query", "faiss's best match"],
-    "scaling.md": ["the front's best match"],
+    "scaling.md": ["Milvus's best match of the first query"],
 }
 
 

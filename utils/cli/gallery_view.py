@@ -152,3 +152,26 @@ def write_html(rows: Sequence[GridRow], topk: int, path: str | Path, title: str 
     path = Path(path)
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def rows_json(rows: Sequence[GridRow]) -> list[dict]:
+    """The ``queries`` list of ``search.json``: each query's ranked hits."""
+    return [{"path": row.query_path, "identity": row.query_identity,
+             "results": [{"rank": i + 1, "path": h.path, "identity": h.identity,
+                          "score": h.score, "correct": h.correct}
+                         for i, h in enumerate(row.hits)]} for row in rows]
+
+
+def write_search_outputs(out: str | Path, result: dict, rows: Sequence[GridRow], topk: int,
+                         grid_rows: int, html_rows: int, title: str) -> tuple[Path, Path, Path]:
+    """``search.json`` (``result``), ``search.png`` (the first ``grid_rows`` rows) and
+    ``search.html`` (the first ``html_rows``) under ``out``; returns their paths."""
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "search.json"
+    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    png = draw_grid(rows[:grid_rows], topk, out / "search.png", title)
+    page = write_html(rows[:html_rows], topk, out / "search.html", title)
+    return json_path, png, page

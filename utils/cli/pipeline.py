@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from data.datasets import dataset_preset
+from data.datasets import dataset_preset, readable_items
 from data.folders import identity_folders
 from data.loaders import RetrievalSplits, build_splits, make_loader
 from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, PretrainedUnavailable,
@@ -334,6 +334,17 @@ def _checked_checkpoints(run: RunSettings,
     return loaded
 
 
+def _export_to_milvus(model: OPQN, path: Path, run: RunSettings, gallery, codes) -> None:
+    """-e --milvus: the evaluated gallery's codes ``(N, M)`` into the model's collection."""
+    from .milvus_search import export_codes  # pymilvus is imported only with --milvus
+
+    items = readable_items(gallery)
+    if items is None or len(items) != codes.shape[0]:
+        raise UsageError(f"--milvus: the gallery of {path} has no file list that lines up "
+                         f"with its {codes.shape[0]} codes")
+    export_codes(model, path, run.milvus, items, codes).close()
+
+
 def run_evaluation(run: RunSettings, specs: list[CodeSpec], device: torch.device) -> None:
     """Evaluate each checkpoint of --load on --dataset (gallery = train, queries = test)."""
     log = setup_logging(None)
@@ -387,6 +398,8 @@ def run_evaluation(run: RunSettings, specs: list[CodeSpec], device: torch.device
             export_gallery_index(model, codes, splits.gallery,
                                  export_path(evaluation.export_faiss[index], run.output.out),
                                  evaluation.index_type, evaluation.nlist, evaluation.nprobe)
+        if run.milvus.uri:
+            _export_to_milvus(model, path, run, splits.gallery, codes)
     if len(curves) > 1:
         path = write_pr_comparison(curves, run.output.out, data.dataset, data.cross_dataset)
         log.info("PR curves of all models: %s", path)

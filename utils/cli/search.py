@@ -20,7 +20,6 @@ Outputs under ``--out``: ``search.json`` (every query's ranked paths, identities
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from data.loaders import make_loader
 from data.transforms import build_transform
 from models import OPQN
 from models.heads.base import code_dtype
-from utils.atomic_io import atomic_write_text
 from utils.checkpoints.store import checkpoint_path, load_checkpoint
 from utils.logger import get_logger, setup_logging
 from utils.retrieval import encoding
@@ -56,7 +54,7 @@ from utils.runtime import (
 
 from .checkpoint_checks import REQUIRED_KEYS, checked_model
 from .data_folders import prepare_folders
-from .gallery_view import GridRow, Hit, draw_grid, write_html
+from .gallery_view import GridRow, Hit, draw_grid, rows_json, write_search_outputs
 from .settings import RunSettings
 from .validation import UsageError
 
@@ -154,6 +152,8 @@ def _run_search(run: RunSettings, device: torch.device, info: DistInfo, log) -> 
     ckpt = checkpoint_path(options.load, run.output.checkpoint_dir)
     model = checked_model(load_checkpoint(ckpt, map_location="cpu",
                                           required_keys=REQUIRED_KEYS), ckpt).to(device)
+    if run.milvus.uri:
+        return _search_milvus(run, device, info, model, ckpt, log)
     train_dir = test_dir = None  # --dataset's splits, only when a default needs them
     if options.gallery is None or not options.query:
         train_dir, test_dir = prepare_folders(run.data, cross_train=False)
@@ -224,19 +224,13 @@ def _run_search(run: RunSettings, device: torch.device, info: DistInfo, log) -> 
         **({"ivf_index": str(ivf_folder), "ivf_status": ivf_status, "nlist": ivf.nlist,
             "nprobe": ivf.nprobe} if ivf is not None else {}),
         "topk": topk, "score": "sum_m P_m[code_m] (asymmetric, higher is closer)",
-        "queries": [{"path": row.query_path, "identity": row.query_identity,
-                     "results": [{"rank": i + 1, "path": h.path, "identity": h.identity,
-                                  "score": h.score, "correct": h.correct}
-                                 for i, h in enumerate(row.hits)]} for row in rows],
+        "queries": rows_json(rows),
         "unreadable_queries": unreadable,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "search.json"
-    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
-    shown = rows[: options.grid_rows]
     title = f"{ckpt.stem}: top-{topk} of {len(index)} gallery images"
-    png = draw_grid(shown, topk, out / "search.png", title)
-    page = write_html(rows[:HTML_ROWS], topk, out / "search.html", title)
+    json_path, png, page = write_search_outputs(out, result, rows, topk, options.grid_rows,
+                                                HTML_ROWS, title)
+    shown = rows[: options.grid_rows]
     if len(rows) > len(shown):
         log.info("search.png shows the first %d of %d queries (--grid-rows); search.html %d; "
                  "search.json all", len(shown), len(rows), min(len(rows), HTML_ROWS))
@@ -246,6 +240,33 @@ def _run_search(run: RunSettings, device: torch.device, info: DistInfo, log) -> 
     log.info("search: %d queries against %d gallery images: %s, %s, %s", len(rows), len(index),
              json_path, png, page)
     return result
+
+
+def _search_milvus(run: RunSettings, device: torch.device, info: DistInfo, model: OPQN,
+                   ckpt: Path, log) -> dict:
+    """--search --milvus: the gallery lives in a Milvus collection (one process: the
+    database does the scaling)."""
+    from .milvus_search import milvus_search
+
+    if info.distributed:
+        raise UsageError("--search --milvus runs in one process (Milvus distributes the "
+                         "search itself): start it without torchrun")
+    options = run.search
+    splits: list[tuple[Path, Path]] = []
+
+    def dataset_split(which: int) -> Path:
+        if not splits:
+            splits.append(prepare_folders(run.data, cross_train=False))
+        return splits[0][which]
+
+    query_files, missing = collect_queries(list(options.query) or [str(dataset_split(1))])
+    for entry in missing:
+        log.warning("query not found: %s", entry)
+    if not query_files:
+        raise UsageError(f"no query images in --query {' '.join(options.query)}")
+    return milvus_search(run, model, ckpt, lambda: dataset_split(0), query_files, missing,
+                         _encoder(model, run, device, "gallery", allow_empty=True),
+                         _encoder(model, run, device, "query"))
 
 
 def write_examples(model: OPQN, gallery: Dataset, queries: Dataset, codes: Tensor,

@@ -126,6 +126,18 @@ class SearchOptions:
 
 
 @dataclass(frozen=True)
+class MilvusOptions:
+    """--milvus: the gallery in a Milvus collection (Lite file or server)."""
+
+    uri: str | None = None  # None: no Milvus
+    token: str | None = None
+    collection: str | None = None  # None: opqn_<checkpoint name>
+    timeout: float = 30.0
+    where: str | None = None
+    delete: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """One command line, grouped; ``device`` is the --device text (resolved by the caller)."""
 
@@ -135,6 +147,7 @@ class RunSettings:
     training: TrainingOptions = field(default_factory=TrainingOptions)
     evaluation: EvaluationOptions = field(default_factory=EvaluationOptions)
     search: SearchOptions = field(default_factory=SearchOptions)
+    milvus: MilvusOptions = field(default_factory=MilvusOptions)
     device: str = "auto"
 
     @classmethod
@@ -158,6 +171,11 @@ class RunSettings:
                               export_faiss=tuple(given.get("export_faiss") or ())),
             search=_group(SearchOptions, given, load=(given.get("load") or [""])[0],
                           query=tuple(given.get("query") or ())),
+            milvus=MilvusOptions(
+                uri=given.get("milvus"), token=given.get("milvus_token"),
+                collection=given.get("milvus_collection"),
+                timeout=given.get("milvus_timeout") or 30.0, where=given.get("where"),
+                delete=tuple(given.get("milvus_delete") or ())),
             device=given.get("device") or "auto",
         )
 

@@ -181,6 +181,7 @@ def check_options(args) -> None:
         raise UsageError("--overwrite and --resume contradict each other: --resume continues "
                          "the existing checkpoint, --overwrite replaces it")
     _check_index_type(args)
+    _check_milvus(args)
     search_flags = (("--gallery", args.gallery), ("--query", args.query),
                     ("--index", args.index), ("--rebuild-index", args.rebuild_index))
     if args.search:
@@ -221,6 +222,43 @@ def check_options(args) -> None:
             raise UsageError("--load is for evaluation (-e); training writes --save")
         if args.export_faiss:
             raise UsageError("--export-faiss works with -e")
+
+
+def _check_milvus(args) -> None:
+    """--milvus with --search or -e; its companions only with it."""
+    uri = getattr(args, "milvus", None)
+    companions = (("--milvus-collection", getattr(args, "milvus_collection", None)),
+                  ("--where", getattr(args, "where", None)),
+                  ("--milvus-delete", getattr(args, "milvus_delete", None)))
+    if not uri:
+        for flag, given in companions:
+            if given:
+                raise UsageError(f"{flag} works with --milvus")
+        return
+    if not args.search and not args.evaluate:
+        raise UsageError("--milvus works with --search or -e")
+    timeout = getattr(args, "milvus_timeout", 30.0)
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise UsageError(f"--milvus-timeout must be a positive number of seconds, got "
+                         f"{timeout}")
+    if getattr(args, "index_type", "flat") != "flat":
+        raise UsageError("--milvus searches with Milvus's own index: drop --index-type")
+    if args.search:
+        if args.index:
+            raise UsageError("--index names a local index file; with --milvus the gallery "
+                             "lives in the collection")
+        if getattr(args, "milvus_delete", None) and args.gallery:
+            raise UsageError("--milvus-delete and --gallery contradict each other: adding "
+                             "the folder would put the deleted images back")
+        if getattr(args, "where", None) is not None and not args.where.strip():
+            raise UsageError("--where is empty: give a Milvus filter expression")
+        return
+    for flag, given in companions[1:]:
+        if given:
+            raise UsageError(f"{flag} works with --search --milvus")
+    if getattr(args, "milvus_collection", None) and args.load and len(args.load) > 1:
+        raise UsageError("--milvus-collection names one collection: -e with several models "
+                         "writes one collection per model (opqn_<checkpoint name>)")
 
 
 def _check_index_type(args) -> None:

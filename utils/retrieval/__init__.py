@@ -5,8 +5,9 @@
 - ``adc``: the ranking engine, ``evaluate_adc`` (mAP, P@k, PR) and ``search_adc`` (top-k);
 - ``metrics``: AP, precision, recall and PR points on a user's own scores;
 - ``faiss_index``, ``ivf_index``, ``export``: the codes as faiss flat or IVF indexes;
-- ``gallery_index``, ``shards``, ``shard_search``: gallery indexes that are reused, encoded in
-  shards by several processes, and served from several machines.
+- ``gallery_index``, ``shards``: gallery indexes that are reused and encoded in shards by
+  several processes;
+- ``milvus_gallery``: a gallery in Milvus (Lite or a server), searched with exact scores.
 """
 from .adc import evaluate_adc, search_adc
 from .encoding import encode_gallery, encode_queries, evaluate_model, extract_features

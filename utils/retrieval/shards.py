@@ -11,8 +11,7 @@ gallery index (:mod:`utils.retrieval.gallery_index`) and removes them.
 The IVF index is built the same way (:func:`open_or_build_ivf`): process 0 trains the coarse
 quantizer, every process adds its ranges of codes to a copy of it and writes an IVF shard
 file, and process 0 merges those into on-disk inverted lists (``lists.ivfdata``), which
-faiss memory-maps at search time. The IVF shards stay beside it: each can be served by its
-own machine (:mod:`utils.retrieval.shard_search`). The IVF folder's ``meta.json`` holds the
+faiss memory-maps at search time. The IVF folder's ``meta.json`` holds the
 model and gallery fingerprints; a folder that does not match them is rebuilt.
 
 All processes must see the same file system (the folder of ``--index``). Only process 0
