@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ _PROPERTY = "opqn."  # prefix of our collection properties
 
 def _pymilvus():
     """The client library, with its own error logging silenced (we report one line)."""
+    # gRPC's C core prints keepalive notices (GOAWAY "too_many_pings" from Milvus Lite's
+    # in-process server) on stderr; failures reach us as exceptions, reported in one line.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         import pymilvus
     except ImportError:
