@@ -735,3 +735,12 @@ def test_a_comparison_split_by_methods_runs_the_grids_of_the_whole_one():
     assert grids("opqn", "l2q") == {m: whole[m] for m in ("opqn", "l2q")}
     assert grids("gpq") == {"gpq": whole["gpq"]}
     assert len({len(g) for g in whole.values()}) == 1 and len(whole["opqn"]) == 3
+
+
+def test_report_header_names_the_schedule_that_ran():
+    from utils.comparison.report import schedule_text
+
+    assert schedule_text({"name": "cosine", "lr_step": 35, "warmup": 0}) == "cosine to 0"
+    assert schedule_text({"name": "cosine", "lr_step": 35, "warmup": 2}) == \
+        "cosine to 0 after 2 warmup epochs"
+    assert schedule_text({"name": "step", "lr_step": 15}) == "step (lr halved every 15 epochs)"

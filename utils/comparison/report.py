@@ -14,6 +14,15 @@ REFERENCE_NAME = "OPQN"
 RISING = 0.02  # a validation mAP gain over the grid budget's last third that gets a note
 
 
+def schedule_text(schedule: dict) -> str:
+    """The header's schedule: ``step (lr halved every N epochs)`` or ``cosine to 0`` (with
+    its warmup when there is one)."""
+    if schedule.get("name") == "cosine":
+        warmup = schedule.get("warmup") or 0
+        return "cosine to 0" + (f" after {warmup} warmup epochs" if warmup else "")
+    return f"step (lr halved every {schedule.get('lr_step')} epochs)"
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
@@ -90,7 +99,7 @@ def markdown(table: dict) -> str:
         f"as queries ({val['identities']} identities, {val['gallery_images']} gallery and "
         f"{val['query_images']} query images); the test split used once per final model. "
         f"Grid runs {table['tune_epochs']} epochs, final runs {table['epochs']} epochs, "
-        f"schedule {table['schedule']['name']} (lr step {table['schedule']['lr_step']}), the "
+        f"schedule {schedule_text(table['schedule'])}, the "
         f"same for every method; seeds {', '.join(map(str, table['seeds']))}; "
         f"{precision_text(table['precision'], names)} (--amp {table['amp']}); wall time of "
         f"all runs {_duration(table['wall_seconds'])}.", "", f"`{table['command']}`", "",
