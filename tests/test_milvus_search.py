@@ -130,3 +130,28 @@ def test_rejected_filter_and_other_models_collection_are_one_line(search_model, 
                    "theirs") == 2
     one_line_error(capsys, "theirs", "another model", "other.tar")
     assert (tmp_path / "o" / "search.json").read_text() == written  # nothing overwritten
+
+
+def test_interrupted_folder_build_stays_incomplete_and_resumes(tmp_path, monkeypatch):
+    import torch
+
+    from utils.cli import milvus_search
+    from utils.retrieval.milvus_gallery import MilvusGallery, MilvusModel
+
+    store = MilvusGallery.open(str(tmp_path / "b.db"), "g", MilvusModel("c" * 64, "opqn", 2, 4))
+    items = [(f"/g/id{i % 3}/{i}.png", f"id{i % 3}") for i in range(10)]
+    calls = []
+
+    def encode(paths):
+        calls.append(len(paths))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # during the second chunk
+        return torch.ones(len(paths), 2, dtype=torch.long), torch.arange(len(paths))
+
+    monkeypatch.setattr(milvus_search, "ADD_CHUNK", 4)
+    with pytest.raises(KeyboardInterrupt):
+        milvus_search.add_missing(store, items, encode=encode)
+    assert len(store) == 4 and not store.complete  # the first chunk is kept, not served
+    added, unreadable = milvus_search.add_missing(store, items, encode=encode)
+    assert (added, unreadable) == (6, []) and calls == [4, 4, 4, 2]
+    assert store.complete and len(store) == 10

@@ -20,6 +20,8 @@ PAD = 6
 FRAME = 4
 TEXT_H = 30  # two lines of caption
 HEADER_H = 20
+DEFAULT_TOPK = 10  # results per query of --search
+HTML_ROWS = 200  # queries shown in search.html
 GREEN, RED, BLUE, GREY = (30, 160, 60), (210, 40, 40), (40, 90, 200), (200, 200, 200)
 
 

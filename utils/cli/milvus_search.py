@@ -20,12 +20,11 @@ from utils.logger import get_logger
 from utils.retrieval.gallery_index import model_fingerprint, scan_gallery
 from utils.retrieval.milvus_gallery import MilvusGallery, MilvusModel, collection_name
 
-from .gallery_view import GridRow, Hit, rows_json, write_search_outputs
+from .gallery_view import DEFAULT_TOPK, HTML_ROWS, GridRow, Hit, rows_json, write_search_outputs
 from .settings import MilvusOptions, RunSettings
 from .validation import UsageError
 
-HTML_ROWS = 200  # queries shown in search.html
-DEFAULT_TOPK = 10
+ADD_CHUNK = 20000  # images encoded, then inserted, at a time: an interruption keeps the rest
 Encoder = Callable[[list[str]], tuple[Tensor, Tensor]]
 
 
@@ -52,16 +51,21 @@ def add_missing(gallery: MilvusGallery, items: Sequence[tuple[str, str | None]],
     missing = [i for i, (path, _) in enumerate(items) if path not in stored]
     if not missing:
         return 0, []
-    paths = [items[i][0] for i in missing]
-    if codes is not None:
-        new_codes, kept = codes[missing], list(range(len(missing)))
-    else:
-        assert encode is not None
-        new_codes, positions = encode(paths)
-        kept = positions.tolist()
-    unreadable = sorted(set(paths) - {paths[i] for i in kept})
-    added = gallery.add([paths[i] for i in kept], [items[missing[i]][1] for i in kept],
-                        new_codes, progress=progress)
+    added, unreadable = 0, []
+    with gallery.build():  # incomplete until every chunk is in
+        for start in range(0, len(missing), ADD_CHUNK):
+            chunk = missing[start:start + ADD_CHUNK]
+            paths = [items[i][0] for i in chunk]
+            if codes is not None:
+                new_codes, kept = codes[chunk], list(range(len(chunk)))
+            else:
+                assert encode is not None
+                new_codes, positions = encode(paths)
+                kept = positions.tolist()
+            unreadable += sorted(set(paths) - {paths[i] for i in kept})
+            added += gallery.add([paths[i] for i in kept],
+                                 [items[chunk[i]][1] for i in kept], new_codes,
+                                 progress=progress)
     return added, unreadable
 
 

@@ -54,12 +54,11 @@ from utils.runtime import (
 
 from .checkpoint_checks import REQUIRED_KEYS, checked_model
 from .data_folders import prepare_folders
-from .gallery_view import GridRow, Hit, draw_grid, rows_json, write_search_outputs
+from .gallery_view import (DEFAULT_TOPK, HTML_ROWS, GridRow, Hit, draw_grid, rows_json,
+                           write_search_outputs)
 from .settings import RunSettings
 from .validation import UsageError
 
-DEFAULT_TOPK = 10
-HTML_ROWS = 200
 EXAMPLE_QUERIES = 8
 EXAMPLE_SEED = 0
 

@@ -27,13 +27,15 @@ collection left ``building`` by an interrupted run is refused until the build is
 
 Verbs, as in faiss: :meth:`MilvusGallery.open`, :meth:`~MilvusGallery.add`,
 :meth:`~MilvusGallery.delete`, :meth:`~MilvusGallery.search`, plus
-:meth:`~MilvusGallery.stored_paths` and :meth:`~MilvusGallery.drop`.
+:meth:`~MilvusGallery.build` (one mark over several adds), :meth:`~MilvusGallery.stored_paths`
+and :meth:`~MilvusGallery.drop`.
 
 Nothing here listens on the network or unpickles: the client speaks Milvus's gRPC
 (protocol buffers). Milvus Lite serves that protocol on a loopback port of this process.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,7 +43,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -147,6 +149,7 @@ class MilvusGallery:
                  timeout: float) -> None:
         self._client, self.uri, self.name = client, uri, name
         self.model, self.timeout = model, timeout
+        self._building = False
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -274,8 +277,7 @@ class MilvusGallery:
         from tqdm import tqdm
 
         now = int(time.time())
-        with self._errors("insert"):
-            self._mark("building")
+        with self.build(), self._errors("insert"):
             bar = tqdm(total=n, desc="milvus insert", unit="img", disable=not progress)
             for start in range(0, n, INSERT_BATCH):
                 stop = min(start + INSERT_BATCH, n)
@@ -286,9 +288,26 @@ class MilvusGallery:
                 self._client.upsert(self.name, rows, timeout=self.timeout)
                 bar.update(stop - start)
             bar.close()
+        return n
+
+    @contextlib.contextmanager
+    def build(self) -> Iterator[MilvusGallery]:
+        """Marks the collection ``building`` for the block (nested blocks share one mark),
+        and ``complete``, flushed, only when the outermost block ends without an error: a
+        build spread over several :meth:`add` calls is never served half done."""
+        if self._building:
+            yield self
+            return
+        with self._errors("insert"):
+            self._mark("building")
+        self._building = True
+        try:
+            yield self
+        finally:
+            self._building = False
+        with self._errors("insert"):
             self._client.flush(self.name, timeout=self.timeout)
             self._mark("complete")
-        return n
 
     def delete(self, paths: Sequence[str]) -> int:
         """Delete the items with these paths; returns how many were stored."""
