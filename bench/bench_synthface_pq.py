@@ -38,7 +38,7 @@ from data.synthface import (  # noqa: E402
     synthface_meta,
 )
 
-# The project's 32x32 normalisation (SPEC, section 2).
+# The project's 32x32 normalisation (docs/paper.md, "Training protocol").
 MEAN = np.array([0.639, 0.479, 0.404], dtype=np.float32)
 STD = np.array([0.216, 0.183, 0.171], dtype=np.float32)
 PQ_CONFIGS = ((2, 8), (4, 6), (6, 6), (8, 6))  # (M sub-quantizers, bits each)

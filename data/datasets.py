@@ -22,7 +22,7 @@ from .folders import IMAGE_EXTENSIONS, scan_identity_folders  # noqa: F401 (re-e
 
 @dataclass(frozen=True)
 class DatasetPreset:
-    """Training protocol of a dataset (SPEC §2)."""
+    """Training protocol of a dataset (docs/paper.md, "Training protocol")."""
 
     input_size: int = 32
     epochs: int = 200

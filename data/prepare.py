@@ -16,14 +16,14 @@ filesystem allows (else symlinking, else copying; ``--copy`` forces copies), plu
 (``manifest.csv``, or ``cross_manifest.csv`` for the cross split) and a full report
 (``prepare_report.txt`` / ``cross_prepare_report.txt``) in ``DIR/NAME``.
 
-Protocol presets (SPEC section 2); ``--test-per-identity``/``--train-per-identity`` override them:
+Protocol presets (docs/paper.md, "Evaluation protocol"); ``--test-per-identity``/``--train-per-identity`` override them:
 
 ========== ============================ ============================================
 protocol   per identity                 note
 ========== ============================ ============================================
 facescrub  5 test, the rest train
 youtube    40 train + 5 test            extra images of a person are left unused
-cfw        10 test, the rest train      SPEC: ~500 ids, ~55,000/5,000 -> 10 per id
+cfw        10 test, the rest train      paper: ~500 ids, ~55,000/5,000 -> 10 per id
 vggface2   50 test, the rest train
 cross      50 test, the rest train      needs --exclude-identities; cross_* folders
 ========== ============================ ============================================
@@ -103,7 +103,7 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {
     "facescrub": Protocol("facescrub", 5, None),
     "youtube": Protocol("youtube", 5, 40),
-    # The SPEC gives ~500 identities with ~55,000 train / ~5,000 test images, i.e. 10 test
+    # The paper gives ~500 identities with ~55,000 train / ~5,000 test images, i.e. 10 test
     # images per identity; override with --test-per-identity if your copy differs.
     "cfw": Protocol("cfw", 10, None),
     "vggface2": Protocol("vggface2", 50, None),

@@ -1,4 +1,4 @@
-"""Per-sample train and test transforms for the two input sizes (SPEC §2).
+"""Per-sample train and test transforms for the two input sizes (docs/paper.md, "Training protocol").
 
 Resizing happens per sample, so datasets of mixed image sizes batch correctly. Every image
 is first brought to a stored ``S x S`` square (shorter side resized to S, centre crop):

@@ -1,5 +1,5 @@
 """The OPQN loss: subspace-wise additive-margin cosine loss on original and soft-quantized
-sub-vectors, plus entropy minimisation of the soft assignment (SPEC §1)."""
+sub-vectors, plus entropy minimisation of the soft assignment (docs/paper.md, "Loss")."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Fixed orthonormal codebooks built from the DCT-II basis (SPEC §1)."""
+"""Fixed orthonormal codebooks built from the DCT-II basis (docs/paper.md, "Model")."""
 from __future__ import annotations
 
 import math

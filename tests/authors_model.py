@@ -1,4 +1,4 @@
-"""A re-creation of the authors' ``resnet20_pq`` module layout (SPEC §4 and issue 9), written
+"""A re-creation of the authors' ``resnet20_pq`` module layout (docs/paper.md, "The authors' released checkpoints"), written
 from the description, to build files in exactly their checkpoint format for the tests.
 
 Stages ``layer1..layer4`` are Sequentials of conv (with bias), BatchNorm2d, PReLU, then

@@ -1,4 +1,4 @@
-"""The backbone of SPEC §1, pinned at the paper's width 64 for both input sizes.
+"""The backbone of docs/paper.md ("Model"), pinned at the paper's width 64 for both input sizes.
 
 A wrong number of units, a wrong stride, a wrong channel count or a re-ordered head must
 fail here: the output shape alone (tests/test_quantizer.py) does not see them.
@@ -10,7 +10,7 @@ from torch import nn
 from models import OPQN, OPQNConfig
 from models.backbone import FaceResNet20, ResidualUnit
 
-# Parameter count at width 64, worked out by hand from SPEC §1 (convolutions have no bias;
+# Parameter count at width 64, worked out by hand from docs/paper.md (convolutions have no bias;
 # BatchNorm has 2 parameters per channel, running statistics are buffers; PReLU has one
 # slope per channel):
 #   stage opening conv(in->c) + BN + PReLU:  9*in*c + 2c + c = 9*in*c + 3c

@@ -1,4 +1,4 @@
-"""The authors' released checkpoint format (SPEC §4): loaded as is, converted, resumed."""
+"""The authors' released checkpoint format (docs/paper.md, "The authors' released checkpoints"): loaded as is, converted, resumed."""
 import sys
 
 import pytest

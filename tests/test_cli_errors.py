@@ -1,5 +1,5 @@
 """Every bad input gets one clear line on stderr, the right exit code, no traceback, and is
-caught before any work: nothing is generated or written (SPEC §3, "a clear error for every
+caught before any work: nothing is generated or written ("a clear error for every
 bad input")."""
 from __future__ import annotations
 

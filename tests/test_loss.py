@@ -138,7 +138,7 @@ def test_defaults_are_the_papers():
 
 
 def _reference_loss(sub, soft, probs, weights, labels, margin, scale, miu):
-    """SPEC §1's loss written independently, sample by sample and book by book, in float64."""
+    """The loss of docs/paper.md written independently, sample by sample and book by book, in float64."""
     b, m, _ = sub.shape
     total_x, total_s = 0.0, 0.0
     for i in range(b):

@@ -1,4 +1,4 @@
-"""The protocol of SPEC §2: presets, transforms, top-k, and the PR curve against brute force."""
+"""The protocol of docs/paper.md ("Training protocol", "Evaluation protocol"): presets, transforms, top-k, and the PR curve against brute force."""
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,4 @@
-"""The authors' released checkpoints (mzhang367/opqn, SPEC §4): detection and conversion.
+"""The authors' released checkpoints (mzhang367/opqn; docs/paper.md): detection and conversion.
 
 Their training saved ``{'backbone': nn.DataParallel(resnet20_pq).state_dict(), 'mlp': V}``
 with ``V`` a Parameter ``(M, d, K)`` and nothing else (no configuration, no class weights,
@@ -51,7 +51,7 @@ _PREFIX = "module."
 _BLOCK_PARTS = {"conv1": (0, 0), "bn1": (0, 1), "prelu1": (0, 2),
                 "conv2": (1, 0), "bn2": (1, 1), "prelu2": (1, 2)}
 _HEAD = {"bn": "head.1", "fc": "head.3", "last_bn": "head.4"}
-# Final feature-map side per input size (SPEC §1): 4x4 at 32, 7x7 at 112.
+# Final feature-map side per input size (docs/paper.md, "Model"): 4x4 at 32, 7x7 at 112.
 _SIDE_TO_INPUT = {4: 32, 7: 112}
 
 

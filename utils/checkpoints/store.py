@@ -312,7 +312,7 @@ def load_checkpoint(
     if require_format:
         fmt = obj.get("format")
         if fmt is None:
-            # The authors' released files (SPEC §4) are converted on the fly.
+            # The authors' released files (docs/paper.md) are converted on the fly.
             if is_authors_format(obj):
                 obj = convert_authors_checkpoint(obj, path)
                 logging.getLogger("opqn").info("%s: converted the %s to this project's format "

@@ -388,7 +388,7 @@ def check_identity_overlap(trained: Iterable[str], evaluated: Iterable[str], che
                            allow: bool, shown: int = 5) -> list[str]:
     """The identities a cross-dataset evaluation shares with the model's training set.
 
-    The cross-dataset protocol (SPEC §2) needs disjoint identities, so any overlap is a
+    The cross-dataset protocol (docs/paper.md, "Evaluation protocol") needs disjoint identities, so any overlap is a
     usage error naming the first ``shown`` identities and the count, unless ``allow``
     (--allow-identity-overlap). Returns the sorted overlap.
     """
