@@ -1,8 +1,8 @@
 """bf16 against float32 training: retrieval mAP, and where the bf16 gap comes from.
 
-    python bench/digits_set.py --data-dir data
-    python bench/bench_amp_accuracy.py --dataset digits --methods opqn gpq dcdh --seeds 0 1 2
-    python bench/bench_amp_accuracy.py --dataset synthface --seeds 0 1 2 -- \
+    python -m bench.digits_set --data-dir data
+    python -m bench.bench_amp_accuracy --dataset digits --methods opqn gpq dcdh --seeds 0 1 2
+    python -m bench.bench_amp_accuracy --dataset synthface --seeds 0 1 2 -- \
         --synthface-identities 40 --synthface-images 15
 
 For every method, seed and precision (``--amp off`` and ``--amp bf16``; ``--variants`` adds
@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -1,6 +1,6 @@
 """Gallery codes from bf16 against fp32 backbone inference, on a trained model.
 
-    python bench/bench_amp_codes.py checkpoint/synthface_36bits.tar [--dataset synthface]
+    python -m bench.bench_amp_codes checkpoint/synthface_36bits.tar [--dataset synthface]
 
 Encodes the dataset's gallery (its train split, test transform) twice with the same model:
 backbone in float32, and backbone under bf16 autocast with channels_last (the quantization
@@ -12,11 +12,8 @@ Target: at least 99% of the items keep their code.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 

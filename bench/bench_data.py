@@ -1,6 +1,6 @@
 """Input-pipeline throughput: JPEG files vs the pre-decoded cache, against what training eats.
 
-    python bench/bench_data.py [--quick] [--images N] [--workers W] [--width 64] [--batch 256]
+    python -m bench.bench_data [--quick] [--images N] [--workers W] [--width 64] [--batch 256]
 
 It writes its own temporary folder of JPEGs (structured random faces-ish pictures of varied
 sizes, one folder per identity), then measures, in images per second:
@@ -35,7 +35,6 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 from data.cache import CachedImageDataset, open_cache  # noqa: E402
 from data.transforms import build_transform  # noqa: E402

@@ -32,7 +32,7 @@ the library's default threads on a loaded machine are therefore inflated by the 
 the engine.  With one thread neither side has barriers, and its CPU time does not count the
 moments a busy core made it wait.
 
-Usage: ``python bench/bench_eval.py [--quick] [--device cpu|cuda] [--threads T] [--repeats R]
+Usage: ``python -m bench.bench_eval [--quick] [--device cpu|cuda] [--threads T] [--repeats R]
 [--baseline-queries B]``
 """
 from __future__ import annotations
@@ -48,9 +48,6 @@ import time
 from functools import partial
 from statistics import median
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

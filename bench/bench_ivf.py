@@ -27,7 +27,7 @@ The last line reads
 ``ivf: N=<n> nlist=<nlist> nprobe=<nprobe> recall@10=<r> speed-up vs flat=<x>x`` for the
 smallest swept nprobe reaching ``--target-recall`` (else the largest).
 
-Usage: ``python bench/bench_ivf.py [--n 1000000] [--nlist 4096] [--nprobe 1 2 4 ... 256]
+Usage: ``python -m bench.bench_ivf [--n 1000000] [--nlist 4096] [--nprobe 1 2 4 ... 256]
 [--load CKPT] [--epochs 12] [--data-dir data]``. Without ``--load`` it uses
 ``checkpoint/bench_ivf_36bits_<epochs>ep.tar`` and first trains it (as ``python opqn_main.py
 --dataset synthface --len 36 --num 6 --words 64 --epochs 12 --schedule cosine --eval-every 0
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -47,7 +46,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from data.datasets import FaceFolder  # noqa: E402
 from utils.checkpoints.store import (CheckpointError, last_checkpoint_path,  # noqa: E402

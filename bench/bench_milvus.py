@@ -18,7 +18,7 @@ between its top-10 scores and the ADC engine's. The last lines print Milvus's ra
 the two others. Fashion-MNIST: ``apt-get install dataset-fashion-mnist`` (a bench dependency
 only).
 
-Usage: ``python bench/bench_milvus.py [--n 120000] [--queries 200] [--load CKPT]
+Usage: ``python -m bench.bench_milvus [--n 120000] [--queries 200] [--load CKPT]
 [--epochs 5] [--data-dir data]``.
 """
 from __future__ import annotations
@@ -36,10 +36,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from bench_ivf import timed, training_state  # noqa: E402
-from fashion_set import DEBIAN_FOLDER, load_split, write_fashion  # noqa: E402
+from bench.bench_ivf import timed, training_state  # noqa: E402
+from bench.fashion_set import DEBIAN_FOLDER, load_split, write_fashion  # noqa: E402
 
 TOPK = 10
 QUERY_BATCH = 256

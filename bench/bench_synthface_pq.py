@@ -12,13 +12,12 @@ ranked database (database = train split, queries = test split) for
 A useful dataset keeps these well below 0.3 (aim <= 0.15) while a CNN trained with
 identity labels reaches mAP >= 0.8.
 
-Usage: ``python bench/bench_synthface_pq.py [--data-dir DIR] [--seed 0] [--difficulty 1.0]``
+Usage: ``python -m bench.bench_synthface_pq [--data-dir DIR] [--seed 0] [--difficulty 1.0]``
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from data.synthface import (  # noqa: E402
     DEFAULT_CROSS_IDENTITIES,

@@ -1,9 +1,9 @@
 """Training throughput: fp32 against bf16 autocast + channels_last, and the real loop.
 
-    python bench/bench_train.py                        # fp32 vs bf16: the three rows below
-    python bench/bench_train.py --input-size 32        # one configuration: bare step + loop
-    python bench/bench_train.py --input-size 112 --device cuda --batch 256 [--compile]
-    python bench/bench_train.py --backbone sphere20 edgenext_x_small resnet18 --input-size 32
+    python -m bench.bench_train                        # fp32 vs bf16: the three rows below
+    python -m bench.bench_train --input-size 32        # one configuration: bare step + loop
+    python -m bench.bench_train --input-size 112 --device cuda --batch 256 [--compile]
+    python -m bench.bench_train --backbone sphere20 edgenext_x_small resnet18 --input-size 32
                                                        # per backbone: FLOPs, parameters, img/s
 
 Without ``--input-size`` it times one training step (forward, loss, backward, SGD) on random
@@ -26,12 +26,10 @@ ratios against the first backbone.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 

@@ -8,17 +8,15 @@ gallery, asymmetric distance) at the code lengths of ``bench/bench_synthface_pq.
 exact L2 on the pixels. The same split and transform as ``opqn_main.py --dataset digits``,
 so the numbers compare like for like with a trained model's mAP.
 
-Usage: ``python bench/digits_pixel_pq.py [--data-dir data] [--seed 0]``
+Usage: ``python -m bench.digits_pixel_pq [--data-dir data] [--seed 0]``
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from bench.bench_synthface_pq import (  # noqa: E402
     PQ_CONFIGS,

@@ -1,7 +1,7 @@
 """A real labelled image set for bench scripts: scikit-learn's handwritten digits as an
 identity-folder dataset (``<root>/digits/{train,test}/<digit>/<n>.png``).
 
-    python bench/digits_set.py --data-dir data        # then: opqn_main.py --dataset digits
+    python -m bench.digits_set --data-dir data        # then: opqn_main.py --dataset digits
 
 scikit-learn ships the 1,797 8x8 images inside its wheel, so nothing is downloaded; it is a
 bench dependency only (``pip install scikit-learn``), never in requirements.txt. Each image

@@ -3,7 +3,7 @@
 "identity".
 
     apt-get install dataset-fashion-mnist        # Debian's package: the four IDX files
-    python bench/fashion_set.py --data-dir data --train-per-class 300 --test-per-class 30
+    python -m bench.fashion_set --data-dir data --train-per-class 300 --test-per-class 30
     python opqn_main.py --dataset fashion --data-dir data --width 16 --cache
 
 The gallery (``train``) is drawn from Fashion-MNIST's 60,000 training images and the queries

@@ -11,7 +11,7 @@ split), and prints the mAP of
 
 and which of them ``-e`` reports for this checkpoint (its ``l2q_query``).
 
-Usage: ``python bench/l2q_query_side.py CHECKPOINT --data-dir DIR [--dataset synthface]``
+Usage: ``python -m bench.l2q_query_side CHECKPOINT --data-dir DIR [--dataset synthface]``
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from data.loaders import build_splits, make_loader  # noqa: E402
 from models.pq_ops import neg_sq_distance_tables, soft_vectors  # noqa: E402

@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 # What `--synthface-identities 6 --synthface-images 6` asks for (see utils.cli.data_folders).
 TINY_SYNTHFACE = ["--synthface-identities", "6", "--synthface-images", "6"]

@@ -1,6 +1,4 @@
 """bench/bench_ivf.py: which cached synthface model it reuses, resumes or trains again."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_ivf", REPO / "bench" / "bench_ivf.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_ivf", module)
-    spec.loader.exec_module(module)
-    return module
+    from bench import bench_ivf
+
+    return bench_ivf
 
 
 def _save(path, planned, done):

@@ -59,7 +59,7 @@ def test_multiple_models_get_one_combined_plot(tiny_data_dir, run_cli, tmp_path)
 
 def test_runs_on_cpu_without_cuda(tmp_path):
     script = (
-        "import torch, sys; sys.path.insert(0, %r)\n"
+        "import torch\n"
         "assert not torch.cuda.is_available()\n"
         "from models import OPQN, OPQNConfig; from losses import OPQNLoss\n"
         "from utils.runtime import resolve_device\n"
@@ -68,8 +68,8 @@ def test_runs_on_cpu_without_cuda(tmp_path):
         "m = OPQN(cfg); l = OPQNLoss(3, 2, 32)\n"
         "sub, soft, p = m.quantizer(m(torch.randn(4, 3, 32, 32)))\n"
         "loss, _ = l(sub, soft, p, torch.tensor([0, 1, 2, 0])); loss.backward()\n"
-        "print('ok', loss.item())\n" % str(REPO))
-    env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}
+        "print('ok', loss.item())\n")
+    env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env=env, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -2,7 +2,6 @@
 paired differences, the did-not-train flag, resumable run records, and the tool itself."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -23,11 +22,9 @@ from utils.training.methods import authors_lr, default_lr, default_optimizer
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("compare_methods",
-                                                  REPO / "bench" / "compare_methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from utils.comparison import tool
+
+    return tool
 
 
 # ---------------------------------------------------------------- selection and statistics
@@ -356,8 +353,8 @@ def test_validation_leak_check_catches_a_query_in_the_gallery_and_a_test_file(ti
 
 
 def _tool(*argv, cwd=REPO, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "bench" / "compare_methods.py"), *argv],
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "utils.comparison", *argv],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
@@ -372,7 +369,7 @@ def test_bad_flags_are_one_line_errors(argv, fragment, capsys):
         tool.parse_args(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("compare_methods.py: error:")
+    assert err.count("\n") == 0 and err.startswith("python -m utils.comparison: error:")
     assert fragment in err
 
 
@@ -511,7 +508,7 @@ def test_the_report_ranks_trained_methods_and_is_rebuilt_from_its_json(tmp_path)
              "validation": {"per_identity": 2, "identities": 6, "gallery_images": 24,
                             "query_images": 12},
              "schedule": {"name": "step", "lr_step": 15}, "seeds": plan.seeds, "amp": "off",
-             "precision": "float32", "command": "python bench/compare_methods.py", **summary}
+             "precision": "float32", "command": "python -m utils.comparison", **summary}
     tool._add_run_facts(table)
     written = write_report(table, tmp_path / "compare_synthface_12bits")
     assert [p.name for p in written] == [

@@ -10,7 +10,6 @@ import torch
 from torch.utils.data import DistributedSampler
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from conftest import one_line_error  # noqa: E402
 from data.loaders import build_splits, make_loader  # noqa: E402

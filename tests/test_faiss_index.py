@@ -1,12 +1,9 @@
 """Tests of the FAISS IndexPQ export (utils.retrieval.faiss_index) against search_adc."""
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 faiss = pytest.importorskip("faiss")
 

@@ -162,3 +162,14 @@ def test_no_file_cites_a_document_the_repository_lacks():
         offenders += [f"{name}:{i}" for i, line in enumerate(text.splitlines(), 1)
                       if re.search(r"\bSPEC\b", line)]
     assert offenders == []
+
+
+def test_no_script_patches_sys_path():
+    """Scripts run as modules from the repository root (``python -m bench.bench_ivf``,
+    ``python -m utils.comparison``); pytest finds the packages through pytest.ini."""
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.split()
+    patched = [name for name in tracked if name != "tests/test_layout.py" and any(
+        f"sys.path.{verb}" in (REPO / name).read_text(encoding="utf-8")
+        for verb in ("insert", "append"))]
+    assert patched == []

@@ -1,14 +1,11 @@
 """Tests of the tie-aware metric helpers in utils.retrieval.metrics against brute-force references."""
 import itertools
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.retrieval.metrics import (  # noqa: E402
     ap_from_levels,

@@ -222,9 +222,10 @@ def test_cache_cli_checks_size_and_prints_one_line(tiny_data_dir, capsys):
 
 
 def test_pixel_pq_bench_checks_faiss_minimum_first(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "bench_synthface_pq.py"),
+    out = subprocess.run([sys.executable, "-m", "bench.bench_synthface_pq",
                           "--identities", "20", "--train-per-identity", "10", "--data-dir",
-                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+                          str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert "at least 256" in out.stderr and "gives 200" in out.stderr
@@ -237,9 +238,9 @@ def test_pixel_pq_bench_never_replaces_a_users_synthface(tmp_path):
     ensure_synthface(tmp_path, num_identities=3, train_per_identity=2, cross_identities=2,
                      progress=False)
     before = snapshot(tmp_path)
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "bench_synthface_pq.py"),
+    out = subprocess.run([sys.executable, "-m", "bench.bench_synthface_pq",
                           "--data-dir", str(tmp_path)], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, cwd=REPO)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "3 identities x 2 training images" in out.stderr
     assert snapshot(tmp_path) == before

@@ -1,12 +1,9 @@
 """Mixed precision stops at the features: heads, losses, codes and query tables in fp32."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import losses.opqn_loss as opqn_loss  # noqa: E402
 from data.datasets import collate_skip_broken  # noqa: E402

@@ -1,14 +1,11 @@
 """Tests of utils.retrieval.adc (ADC evaluation and top-k search) against brute-force references."""
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.retrieval.metrics import retrieval_metrics  # noqa: E402
 from utils.retrieval.adc import evaluate_adc, search_adc  # noqa: E402

@@ -2,7 +2,7 @@
 
 - ``utils.cli``: the flows behind ``opqn_main.py`` (train, evaluate, search), option checks,
   result files and pictures;
-- ``utils.comparison``: the comparison protocol of ``bench/compare_methods.py``;
+- ``utils.comparison``: the comparison protocol of ``python -m utils.comparison``;
 - ``utils.training``: the training loop, schedules, precise BN, per-method optimiser defaults;
 - ``utils.retrieval``: encoding, the ADC ranking engine and metrics, faiss and IVF indexes,
   gallery indexes and shards;

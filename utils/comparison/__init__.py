@@ -1,4 +1,4 @@
-"""The comparison protocol (``bench/compare_methods.py``): learning rates chosen on validation
+"""The comparison protocol (``python -m utils.comparison``): learning rates chosen on validation
 with equal budgets, several seeds, resumable run records (``plan``), and the report with its
 table and figures (``report``)."""
 from .plan import ComparisonPlan, MethodPlan, RunKey, RunStore, run_comparison, summarise

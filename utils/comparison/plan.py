@@ -1,4 +1,4 @@
-"""The protocol of ``bench/compare_methods.py``, apart from the runs themselves.
+"""The protocol of ``python -m utils.comparison``, apart from the runs themselves.
 
 * Each method's learning rate is chosen on the validation split from a grid for its
   optimiser that always holds its default and its authors' lr, every method's grid of the

@@ -1,4 +1,4 @@
-"""The outputs of ``bench/compare_methods.py``: the Markdown table, the JSON, and the PR,
+"""The outputs of ``python -m utils.comparison``: the Markdown table, the JSON, and the PR,
 training-loss and validation-mAP figures, all from the table dict (so that they can be
 rebuilt from the JSON alone: :func:`write_report`)."""
 from __future__ import annotations

@@ -34,8 +34,8 @@ under ``--out``, with ``<tag>`` = ``<dataset>[_cross]_<bits>bits``:
 Each run is an ``opqn_main.py`` process, so a run is exactly what a user gets from the
 command line. Examples::
 
-    python bench/compare_methods.py --dataset synthface --len 36
-    python bench/compare_methods.py --dataset synthface --len 36 --cross --seeds 3
+    python -m utils.comparison --dataset synthface --len 36
+    python -m utils.comparison --dataset synthface --len 36 --cross --seeds 3
 
 Product-quantization methods use ``--num`` codebooks (default 6) of ``2**(len/num)`` words;
 DCDH uses ``--len`` bits. Extra ``opqn_main.py`` flags go after ``--``.
@@ -53,8 +53,7 @@ from pathlib import Path
 from dataclasses import replace
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from anywhere
+REPO = Path(__file__).resolve().parents[2]
 
 from data.datasets import dataset_preset, split_dirs  # noqa: E402
 from data.validation_split import (ValidationSplit, ValidationSplitError,  # noqa: E402
@@ -69,7 +68,7 @@ from utils.errors import OneLineParser, report_error  # noqa: E402
 from utils.training.methods import authors_lr, default_lr  # noqa: E402
 from utils.cli.validation import HASHING_METHODS, METHODS, UsageError  # noqa: E402
 
-PROG = "compare_methods.py"
+PROG = "python -m utils.comparison"
 NAMES = {"opqn": "OPQN", "l2q": "OPQN-l2q", "dpq": "DPQ", "gpq": "GPQ", "dcdh": "DCDH"}
 SGD_LRS = (0.3, 0.1, 0.03, 0.01, 0.003)
 ADAM_LRS = (2e-3, 5e-4, 2e-4)
@@ -173,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         argv, extra = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.methods = list(dict.fromkeys(args.methods))  # each once, in the order given
-    args.command = shlex.join(["python", "bench/compare_methods.py", *argv,
+    args.command = shlex.join(["python", "-m", "utils.comparison", *argv,
                                *(["--", *extra] if extra else [])])
     return args, extra
 
