@@ -3,11 +3,8 @@
 A query is described by a score table ``tables[q]`` of shape ``(M, K)``: the score of every
 codeword of every codebook (for OPQN the softmax probabilities ``P_m``).  Database item ``n``
 is stored as ``M`` codeword indices ``codes[n]``, and its score for query ``q`` is
-
-    score(q, n) = sum_m tables[q, m, codes[n, m]]
-
-accumulated in ``m`` order in the tables' float dtype (half precision is promoted to float32).
-Higher scores rank first.
+:func:`utils.retrieval.scoring.score`, ``sum_m tables[q, m, codes[n, m]]``, the one place
+where that sum is written. Higher scores rank first.
 
 How the metrics avoid sorting the database.  The database is first collapsed to its ``U``
 distinct codes (a trained model gives many items the same code, so ``U`` is often much
@@ -50,6 +47,10 @@ import torch
 from torch import Tensor
 
 from .metrics import TIES_MODES, MetricAccumulator, tie_runs
+from .scoring import check_codes as _prepare_codes
+from .scoring import check_tables as _prepare_tables
+from .scoring import score_books_first as _score_block
+from .scoring import score_pairs as _score_pairs
 
 __all__ = ["evaluate_adc", "search_adc", "DEFAULT_BUDGET_BYTES"]
 
@@ -151,33 +152,6 @@ def _run_blocks(fn: Callable[[int], None], starts: Sequence[int], workers: int) 
 # --------------------------------------------------------------------------------------
 
 
-def _prepare_tables(tables: Tensor) -> Tensor:
-    if not isinstance(tables, Tensor) or tables.dim() != 3:
-        raise ValueError(f"tables must be a (Q, M, K) tensor, got {getattr(tables, 'shape', type(tables))}")
-    if not tables.is_floating_point():
-        raise TypeError(f"tables must be floating point, got {tables.dtype}")
-    if tables.dtype in (torch.float16, torch.bfloat16):
-        tables = tables.float()  # half precision would create spurious score ties
-    if tables.numel() and not bool(torch.isfinite(tables).all()):
-        raise ValueError("tables contain NaN or infinite values")
-    return tables
-
-
-def _prepare_codes(codes: Tensor, m: int, k: int, device: torch.device) -> Tensor:
-    if not isinstance(codes, Tensor) or codes.dim() != 2:
-        raise ValueError(f"codes must be an (N, M) tensor, got {getattr(codes, 'shape', type(codes))}")
-    if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
-        raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
-    if codes.shape[1] != m:
-        raise ValueError(f"codes have {codes.shape[1]} books but tables have M={m}")
-    codes = codes.to(device)
-    if codes.numel():
-        lo, hi = int(codes.min().item()), int(codes.max().item())
-        if lo < 0 or hi >= k:
-            raise ValueError(f"code values must lie in [0, {k}), found [{lo}, {hi}]")
-    return codes
-
-
 def _block_sizes(
     nq: int,
     u: int,
@@ -270,29 +244,6 @@ def _group_codes(codes: Tensor, k: int) -> _CodeGroups:
     by_code = torch.sort(inv, stable=True).indices  # stable: index order inside a code
     first = torch.cumsum(cnt, 0) - cnt
     return _CodeGroups(codes_t=uniq.t().contiguous(), inv=inv, cnt=cnt, by_code=by_code, first=first)
-
-
-def _score_block(tab_mqk: Tensor, codes_t: Tensor) -> Tensor:
-    """Scores ``(Qb, Ub)`` of a block: ``sum_m tab[m, q, codes_t[m, u]]`` in ``m`` order.
-
-    ``tab_mqk`` is ``(M, Qb, K)`` contiguous; ``codes_t`` is int64 ``(M, Ub)``.
-    """
-    s = tab_mqk[0].index_select(1, codes_t[0])
-    for j in range(1, codes_t.shape[0]):
-        s += tab_mqk[j].index_select(1, codes_t[j])
-    return s
-
-
-def _score_pairs(tab_mqk: Tensor, pair_codes: Tensor) -> Tensor:
-    """Scores of per-query code lists; ``pair_codes`` is int64 ``(M, Qb, P)``, returns ``(Qb, P)``.
-
-    Uses the same operations in the same order as ``_score_block``, so a code gets a
-    bit-identical score either way (the level logic relies on exact equality).
-    """
-    s = tab_mqk[0].gather(1, pair_codes[0])
-    for j in range(1, pair_codes.shape[0]):
-        s += tab_mqk[j].gather(1, pair_codes[j])
-    return s
 
 
 # --------------------------------------------------------------------------------------
