@@ -132,3 +132,38 @@ def test_the_monitoring_curve_is_measured_with_precise_statistics(run_cli, tiny_
     for key, value in quiet["backbone"].items():  # monitoring changed nothing it trains
         assert torch.equal(value, monitored["backbone"][key]), key
     assert [h["loss"] for h in history] == [h["loss"] for h in quiet["history"]]
+
+
+def test_train_from_python_gives_the_cli_checkpoint_precise_bn_included(tiny_data_dir,
+                                                                        run_cli, tmp_path,
+                                                                        one_thread):
+    """``train()`` with the settings the CLI resolved writes the same model, precise BN
+    included: precise BN is a step of training, not of the command line."""
+    import torch
+
+    from data.loaders import build_splits
+    from models import OPQNConfig
+    from utils.checkpoints import load_checkpoint
+    from utils.training.loop import TrainSettings, train
+
+    assert run_cli("--dataset", "synthface", "--data-dir", str(tiny_data_dir),
+                   "--synthface-identities", "6", "--synthface-images", "6", "--len", "12",
+                   "--num", "2", "--words", "64", "--epochs", "2", "--eval-every", "0",
+                   "--bs", "12", "--workers", "0", "--no-progress", "--amp", "off",
+                   "--precise-bn", "20", "--save", "cli.tar") == 0
+    cli = load_checkpoint(tmp_path / "checkpoint" / "cli.tar")
+    assert cli["precise_bn"]["images"] == 20
+
+    given = dict(cli["train_settings"])
+    given.update(best_path=tmp_path / "api.tar", last_path=tmp_path / "api.last.tar",
+                 adam_betas=tuple(given["adam_betas"]))
+    settings = TrainSettings(**given)
+    config = OPQNConfig.from_dict(cli["config"])
+    root = tiny_data_dir / "synthface"
+    splits = build_splits(root / "train", root / "test", config.input_size, progress=False)
+    train(config, settings, splits, torch.device("cpu"))
+    api = load_checkpoint(tmp_path / "api.tar")
+    assert api["precise_bn"] == cli["precise_bn"]
+    assert api["epoch"] == cli["epoch"]
+    for name, tensor in cli["backbone"].items():
+        torch.testing.assert_close(api["backbone"][name], tensor, rtol=0, atol=0, msg=name)

@@ -16,8 +16,8 @@ from data.folders import identity_folders
 from data.loaders import RetrievalSplits, build_splits, make_loader
 from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, PretrainedUnavailable,
                     build_backbone, choose_feature_dim, parse_backbone_args)
-from utils.checkpoints import (checkpoint_path, last_checkpoint_path, load_checkpoint, load_model,
-                               save_checkpoint)
+from utils.checkpoints import (checkpoint_path, last_checkpoint_path, load_checkpoint,
+                               load_model)
 from utils.logger import get_logger, setup_logging
 from utils.precision import resolve_amp
 from utils.retrieval.encoding import evaluate_model
@@ -26,7 +26,6 @@ from utils.runtime import DistInfo, cleanup_distributed, init_distributed, memor
 from utils.training.loop import TrainingInterrupted, TrainSettings, check_per_rank_batch, train
 from utils.training.methods import (METHOD_HYPERPARAMETERS, adam_form, default_lr,
                                     default_optimizer, default_weight_decay)
-from utils.training.precise_bn import precise_bn_subset, recompute_bn_statistics
 from utils.training.schedules import describe_schedule
 
 from .checkpoint_checks import (REQUIRED_KEYS, check_evaluation_choice, check_resumable,
@@ -249,8 +248,6 @@ def _train_one(run: RunSettings, spec: CodeSpec, feature_dim: int, best: Path, l
         return
     log.info("training done: lowest loss %.4f at epoch %d, saved as %s (last epoch: %s)",
              state.best_loss, state.best_epoch, best, last)
-    if training.precise_bn:
-        _precise_bn(training, splits, device, settings, best, last)
     checkpoint = load_checkpoint(best, map_location=device, required_keys=REQUIRED_KEYS)
     trained = load_model(checkpoint, device)
     extra = {"checkpoint": str(best), "checkpoint_epoch": int(checkpoint["epoch"]),
@@ -259,35 +256,6 @@ def _train_one(run: RunSettings, spec: CodeSpec, feature_dim: int, best: Path, l
     _evaluate_and_report(trained, config, splits, run, device,
                          run.evaluation.topk or preset.top_k, best.stem, extra,
                          title=f"{best.stem} on {source}{split}: precision-recall")
-
-
-def _precise_bn(training: TrainingOptions, splits: RetrievalSplits, device: torch.device,
-                settings: TrainSettings, best: Path, last: Path) -> None:
-    """Precise BN in both saved models: their BatchNorm statistics recomputed in float32 over
-    at most --precise-bn training images under the evaluation transform
-    (utils.training.precise_bn), saved back in place; each checkpoint records it under
-    ``"precise_bn"``."""
-    subset = precise_bn_subset(splits.gallery, training.precise_bn, training.seed)
-    loader = make_loader(subset, settings.batch_size, settings.workers, device)
-    done: dict[int, tuple[dict, dict]] = {}  # epoch -> (backbone state, record)
-    for path in dict.fromkeys((best, last)):
-        if not path.is_file():
-            continue
-        checkpoint = load_checkpoint(path, map_location=device)
-        epoch = int(checkpoint["epoch"])
-        if epoch not in done:  # best and last often hold the same epoch: one pass for both
-            model = load_model(checkpoint, device)
-            record = {**recompute_bn_statistics(model, loader, device,
-                                                progress=settings.progress),
-                      "transform": "evaluation", "precision": "float32"}
-            done[epoch] = ({k: v.cpu() for k, v in model.backbone.state_dict().items()},
-                           record)
-        checkpoint["backbone"], checkpoint["precise_bn"] = done[epoch]
-        save_checkpoint(checkpoint, path)
-        get_logger().info("precise BN: %d BatchNorm layers recomputed over %d training images "
-                          "(evaluation transform, float32) in %s",
-                          checkpoint["precise_bn"]["layers"], checkpoint["precise_bn"]["images"],
-                          path)
 
 
 def _given(value, default):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from utils.training.methods import METHOD_HYPERPARAMETERS
+from utils.training.precise_bn import DEFAULT_PRECISE_BN_IMAGES
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class TrainingOptions:
     schedule: str | None = None  # None: step
     warmup: int | None = None
     amp: str = "auto"
-    precise_bn: int = 0
+    precise_bn: int = DEFAULT_PRECISE_BN_IMAGES  # the one default, as train()'s
 
 
 @dataclass(frozen=True)

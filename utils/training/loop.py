@@ -23,6 +23,7 @@ from data.datasets import MONITOR_TOP_K, report_broken
 from data.loaders import RetrievalSplits, make_loader
 from losses import build_loss
 from models import OPQN, OPQNConfig
+from utils.checkpoints.loading import load_model
 from utils.checkpoints.store import (
     capture_rng_state,
     load_checkpoint,
@@ -490,4 +491,35 @@ def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
             save_run(run, config, state, settings, classes, improved)
         epochs.set_postfix(loss=f"{means[0]:.4f}")
     epochs.close()
+    if dist_info.is_main and settings.precise_bn:
+        precise_bn_checkpoints(settings, splits.gallery, device)
     return state
+
+
+def precise_bn_checkpoints(settings: TrainSettings, images, device: torch.device) -> None:
+    """The last step of training: precise BN in both saved models (``best_path`` and
+    ``last_path``), their BatchNorm statistics recomputed in float32 over at most
+    ``settings.precise_bn`` of ``images`` (the training identities under the evaluation
+    transform), saved back in place; each checkpoint records it under ``"precise_bn"``.
+    A model saved twice (best and last at the same epoch) is recomputed once."""
+    subset = precise_bn_subset(images, settings.precise_bn, settings.seed)
+    loader = make_loader(subset, settings.batch_size, settings.workers, device)
+    done: dict[int, tuple[dict, dict]] = {}  # epoch -> (backbone state, record)
+    for path in dict.fromkeys((settings.best_path, settings.last_path)):
+        if path is None or not Path(path).is_file():
+            continue
+        checkpoint = load_checkpoint(path, map_location=device)
+        epoch = int(checkpoint["epoch"])
+        if epoch not in done:
+            model = load_model(checkpoint, device)
+            record = {**recompute_bn_statistics(model, loader, device,
+                                                progress=settings.progress),
+                      "transform": "evaluation", "precision": "float32"}
+            done[epoch] = ({k: v.cpu() for k, v in model.backbone.state_dict().items()},
+                           record)
+        checkpoint["backbone"], checkpoint["precise_bn"] = done[epoch]
+        save_checkpoint(checkpoint, path)
+        get_logger().info("precise BN: %d BatchNorm layers recomputed over %d training images "
+                          "(evaluation transform, float32) in %s",
+                          checkpoint["precise_bn"]["layers"], checkpoint["precise_bn"]["images"],
+                          path)
