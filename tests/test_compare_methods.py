@@ -741,3 +741,12 @@ def test_report_header_names_the_schedule_that_ran():
     assert schedule_text({"name": "cosine", "lr_step": 35, "warmup": 2}) == \
         "cosine to 0 after 2 warmup epochs"
     assert schedule_text({"name": "step", "lr_step": 15}) == "step (lr halved every 15 epochs)"
+
+
+def test_the_old_command_path_forwards_to_the_tool(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "compare_methods.py"),
+                          "--seeds", "0"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("python -m utils.comparison: error: argument --seeds: must "
+                                  "be a positive number, got 0 (see --help)")
