@@ -272,9 +272,10 @@ def test_any_bucket_count_gives_exact_metrics(monkeypatch, ties, buckets):
     # The histogram only has to be monotone: with 1 bucket every code is placed exactly,
     # with few most are counted by bucket.  Negative scores, many codes tying across codes.
     import utils.retrieval.adc as retrieval
+    import utils.retrieval.blocks as blocks
 
     monkeypatch.setattr(retrieval, "_NUM_BUCKETS", buckets)
-    monkeypatch.setattr(retrieval, "_MIN_BLOCK_U", 16)
+    monkeypatch.setattr(blocks, "MIN_BLOCK_U", 16)
     g = torch.Generator().manual_seed(buckets)
     tables = torch.randint(-3, 3, (13, 3, 8), generator=g).float() / 4
     base = torch.randint(0, 8, (60, 3), generator=g)
@@ -303,7 +304,7 @@ def test_stable_near_one_hot_tables_match_dense():
 
 
 def test_block_floors_and_memory_scaling():
-    from utils.retrieval.adc import _block_sizes
+    from utils.retrieval.blocks import block_sizes as _block_sizes
 
     cpu = torch.device("cpu")
     qb, bu = _block_sizes(100, 50_000, 10**6, 1000, cpu, 64)

@@ -3,7 +3,8 @@
 - ``encoding``: images through the model to codes ``(N, M)`` and query tables ``(Q, M, K)``;
   ``inference.encode_images`` does it for paths or PIL images;
 - ``scoring``: ``score(tables, codes)``, the asymmetric score itself;
-- ``adc``: the ranking engine, ``evaluate_adc`` (mAP, P@k, PR) and ``search_adc`` (top-k);
+- ``adc``, ``topk``, ``blocks``: the ranking engine (evaluation, top-k search, the shared
+  blocking), ``evaluate_adc`` (mAP, P@k, PR) and ``search_adc`` (top-k);
 - ``metrics``: AP, precision, recall and PR points on a user's own scores;
 - ``faiss_index``, ``ivf_index``, ``export``: the codes as faiss flat or IVF indexes;
 - ``gallery_index``, ``shards``: gallery indexes that are reused and encoded in shards by

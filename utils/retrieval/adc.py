@@ -1,4 +1,7 @@
-"""Memory-bounded retrieval evaluation and search over product-quantization codes (ADC).
+"""Memory-bounded retrieval evaluation over product-quantization codes (ADC): mAP,
+precision and recall at k and PR curves without sorting the database. Top-k search is
+:func:`utils.retrieval.topk.search_adc` (also importable from here); the block machinery
+both share is :mod:`utils.retrieval.blocks`.
 
 A query is described by a score table ``tables[q]`` of shape ``(M, K)``: the score of every
 codeword of every codebook (for OPQN the softmax probabilities ``P_m``).  Database item ``n``
@@ -38,27 +41,21 @@ single-threaded torch ops), and the budget is shared between them.
 from __future__ import annotations
 
 import math
-import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .blocks import DEFAULT_BUDGET_BYTES, CodeGroups, block_sizes, cpu_workers, group_codes, run_blocks
 from .metrics import TIES_MODES, MetricAccumulator, tie_runs
-from .scoring import check_codes as _prepare_codes
-from .scoring import check_tables as _prepare_tables
-from .scoring import score_books_first as _score_block
-from .scoring import score_pairs as _score_pairs
+from .scoring import check_codes, check_tables, score_books_first, score_pairs
+from .topk import search_adc
 
 __all__ = ["evaluate_adc", "search_adc", "DEFAULT_BUDGET_BYTES"]
 
-DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
 
-# Bytes of working memory per (query, code) element of a block: the score (4), its integer
-# key and bucket (8 + 8), the candidate mask and gathered values (1 + 8), rounded up.
-_BYTES_PER_QU = 32
 # Per (query, relevant pair): about a dozen int64 / float tensors of that shape live at
 # once, plus the pair's M code indices and M gathered table values.
 _BYTES_PER_QP = 160
@@ -68,182 +65,8 @@ _BYTES_PER_QR = 64
 # Buckets of the per-query histogram (between the lowest and the highest threshold).  More
 # buckets leave fewer codes to place exactly; 4096 keeps the histogram in cache.
 _NUM_BUCKETS = 4096
-# Blocks never shrink below this many codes (or all codes if fewer): a small budget must not
-# turn the scan into a Python loop over single codes.
-_MIN_BLOCK_U = 2048
-# On CPU, small blocks stay in cache and avoid the page-fault cost of huge fresh
-# allocations; larger blocks do not run faster.
+# On CPU, evaluation blocks of this many queries stay in cache.
 _CPU_QUERY_BLOCK = 64
-_CPU_BLOCK_ELEMS = 1 << 18
-_CPU_SEARCH_QUERY_BLOCK = 64
-_MAX_CPU_WORKERS = 16
-
-
-# --------------------------------------------------------------------------------------
-# Parallelism
-# --------------------------------------------------------------------------------------
-
-
-def _cpu_threads() -> int:
-    # Python threads share the GIL between ops; beyond ~16 the gain would be eaten by it.
-    return max(1, min(torch.get_num_threads(), _MAX_CPU_WORKERS))
-
-
-def _cpu_workers(device: torch.device, num_blocks: int) -> int:
-    if device.type != "cpu":
-        return 1
-    return max(1, min(_cpu_threads(), num_blocks))
-
-
-def _run_blocks(fn: Callable[[int], None], starts: Sequence[int], workers: int) -> None:
-    """Run ``fn(start)`` for every block start.
-
-    On CPU the blocks are spread over ``workers`` Python threads, each running its torch
-    ops single-threaded.  The ops of one block are small (a cache-sized block), and torch's
-    own intra-op threading would synchronise all cores after each of them; when cores are
-    shared with other processes those barriers dominate the run time.  Independent blocks
-    per thread scale without barriers.
-
-    torch's thread setting leaks between threads (with the OpenMP backend a worker's
-    ``set_num_threads(1)`` is seen by the caller and by threads started later), so every
-    worker restores the caller's setting once all workers are done computing, and so does
-    the caller.
-    """
-    if workers <= 1 or len(starts) <= 1:
-        for start in starts:
-            fn(start)
-        return
-    saved = torch.get_num_threads()
-    tasks: "queue.SimpleQueue[int]" = queue.SimpleQueue()
-    for start in starts:
-        tasks.put(start)
-    errors: List[BaseException] = []
-    done = threading.Barrier(workers)
-
-    def worker() -> None:
-        torch.set_num_threads(1)
-        try:
-            while not errors:
-                try:
-                    start = tasks.get_nowait()
-                except queue.Empty:
-                    break
-                fn(start)
-        except BaseException as exc:  # re-raised in the caller
-            errors.append(exc)
-        finally:
-            done.wait()  # nobody computes any more: restoring cannot slow a sibling down
-            torch.set_num_threads(saved)
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        torch.set_num_threads(saved)
-    if errors:
-        raise errors[0]
-
-
-# --------------------------------------------------------------------------------------
-# Input handling
-# --------------------------------------------------------------------------------------
-
-
-def _block_sizes(
-    nq: int,
-    u: int,
-    fixed_per_query: int,
-    budget_bytes: int,
-    device: torch.device,
-    cpu_query_block: int,
-    whole_rows: bool = False,
-) -> Tuple[int, int]:
-    """Queries and codes per block so that the block's working set fits ``budget_bytes``.
-
-    Shared by :func:`evaluate_adc` and :func:`search_adc`.  ``fixed_per_query`` is the
-    memory a query needs regardless of the code block (its tables, relevant pairs, items or
-    top-k lists; the callers include ``M`` in it).  On CPU, blocks run in parallel threads,
-    so the budget is split between them.  ``whole_rows`` prefers all ``u`` codes per block
-    (a single top-k per row), paid for with fewer queries per block.  The floors (one query,
-    ``_MIN_BLOCK_U`` codes) win over the budget.  Returns ``(query_block, code_block)``.
-    """
-    if budget_bytes <= 0:
-        raise ValueError("budget_bytes must be positive")
-    if device.type == "cpu":
-        budget_bytes = max(1, budget_bytes // _cpu_threads())
-        # Enough blocks to keep every thread busy.
-        qb = min(cpu_query_block, max(1, -(-nq // _cpu_threads())))
-        elems = _CPU_BLOCK_ELEMS if not whole_rows else u * qb
-    else:
-        qb, elems = max(1, nq), max(1, budget_bytes // _BYTES_PER_QU)
-    min_u = min(u, _MIN_BLOCK_U) if not whole_rows else u
-    qb = max(1, min(qb, budget_bytes // (fixed_per_query + _BYTES_PER_QU * max(min_u, 1))))
-    room = max(0, budget_bytes - qb * fixed_per_query) // (qb * _BYTES_PER_QU)
-    block_u = max(min(u, _MIN_BLOCK_U), min(u, elems // qb, room), 1)
-    return qb, block_u
-
-
-@dataclass
-class _CodeGroups:
-    """The database collapsed to its distinct codes.
-
-    Attributes:
-        codes_t: int64 ``(M, U)``, distinct codes (transposed so each book is contiguous).
-        inv: int64 ``(N,)``, the distinct-code id of every item.
-        cnt: int64 ``(U,)``, items per distinct code.
-        by_code: int64 ``(N,)``, item indices sorted by code id, then index.
-        first: int64 ``(U,)``, where each code's items start in ``by_code``.
-    """
-
-    codes_t: Tensor
-    inv: Tensor
-    cnt: Tensor
-    by_code: Tensor
-    first: Tensor
-
-    @property
-    def num_unique(self) -> int:
-        return int(self.cnt.numel())
-
-
-def _group_codes(codes: Tensor, k: int) -> _CodeGroups:
-    """Distinct codes of ``codes`` ``(N, M)``, their multiplicities and their items."""
-    n, m = codes.shape
-    bits = max(1, (k - 1).bit_length())
-    codes_l = codes.to(torch.int64)
-    # Pack each code into as few int64 words as hold it (62 bits each); one word needs a
-    # single 1-D unique, more words are ordered by stable sorts from the last word to the
-    # first (a row-wise unique is far slower on large galleries, e.g. 8x256 codes).
-    per_word = max(1, 62 // bits)
-    words = []
-    for w0 in range(0, m, per_word):
-        key = torch.zeros(n, dtype=torch.int64, device=codes.device)
-        for j in range(w0, min(m, w0 + per_word)):
-            key |= codes_l[:, j] << ((j - w0) * bits)
-        words.append(key)
-    if len(words) == 1:
-        _, inv, cnt = torch.unique(words[0], return_inverse=True, return_counts=True)
-    else:
-        order = torch.arange(n, device=codes.device)
-        for key in reversed(words):
-            order = order[torch.sort(key[order], stable=True).indices]
-        new = torch.zeros(n, dtype=torch.bool, device=codes.device)
-        new[:1] = True
-        for key in words:
-            ordered = key[order]
-            new[1:] |= ordered[1:] != ordered[:-1]
-        group = torch.cumsum(new.to(torch.int64), 0) - 1  # group id in sorted order
-        inv = torch.empty(n, dtype=torch.int64, device=codes.device)
-        inv[order] = group
-        cnt = torch.bincount(group, minlength=int(group[-1].item()) + 1 if n else 0)
-    uniq = torch.empty(cnt.numel(), m, dtype=torch.int64, device=codes.device)
-    uniq[inv] = codes_l  # every item writes its own (identical) code row
-    by_code = torch.sort(inv, stable=True).indices  # stable: index order inside a code
-    first = torch.cumsum(cnt, 0) - cnt
-    return _CodeGroups(codes_t=uniq.t().contiguous(), inv=inv, cnt=cnt, by_code=by_code, first=first)
 
 
 # --------------------------------------------------------------------------------------
@@ -272,7 +95,7 @@ class _LabelIndex:
     slot_item: Optional[Tensor] = None  # (N,) item index of each slot
 
 
-def _index_labels(groups: _CodeGroups, db_labels: Tensor, stable: bool) -> _LabelIndex:
+def _index_labels(groups: CodeGroups, db_labels: Tensor, stable: bool) -> _LabelIndex:
     u = groups.num_unique
     n = groups.inv.numel()
     dev = groups.inv.device
@@ -317,7 +140,7 @@ class _LevelScan:
 
 def _scan_levels(
     tab_mqk: Tensor,
-    groups: _CodeGroups,
+    groups: CodeGroups,
     thresholds: Tensor,
     valid: Tensor,
     block_u: int,
@@ -359,7 +182,7 @@ def _scan_levels(
     u = groups.num_unique
     for u0 in range(0, u, block_u):
         u1 = min(u, u0 + block_u)
-        s = _score_block(tab_mqk, groups.codes_t[:, u0:u1])
+        s = score_books_first(tab_mqk, groups.codes_t[:, u0:u1])
         b = bucket(s)
         cnt = groups.cnt[u0:u1]
         hist.scatter_add_(1, b, cnt.expand(qb, -1))
@@ -403,7 +226,7 @@ def _scan_levels(
 def _chunk_levels(
     tab_mqk: Tensor,
     cls: Tensor,
-    groups: _CodeGroups,
+    groups: CodeGroups,
     lidx: _LabelIndex,
     ties: str,
     block_u: int,
@@ -423,7 +246,7 @@ def _chunk_levels(
     pidx = (lidx.pair_ptr[cls].unsqueeze(1) + j).clamp_max(npairs - 1)
     pu = lidx.pair_u[pidx]
     pn = torch.where(valid, lidx.pair_n[pidx], torch.zeros_like(pidx))
-    ps = _score_pairs(tab_mqk, groups.codes_t[:, pu])
+    ps = score_pairs(tab_mqk, groups.codes_t[:, pu])
     ps = torch.where(valid, ps, torch.full_like(ps, -math.inf))  # padding sorts first, never matches
     ts, perm = torch.sort(ps, dim=1)
     pn_s = pn.gather(1, perm)
@@ -523,10 +346,10 @@ def evaluate_adc(
     """
     if ties not in TIES_MODES:
         raise ValueError(f"ties must be one of {TIES_MODES}, got {ties!r}")
-    tables = _prepare_tables(tables)
+    tables = check_tables(tables)
     q, m, kw = tables.shape
     dev = tables.device
-    codes = _prepare_codes(codes, m, kw, dev)
+    codes = check_codes(codes, m, kw, dev)
     n = codes.shape[0]
     if n == 0:
         raise ValueError("the database is empty")
@@ -537,7 +360,7 @@ def evaluate_adc(
             f"label sizes ({query_labels.numel()}, {db_labels.numel()}) do not match Q={q}, N={n}"
         )
 
-    groups = _group_codes(codes, kw)
+    groups = group_codes(codes, kw)
     lidx = _index_labels(groups, db_labels, stable=(ties == "stable"))
     acc = MetricAccumulator(n, k, pr_points, dev)
 
@@ -557,7 +380,7 @@ def evaluate_adc(
     # its histograms.
     fixed = (pmax * (_BYTES_PER_QP + _BYTES_PER_QP_BOOK * m) + rmax * _BYTES_PER_QR
              + 8 * m * kw + 9 * (_NUM_BUCKETS + 2))
-    qb, block_u = _block_sizes(nq, groups.num_unique, fixed, budget_bytes, dev, _CPU_QUERY_BLOCK)
+    qb, block_u = block_sizes(nq, groups.num_unique, fixed, budget_bytes, dev, _CPU_QUERY_BLOCK)
     lock = threading.Lock()
 
     def run(q0: int) -> None:
@@ -569,84 +392,5 @@ def evaluate_adc(
             acc.add(above, tied, rel, lidx.class_size[c])
 
     starts = list(range(0, nq, qb))
-    _run_blocks(run, starts, _cpu_workers(dev, len(starts)))
+    run_blocks(run, starts, cpu_workers(dev, len(starts)))
     return acc.result(ties=ties, num_queries=q, skipped=skipped)
-
-
-# --------------------------------------------------------------------------------------
-# Top-k search
-# --------------------------------------------------------------------------------------
-
-
-def search_adc(
-    tables: Tensor,
-    codes: Tensor,
-    topk: int,
-    budget_bytes: int = DEFAULT_BUDGET_BYTES,
-) -> Tuple[Tensor, Tensor]:
-    """Top-``k`` database items of each query under ADC scoring.
-
-    Args:
-        tables: float tensor ``(Q, M, K)``; defines the device.
-        codes: integer tensor ``(N, M)``, values in ``[0, K)``.
-        topk: number of results per query.
-        budget_bytes: approximate cap on the working memory of one block.
-
-    Returns:
-        ``(scores, indices)``: float ``(Q, topk)`` in descending order and int64 ``(Q, topk)``.
-        Items sharing a code are returned by ascending index; the order between different
-        codes with exactly equal scores is unspecified.  When ``topk > N`` the tail is padded
-        with score ``-inf`` and index ``-1`` (as faiss does).
-    """
-    if topk < 1:
-        raise ValueError("topk must be >= 1")
-    tables = _prepare_tables(tables)
-    q, m, kw = tables.shape
-    dev = tables.device
-    codes = _prepare_codes(codes, m, kw, dev)
-    n = codes.shape[0]
-    out_s = torch.full((q, topk), -math.inf, dtype=tables.dtype, device=dev)
-    out_i = torch.full((q, topk), -1, dtype=torch.int64, device=dev)
-    if n == 0 or q == 0:
-        return out_s, out_i
-    groups = _group_codes(codes, kw)
-    u = groups.num_unique
-    kk = min(topk, n)
-    g = min(kk, u)  # each code holds >= 1 item, so the best g codes cover the top kk items
-    # Whole rows of code scores per block when the budget allows: one top-k per row is much
-    # cheaper than merging many partial top-k lists.  Per query: the running best g codes
-    # (scores and ids, twice while merging), the output rows and the tables.
-    per_query = 48 * g + 16 * kk + 8 * m * kw
-    qb, block_u = _block_sizes(q, u, per_query, budget_bytes, dev, _CPU_SEARCH_QUERY_BLOCK,
-                               whole_rows=True)
-    pos = torch.arange(kk, device=dev)
-
-    def run(q0: int) -> None:
-        tab_mqk = tables[q0 : q0 + qb].permute(1, 0, 2).contiguous()
-        nb = tab_mqk.shape[1]
-        best_s: Optional[Tensor] = None
-        best_u: Optional[Tensor] = None
-        for u0 in range(0, u, block_u):
-            u1 = min(u, u0 + block_u)
-            s = _score_block(tab_mqk, groups.codes_t[:, u0:u1])
-            ts, tu = torch.topk(s, min(g, u1 - u0), dim=1)
-            tu += u0
-            if best_s is not None:
-                # Merge with the running best codes of earlier code blocks.
-                cand = torch.cat([best_s, ts], 1)
-                ts, sel = torch.topk(cand, min(g, cand.shape[1]), dim=1)
-                tu = torch.cat([best_u, tu], 1).gather(1, sel)
-            best_s, best_u = ts, tu
-        assert best_s is not None and best_u is not None
-        # Expand codes to items: result position j falls in the code whose cumulative item
-        # count first exceeds j.
-        cum = groups.cnt[best_u].cumsum(1)
-        slot = torch.searchsorted(cum, pos.expand(nb, kk).contiguous(), right=True)
-        within = pos - (cum.gather(1, slot) - groups.cnt[best_u.gather(1, slot)])
-        code = best_u.gather(1, slot)
-        out_i[q0 : q0 + nb, :kk] = groups.by_code[groups.first[code] + within]
-        out_s[q0 : q0 + nb, :kk] = best_s.gather(1, slot)
-
-    starts = list(range(0, q, qb))
-    _run_blocks(run, starts, _cpu_workers(dev, len(starts)))
-    return out_s, out_i
