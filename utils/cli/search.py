@@ -147,27 +147,84 @@ def run_search(run: RunSettings, device: torch.device) -> dict:
 
 
 def _run_search(run: RunSettings, device: torch.device, info: DistInfo, log) -> dict:
-    options = run.search
-    ckpt = checkpoint_path(options.load, run.output.checkpoint_dir)
-    model = checked_model(load_checkpoint(ckpt, map_location="cpu",
-                                          required_keys=REQUIRED_KEYS), ckpt).to(device)
+    model, ckpt = load_search_model(run, device)
     if run.milvus.uri:
         return _search_milvus(run, device, info, model, ckpt, log)
-    train_dir = test_dir = None  # --dataset's splits, only when a default needs them
-    if options.gallery is None or not options.query:
-        train_dir, test_dir = prepare_folders(run.data, cross_train=False)
-    gallery = scan_gallery(Path(options.gallery) if options.gallery else train_dir)
-    query_files, missing = collect_queries(list(options.query) or [str(test_dir)])
+    folders = _DatasetFolders(run)
+    options = run.search
+    gallery = scan_gallery(Path(options.gallery) if options.gallery else folders.train())
+    query_files, missing = query_files_of(run, folders, log)
+    index, index_path, status = open_gallery_index(model, ckpt, gallery, run, device, info, log)
+    ivf, ivf_info = open_ivf(model, index, index_path, run, info, log)
+    if not info.is_main:  # only process 0 searches and writes the results
+        return {}
+    topk = options.topk or DEFAULT_TOPK
+    rows, unreadable = rank_queries(model, run, device, index, gallery, ivf, query_files, topk)
+    unreadable += missing
+    result = {
+        "checkpoint": str(ckpt),
+        "bits": model.config.bits, "num_books": model.config.num_books,
+        "num_words": model.config.num_words,
+        "gallery": str(gallery.root), "gallery_size": len(index),
+        "gallery_unreadable": [str(gallery.root / p) for p in index.skipped],
+        "index": str(index_path), "index_status": status, "index_type": options.index_type,
+        **ivf_info,
+        "topk": topk, "score": "sum_m P_m[code_m] (asymmetric, higher is closer)",
+        "queries": rows_json(rows),
+        "unreadable_queries": unreadable,
+    }
+    write_results(run, result, rows, topk, f"{ckpt.stem}: top-{topk} of {len(index)} gallery "
+                  f"images", unreadable, log)
+    return result
+
+
+def load_search_model(run: RunSettings, device: torch.device) -> tuple[OPQN, Path]:
+    """``--load``'s model on ``device`` and its checkpoint path (checked: one-line errors)."""
+    ckpt = checkpoint_path(run.search.load, run.output.checkpoint_dir)
+    model = checked_model(load_checkpoint(ckpt, map_location="cpu",
+                                          required_keys=REQUIRED_KEYS), ckpt).to(device)
+    return model, ckpt
+
+
+class _DatasetFolders:
+    """``--dataset``'s train and test folders, prepared only when a default needs them."""
+
+    def __init__(self, run: RunSettings) -> None:
+        self._run, self._dirs = run, None
+
+    def _get(self) -> tuple[Path, Path]:
+        if self._dirs is None:
+            self._dirs = prepare_folders(self._run.data, cross_train=False)
+        return self._dirs
+
+    def train(self) -> Path:
+        return self._get()[0]
+
+    def test(self) -> Path:
+        return self._get()[1]
+
+
+def query_files_of(run: RunSettings, folders: _DatasetFolders, log) -> tuple[list[Path],
+                                                                             list[str]]:
+    """``--query``'s image files (default: ``--dataset``'s test split) and the entries that
+    do not exist (warned); ``UsageError`` when there is no image at all."""
+    entries = list(run.search.query) or [str(folders.test())]
+    files, missing = collect_queries(entries)
     for entry in missing:
         log.warning("query not found: %s", entry)
-    if not query_files:
-        raise UsageError(f"no query images in --query "
-                         f"{' '.join(options.query or [str(test_dir)])}")
+    if not files:
+        raise UsageError(f"no query images in --query {' '.join(entries)}")
+    return files, missing
 
-    out = Path(run.output.out)
+
+def open_gallery_index(model: OPQN, ckpt: Path, gallery, run: RunSettings,
+                       device: torch.device, info: DistInfo, log):
+    """The gallery's codes: reused from the index file, or encoded (in shards, by every
+    process of a torchrun job) and saved. Returns ``(index, its path, status)``."""
+    options = run.search
     explicit = options.index is not None
-    index_path = Path(options.index) if explicit else default_index_path(out, ckpt,
-                                                                         gallery.root)
+    index_path = (Path(options.index) if explicit
+                  else default_index_path(run.output.out, ckpt, gallery.root))
     fingerprints = (model_fingerprint(model), gallery.fingerprint)
     sharded = ShardedEncoder(_encoder(model, run, device, "gallery", allow_empty=True),
                              shard_dir(index_path), fingerprints, info,
@@ -181,64 +238,65 @@ def _run_search(run: RunSettings, device: torch.device, info: DistInfo, log) -> 
     else:
         log.info("gallery index %s: %s (%d images%s)", status, index_path, len(index),
                  f", {len(index.skipped)} unreadable" if index.skipped else "")
-    ivf = None
-    if options.index_type == "ivf":
-        nlist = options.nlist or default_nlist(len(index))
-        ivf, ivf_status, ivf_folder = open_or_build_ivf(
-            model.quantizer, index, index_path, nlist, options.nprobe or default_nprobe(nlist),
-            info, seed=options.seed)
-        if info.is_main:
-            log.info("IVF index %s: %s (nlist %d, nprobe %d)", ivf_status, ivf_folder, nlist,
-                     ivf.nprobe)
-    if not info.is_main:  # only process 0 searches and writes the results
-        return {}
+    return index, index_path, status
 
+
+def open_ivf(model: OPQN, index: GalleryIndex, index_path: Path, run: RunSettings,
+             info: DistInfo, log):
+    """With ``--index-type ivf``: the IVF index over the gallery's codes, reused or built,
+    and what ``search.json`` records of it; ``(None, {})`` for the flat search."""
+    options = run.search
+    if options.index_type != "ivf":
+        return None, {}
+    nlist = options.nlist or default_nlist(len(index))
+    ivf, status, folder = open_or_build_ivf(
+        model.quantizer, index, index_path, nlist, options.nprobe or default_nprobe(nlist),
+        info, seed=options.seed)
+    if not info.is_main:  # the other processes only helped to build it
+        return ivf, {}
+    log.info("IVF index %s: %s (nlist %d, nprobe %d)", status, folder, nlist, ivf.nprobe)
+    return ivf, {"ivf_index": str(folder), "ivf_status": status, "nlist": ivf.nlist,
+                 "nprobe": ivf.nprobe}
+
+
+def rank_queries(model: OPQN, run: RunSettings, device: torch.device, index: GalleryIndex,
+                 gallery, ivf, query_files: list[Path], topk: int,
+                 ) -> tuple[list[GridRow], list[str]]:
+    """Each readable query's top-``topk`` gallery images (flat scan, or the IVF's lists),
+    and the query files that could not be read."""
     which = "faiss-query" if ivf is not None else "query"
     queries, kept = _encoder(model, run, device, which)([str(p) for p in query_files])
     kept_list = kept.cpu().tolist()
     readable = set(kept_list)
-    unreadable = [str(p) for i, p in enumerate(query_files) if i not in readable] + missing
-    topk = options.topk or DEFAULT_TOPK
+    unreadable = [str(p) for i, p in enumerate(query_files) if i not in readable]
     if ivf is None:
         scores, positions = rank(queries, index, topk)
     else:
         scores, positions = search_head_queries(ivf, model.quantizer, queries.cpu(),
                                                 min(topk, len(index)))
-
     identities = index.identities()
     gallery_ids = [index.identity(i) for i in range(len(index))]
     gallery_abs = [str(gallery.root / p) for p in index.paths]
     qpaths = [str(query_files[i]) for i in kept_list]
     qids = [query_files[i].parent.name if query_files[i].parent.name in identities else None
             for i in kept_list]
-    rows = ranked_rows(qpaths, qids, scores, positions, gallery_abs, gallery_ids)
+    return ranked_rows(qpaths, qids, scores, positions, gallery_abs, gallery_ids), unreadable
 
-    result = {
-        "checkpoint": str(ckpt),
-        "bits": model.config.bits, "num_books": model.config.num_books,
-        "num_words": model.config.num_words,
-        "gallery": str(gallery.root), "gallery_size": len(index),
-        "gallery_unreadable": [str(gallery.root / p) for p in index.skipped],
-        "index": str(index_path), "index_status": status, "index_type": options.index_type,
-        **({"ivf_index": str(ivf_folder), "ivf_status": ivf_status, "nlist": ivf.nlist,
-            "nprobe": ivf.nprobe} if ivf is not None else {}),
-        "topk": topk, "score": "sum_m P_m[code_m] (asymmetric, higher is closer)",
-        "queries": rows_json(rows),
-        "unreadable_queries": unreadable,
-    }
-    title = f"{ckpt.stem}: top-{topk} of {len(index)} gallery images"
-    json_path, png, page = write_search_outputs(out, result, rows, topk, options.grid_rows,
-                                                HTML_ROWS, title)
-    shown = rows[: options.grid_rows]
-    if len(rows) > len(shown):
+
+def write_results(run: RunSettings, result: dict, rows: list[GridRow], topk: int, title: str,
+                  unreadable: list[str], log) -> None:
+    """``search.json``, ``search.png`` and ``search.html`` under ``--out``, and the log."""
+    options = run.search
+    json_path, png, page = write_search_outputs(run.output.out, result, rows, topk,
+                                                options.grid_rows, HTML_ROWS, title)
+    if len(rows) > options.grid_rows:
         log.info("search.png shows the first %d of %d queries (--grid-rows); search.html %d; "
-                 "search.json all", len(shown), len(rows), min(len(rows), HTML_ROWS))
+                 "search.json all", options.grid_rows, len(rows), min(len(rows), HTML_ROWS))
     if unreadable:
         log.warning("%d query image(s) could not be read: %s", len(unreadable),
                     ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""))
-    log.info("search: %d queries against %d gallery images: %s, %s, %s", len(rows), len(index),
-             json_path, png, page)
-    return result
+    log.info("search: %d queries against %d gallery images: %s, %s, %s", len(rows),
+             result["gallery_size"], json_path, png, page)
 
 
 def _search_milvus(run: RunSettings, device: torch.device, info: DistInfo, model: OPQN,
@@ -250,20 +308,9 @@ def _search_milvus(run: RunSettings, device: torch.device, info: DistInfo, model
     if info.distributed:
         raise UsageError("--search --milvus runs in one process (Milvus distributes the "
                          "search itself): start it without torchrun")
-    options = run.search
-    splits: list[tuple[Path, Path]] = []
-
-    def dataset_split(which: int) -> Path:
-        if not splits:
-            splits.append(prepare_folders(run.data, cross_train=False))
-        return splits[0][which]
-
-    query_files, missing = collect_queries(list(options.query) or [str(dataset_split(1))])
-    for entry in missing:
-        log.warning("query not found: %s", entry)
-    if not query_files:
-        raise UsageError(f"no query images in --query {' '.join(options.query)}")
-    return milvus_search(run, model, ckpt, lambda: dataset_split(0), query_files, missing,
+    folders = _DatasetFolders(run)
+    query_files, missing = query_files_of(run, folders, log)
+    return milvus_search(run, model, ckpt, folders.train, query_files, missing,
                          _encoder(model, run, device, "gallery", allow_empty=True),
                          _encoder(model, run, device, "query"))
 
