@@ -111,6 +111,23 @@ def check_validation_split(gallery_dir: Path, query_dir: Path, train_dir: Path,
             "query_images": len(queries)}
 
 
+def _existing_split(root: Path, folder: Path, wanted: dict) -> dict:
+    """The manifest of the split already in ``root`` if it was made as ``wanted`` says;
+    ``ValidationSplitError`` (one line) otherwise."""
+    try:
+        made = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ValidationSplitError(f"{root} exists but holds no readable "
+                                   f"{folder.name}/{MANIFEST_NAME}; move it away") from None
+    differs = sorted(k for k in wanted if made.get(k) != wanted[k])
+    if differs:
+        raise ValidationSplitError(
+            f"the validation split in {root} was made differently ({', '.join(differs)} "
+            f"differ, e.g. the training split changed); use another --out, or move it "
+            f"away to build it again")
+    return made
+
+
 def build_validation_split(train_dir: str | os.PathLike[str], test_dirs: tuple[Path, ...],
                            root: str | os.PathLike[str], dataset: str, cross: bool,
                            per_identity: int, seed: int = 0,
@@ -137,18 +154,7 @@ def build_validation_split(train_dir: str | os.PathLike[str], test_dirs: tuple[P
     gallery_name, query_name = output_names(split_names)[:2]
     folder = root / dataset
     if root.exists():
-        try:
-            made = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise ValidationSplitError(f"{root} exists but holds no readable "
-                                       f"{dataset}/{MANIFEST_NAME}; move it away") from None
-        differs = sorted(k for k in wanted if made.get(k) != wanted[k])
-        if differs:
-            raise ValidationSplitError(
-                f"the validation split in {root} was made differently ({', '.join(differs)} "
-                f"differ, e.g. the training split changed); use another --out, or move it "
-                f"away to build it again")
-        info = made
+        info = _existing_split(root, folder, wanted)
     else:
         try:
             plan = plan_split(train_dir, "cross" if cross else "facescrub",
@@ -168,6 +174,13 @@ def build_validation_split(train_dir: str | os.PathLike[str], test_dirs: tuple[P
             (stage / dataset / MANIFEST_NAME).write_text(json.dumps(info, indent=2) + "\n",
                                                          encoding="utf-8")
             os.rename(stage, root)
+        except OSError:
+            shutil.rmtree(stage, ignore_errors=True)
+            if not root.exists():
+                raise
+            # Another process (a comparison split over --methods) put its split there
+            # first: use it if it was made the same way.
+            info = _existing_split(root, folder, wanted)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise

@@ -8,6 +8,7 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -750,3 +751,30 @@ def test_the_old_command_path_forwards_to_the_tool(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == ("python -m utils.comparison: error: argument --seeds: must "
                                   "be a positive number, got 0 (see --help)")
+
+
+def test_two_processes_building_the_validation_split_at_once_share_it(tiny_data_dir,
+                                                                      tmp_path, monkeypatch):
+    """Two comparison processes (split over --methods) start together: the one whose split
+    lands second uses the first one's instead of failing."""
+    import data.validation_split as vs
+
+    train, test = tiny_data_dir / "synthface" / "train", tiny_data_dir / "synthface" / "test"
+    root = tmp_path / "val"
+    real_rename = os.rename
+
+    def other_process_wins(src, dst):
+        if Path(dst).parent != tmp_path:  # the staging inside the split: not the race
+            return real_rename(src, dst)
+        monkeypatch.setattr(vs.os, "rename", real_rename)
+        build_validation_split(train, (test,), dst, "synthface", False, 2)  # lands first
+        real_rename(src, dst)  # fails: the folder is there now
+
+    monkeypatch.setattr(vs.os, "rename", other_process_wins)
+    split = build_validation_split(train, (test,), root, "synthface", False, 2)
+    assert split.info["identities"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val"]  # no stage left behind
+    # A split made another way by the other process is still refused, in one line.
+    monkeypatch.setattr(vs.os, "rename", other_process_wins)
+    with pytest.raises(ValidationSplitError, match="made differently"):
+        build_validation_split(train, (test,), tmp_path / "val3", "synthface", False, 3)
