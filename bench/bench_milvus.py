@@ -120,7 +120,7 @@ def worker(engine: str, folder: Path, model_file: str) -> None:
     from utils.checkpoints.store import load_checkpoint
     from utils.retrieval.adc import search_adc
 
-    data = torch.load(folder / "data.pt")
+    data = torch.load(folder / "data.pt", weights_only=True)  # tensors only
     codes, tables = data["codes"], data["tables"]
     head = load_model(load_checkpoint(model_file), torch.device("cpu")).quantizer
     start_rss = rss_mib()

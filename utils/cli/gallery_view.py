@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -168,8 +169,6 @@ def write_search_outputs(out: str | Path, result: dict, rows: Sequence[GridRow],
                          grid_rows: int, html_rows: int, title: str) -> tuple[Path, Path, Path]:
     """``search.json`` (``result``), ``search.png`` (the first ``grid_rows`` rows) and
     ``search.html`` (the first ``html_rows``) under ``out``; returns their paths."""
-    import json
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "search.json"

@@ -506,7 +506,7 @@ def precise_bn_checkpoints(settings: TrainSettings, images, device: torch.device
     loader = make_loader(subset, settings.batch_size, settings.workers, device)
     done: dict[int, tuple[dict, dict]] = {}  # epoch -> (backbone state, record)
     for path in dict.fromkeys((settings.best_path, settings.last_path)):
-        if path is None or not Path(path).is_file():
+        if not Path(path).is_file():
             continue
         checkpoint = load_checkpoint(path, map_location=device)
         epoch = int(checkpoint["epoch"])
