@@ -4,7 +4,7 @@ Train:     python opqn_main.py --dataset facescrub --len 36 --num 6 --words 64
 Evaluate:  python opqn_main.py -e --dataset facescrub --load m1.tar m2.tar --len 16 24 --num 2 4
 Cross:     add -c (train on vggface2/cross_train; evaluate on unseen identities)
 Search:    python opqn_main.py --search --load m.tar --gallery DIR --query a.jpg b.jpg --topk 10
-Methods:   --method l2q|dpq|gpq|dcdh trains a compared method (dcdh: --len only)
+Methods:   --method NAME trains a compared method (the methods group below)
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ from data.datasets import PRESETS
 from models.registry import BackboneError
 from utils.checkpoints.store import CheckpointError
 from utils.errors import OneLineParser, first_line, report_error
-from utils.training.methods import METHOD_CHOICES, METHOD_HYPERPARAMETERS
+from models.methods import DEFAULT_METHOD, get_method, method_names
 from utils.training.precise_bn import DEFAULT_PRECISE_BN_IMAGES
 from utils.runtime import DEVICE_CHOICES, DeviceError
-from utils.cli.validation import (HASHING_METHODS, METHODS, UsageError, check_options, code_specs,
-                              hashing_specs)
+from utils.cli.validation import UsageError, check_options, code_specs, hashing_specs
 
 PROG = "opqn_main.py"
 
@@ -82,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help="training epochs (default: the paper's value: "
                    "200 for 32x32 datasets, lr halved every 35; 160 for VGGFace2, halved "
                    "every 20; synthface: 45, halved every 15)")
-    g.add_argument("--lr", type=float, help="initial learning rate (default 0.1; the method's "
-                   "own with Adam: gpq 2e-4, dcdh 0.005; dcdh with SGD 0.01)")
+    g.add_argument("--lr", type=float, help="initial learning rate (default: the method's, "
+                   f"{_per_method(lambda s: _lr_text(s))})")
     g.add_argument("--bs", type=int, help="batch size (default 256; 64 for synthface); "
                    "training drops an epoch's last partial batch, so the training split must "
                    "hold at least one batch")
@@ -184,23 +183,36 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("methods", "the compared methods (training; -e reads the method "
                              "from each checkpoint)")
-    g.add_argument("--method", choices=METHODS, help="opqn (default), l2q (OPQN with learned "
-                   "codewords), dpq, gpq, or dcdh (binary hashing: --len bits, no --num/--words)")
+    g.add_argument("--method", choices=method_names(), help="; ".join(
+        f"{name}: {get_method(name).summary}" for name in method_names()))
     g.add_argument("--optimizer", choices=("sgd", "adam"), help="default: the method's "
-                   "authors': sgd; adam for gpq, and for dcdh on 32x32 datasets")
-    g.add_argument("--weight-decay", type=float, metavar="WD", help="default: the method's "
-                   "(5e-4 with sgd; gpq's adam 0, dcdh's adam 1e-4)")
+                   "authors': " + _per_method(lambda s: s.optimizer + (
+                       f", {s.optimizer_112} at 112x112" if s.optimizer_112 else "")))
+    g.add_argument("--weight-decay", type=float, metavar="WD", help="default: the method's: " +
+                   _per_method(lambda s: f"{s.default_weight_decay(s.optimizer):g}"))
     g.add_argument("--adam-betas", type=float, nargs=2, metavar=("B1", "B2"),
-                   help="adam's betas (default: the method's; gpq 0.5 0.999, else 0.9 0.999)")
+                   help="adam's betas (default: the method's: " + _per_method(
+                       lambda s: " ".join(f"{b:g}" for b in s.adam_form().betas)) + ")")
     g.add_argument("--amsgrad", action=argparse.BooleanOptionalAction,
-                   help="adam's amsgrad variant (default: the method's; on for dcdh, off for "
-                        "gpq)")
-    for method, fields in METHOD_HYPERPARAMETERS.items():
-        for name, default, text in fields:
-            kind = {"type": float} if not isinstance(default, str) else \
-                {"choices": METHOD_CHOICES[name]}
-            g.add_argument(f"--{name.replace('_', '-')}", default=default,
-                           help=f"{method}: {text}", **kind)
+                   help="adam's amsgrad variant (default: the method's: " + _per_method(
+                       lambda s: "on" if s.adam_form().amsgrad else "off") + ")")
+    for method in method_names():
+        for info in get_method(method).param_info():
+            kind = {"choices": info.choices} if info.choices else {"type": float}
+            g.add_argument(f"--{info.name.replace('_', '-')}", default=info.default,
+                           help=f"{method}: {info.help}", **kind)
+
+
+def _lr_text(spec) -> str:
+    lrs = {spec.optimizer: spec.default_lr(spec.optimizer)}
+    if spec.optimizer_112:
+        lrs[spec.optimizer_112] = spec.default_lr(spec.optimizer_112)
+    return " or ".join(f"{lr:g} ({optimizer})" for optimizer, lr in lrs.items())
+
+
+def _per_method(describe) -> str:
+    """``opqn X, l2q Y, ...``: one setting of every registered method, for --help."""
+    return "; ".join(f"{name} {describe(get_method(name))}" for name in method_names())
 
 
 def _resume_hint(exc: BaseException, argv: list[str] | None) -> str:
@@ -240,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_evaluation(run, specs, device)
         else:
-            specs = (hashing_specs(args.len, args.save) if args.method in HASHING_METHODS
+            specs = (hashing_specs(args.len, args.save)
+                     if get_method(args.method or DEFAULT_METHOD).hashing
                      else code_specs(args.len, args.num, args.words, args.save, "--save", True))
             from utils.cli.pipeline import run_training
 

@@ -1,10 +1,11 @@
-"""Backbones (by name, through the registry), orthonormal codebooks and the OPQN head."""
+"""Backbones (by name, through the registry), orthonormal codebooks, the methods (by name,
+through theirs) and the network that joins a backbone to a method's head."""
 from .backbone import FaceResNet20
 from .codebooks import dct_matrix, orthonormal_codebooks
 from .flops import count_flops, count_parameters
+from .methods import (DEFAULT_METHOD, MethodSpec, OrthoPQ, QuantHead, build_head, build_loss,
+                      code_dtype, get_method, method_names, register)
 from .opqn import OPQN, OPQNConfig, choose_feature_dim
-from .heads import METHODS, QuantHead, build_head
-from .heads.opqn import OrthoPQ, code_dtype
 from .registry import (DEFAULT_BACKBONE, BackboneError, PretrainedUnavailable, build_backbone,
                        parse_backbone_args)
 
@@ -12,5 +13,6 @@ __all__ = [
     "FaceResNet20", "count_flops", "count_parameters", "dct_matrix", "orthonormal_codebooks",
     "OPQN", "OPQNConfig", "choose_feature_dim", "OrthoPQ", "code_dtype", "DEFAULT_BACKBONE",
     "BackboneError", "PretrainedUnavailable", "build_backbone", "parse_backbone_args",
-    "METHODS", "QuantHead", "build_head",
+    "DEFAULT_METHOD", "MethodSpec", "QuantHead", "build_head", "build_loss", "get_method",
+    "method_names", "register",
 ]

@@ -7,8 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .heads import build_head
-from .heads.base import code_bits
+from .methods import DEFAULT_METHOD, build_head, code_bits, get_method
 from .registry import DEFAULT_BACKBONE, build_backbone
 
 # 32x32 datasets use D = 512 in the paper (516 for M = 6 so that it divides).
@@ -29,18 +28,10 @@ def choose_feature_dim(num_books: int, num_words: int, input_size: int) -> int:
     return max(dim, num_books * num_words)
 
 
-# Fields whose default changed after checkpoints were written without them: such a
-# checkpoint keeps the form it was trained and scored with (l2q was scored with the
-# normalised query, DPQ's V_m started from a standard normal).
-LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "l2q": {"l2q_query": "normalized"},
-    "dpq": {"dpq_init": "normal"},
-}
-
-
 @dataclass
 class OPQNConfig:
-    """Everything needed to rebuild a trained model; stored in every checkpoint."""
+    """Everything needed to rebuild a trained model of any method; stored in every
+    checkpoint (flat: the method's parameters sit beside the other fields)."""
 
     num_books: int
     num_words: int
@@ -58,25 +49,16 @@ class OPQNConfig:
     backbone_args: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs
     pretrained: bool = False  # provenance only: rebuilding never downloads weights
     margin_type: str = "cosface"
-    # The method (models.heads.METHODS); checkpoints written before it existed are OPQN.
-    method: str = "opqn"
-    # Method-specific hyper-parameters (ignored by the other methods).
-    l2q_init: str = "normal"  # OPQN-l2q: codeword initialisation, "normal" or "xavier"
-    # OPQN-l2q: P_m of a query from its sub-vector as training sees it ("raw") or from the
-    # normalised one ("normalized", the authors' evaluator); see models.heads.l2q.
-    l2q_query: str = "raw"
-    # DPQ: initialisation of V_m, "xavier" or "normal" (the authors'); see models.heads.dpq
-    dpq_init: str = "xavier"
-    dpq_alpha: float = 0.25  # DPQ: weight of the joint centre loss
-    dpq_gini_diversity: float = 1.0  # DPQ: weight of the Gini diversity term
-    dpq_gini_sharpness: float = 0.01  # DPQ: weight of the Gini sharpness term
-    gpq_alpha: float = 20.0  # GPQ: soft-assignment temperature
-    gpq_beta: float = 4.0  # GPQ: cosine-classifier scale
-    gpq_lambda_ce: float = 0.1  # GPQ: weight of the classification term (lambda_2)
-    gpq_lambda_entropy: float = 0.0  # GPQ: subspace minimax entropy (lambda_1; 0 = off)
-    dcdh_sigma: float = 0.25  # DCDH: Gaussian similarity width
-    dcdh_eta: float = 0.01  # DCDH: quantization weight
-    dcdh_center_weight: float = 0.1  # DCDH: weight of the centre separation term
+    # The method (models.methods); checkpoints written before it existed are OPQN's.
+    method: str = DEFAULT_METHOD
+    # The method's typed hyper-parameters (MethodSpec.params); a dict or None is turned
+    # into them, missing names taking the method's defaults.
+    params: Any = None
+
+    def __post_init__(self) -> None:
+        spec = get_method(self.method)
+        if not isinstance(self.params, spec.params):
+            self.params = spec.make_params(self.params)
 
     @property
     def bits(self) -> int:
@@ -87,16 +69,26 @@ class OPQNConfig:
         return self.feature_dim // self.num_books
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "params"}
+        data["backbone_args"] = dict(self.backbone_args)
+        data.update(asdict(self.params))
         data["bits"] = self.bits
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "OPQNConfig":
-        names = {f.name for f in fields(cls)}
+        """The config a checkpoint holds; fields it lacks take the defaults, and the
+        method's parameters its legacy defaults (what such checkpoints were trained with)."""
+        names = {f.name for f in fields(cls)} - {"params"}
         kept = {k: v for k, v in data.items() if k in names}
-        legacy = LEGACY_DEFAULTS.get(kept.get("method", "opqn"), {})
-        return cls(**{**legacy, **kept})
+        spec = get_method(kept.get("method", DEFAULT_METHOD))
+        return cls(**kept, params=spec.make_params(data, legacy=True))
+
+    @staticmethod
+    def stored_defaults(method: str) -> dict:
+        """What :meth:`from_dict` reads for the fields a checkpoint of ``method`` lacks."""
+        return OPQNConfig(1, 2, 2, 1, method=method,
+                          params=get_method(method).make_params(legacy=True)).to_dict()
 
 
 class OPQN(nn.Module):
@@ -114,7 +106,7 @@ class OPQN(nn.Module):
         self.backbone = build_backbone(config.backbone, config.input_size, config.width,
                                        config.feature_dim, pretrained=load_pretrained,
                                        backbone_args=config.backbone_args)
-        # The method's head (models.heads); OPQN's is models.heads.opqn.OrthoPQ.
+        # The method's head (models.methods); OPQN's is models.methods.opqn.OrthoPQ.
         self.quantizer = build_head(config)
 
     def forward(self, images: Tensor) -> Tensor:

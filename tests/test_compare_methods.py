@@ -18,8 +18,9 @@ from data.validation_split import (ValidationSplitError, build_validation_split,
 from utils.comparison.plan import (ComparisonPlan, MethodPlan, RunKey, RunStore, StaleRun,
                               choose_lr, equal_grids, lr_grid, mean_sd, paired_difference, run_comparison,
                               summarise, training_failures)
-from utils.cli.validation import METHODS
-from utils.training.methods import authors_lr, default_lr, default_optimizer
+from models.methods import get_method, method_names
+
+METHODS = method_names()
 
 
 def _load_tool():
@@ -33,23 +34,23 @@ def _load_tool():
 
 @pytest.mark.parametrize("method", ["opqn", "dpq", "gpq", "dcdh"])
 def test_lr_grid_is_the_optimisers_grid_plus_the_authors_default(method):
-    optimizer = default_optimizer(method, 32)
+    optimizer = get_method(method).optimizer_for(32)
     sgd, adam = [0.3, 0.03], [7e-4]
     grid = lr_grid(method, optimizer, sgd, adam)
     assert set(grid) == set(sgd if optimizer == "sgd" else adam) | \
-        {default_lr(method, optimizer), authors_lr(method, optimizer)}
+        {get_method(method).default_lr(optimizer), get_method(method).authors_lr(optimizer)}
     assert list(grid) == sorted(grid, reverse=True) and len(set(grid)) == len(grid)
     # The default already in the grid is not added twice.
-    own = {default_lr(method, optimizer), authors_lr(method, optimizer)}
-    assert len(lr_grid(method, optimizer, [default_lr(method, optimizer)],
-                       [default_lr(method, optimizer)])) == len(own)
+    own = {get_method(method).default_lr(optimizer), get_method(method).authors_lr(optimizer)}
+    assert len(lr_grid(method, optimizer, [get_method(method).default_lr(optimizer)],
+                       [get_method(method).default_lr(optimizer)])) == len(own)
     if method == "dpq":  # our default (chosen on validation) and the authors' 0.01
         assert own == {0.1, 0.01}
 
 
 def test_every_method_gets_the_same_number_of_learning_rates():
     """The default grids gave SGD methods 5 rates, GPQ 3 and DCDH 4: unequal tuning."""
-    methods = [(m, default_optimizer(m, 32)) for m in ("opqn", "l2q", "dpq", "gpq", "dcdh")]
+    methods = [(m, get_method(m).optimizer_for(32)) for m in ("opqn", "l2q", "dpq", "gpq", "dcdh")]
     for sgd, adam in (([0.3, 0.1, 0.03, 0.01, 0.003], [2e-3, 5e-4, 2e-4]),
                       ([0.1, 0.03], [2e-3, 5e-4]), ([0.1], [1e-3])):
         grids = equal_grids(methods, sgd, adam)
@@ -151,7 +152,7 @@ def test_a_half_trained_margin_model_is_not_at_chance():
     """OPQN's CosFace CE of a model that knows nothing is s·m + log(C − 1 + e^(−s·m)),
     about 12.2 nats at C = 10, s = 20, m = 0.5: 6 nats there is half trained, not chance,
     although it is far above log C."""
-    from losses import chance_levels
+    from models.methods import chance_levels
     from models import OPQNConfig
 
     config = OPQNConfig(num_books=4, num_words=64, feature_dim=64, num_classes=10)
@@ -204,8 +205,8 @@ FLAT = {"dpq"}  # a fake method whose loss never falls
 def _plan(methods=("opqn", "dpq", "dcdh"), seeds=3):
     plans = []
     for m in methods:
-        optimizer = default_optimizer(m, 32)
-        plans.append(MethodPlan(m, optimizer, default_lr(m, optimizer),
+        optimizer = get_method(m).optimizer_for(32)
+        plans.append(MethodPlan(m, optimizer, get_method(m).default_lr(optimizer),
                                 lr_grid(m, optimizer, [0.3, 0.1, 0.03, 0.01], [2e-3, 5e-4])))
     return ComparisonPlan(plans, list(range(seeds)), epochs=4, tune_epochs=3,
                           settings=SETTINGS)
@@ -559,8 +560,8 @@ def test_a_sabotaged_run_is_flagged_for_every_method(tiny_data_dir, tmp_path):
     from utils.comparison.plan import _failures
 
     for method in METHODS:
-        optimizer = default_optimizer(method, 32)
-        method_plan = MethodPlan(method, optimizer, default_lr(method, optimizer), ())
+        optimizer = get_method(method).optimizer_for(32)
+        method_plan = MethodPlan(method, optimizer, get_method(method).default_lr(optimizer), ())
         outcome = runner(RunKey("final", method, 1e-7, 0, 2), method_plan)
         reasons = _failures(outcome, plan)
         assert reasons and outcome["ce_chance"], (method, outcome["history"])
@@ -604,7 +605,9 @@ def test_the_ranking_settles_where_no_longer_budget_reorders_the_methods():
 def test_a_record_made_before_a_method_default_changed_is_stale(change, tmp_path, monkeypatch):
     """A record is checked against its method's resolved defaults: once one changes, the
     old record is refused (StaleRun), never reused as if made under the new default."""
-    import utils.training.methods as methods
+    import dataclasses
+
+    import models.methods.registry as registry
 
     tool = _load_tool()
     args, extra = tool.parse_args(["--methods", "opqn", "dpq", "dcdh", "--seeds", "1",
@@ -621,19 +624,24 @@ def test_a_record_made_before_a_method_default_changed_is_stale(change, tmp_path
     assert again.calls == []  # the same defaults: every record reused
     method = {"dpq_init": "dpq", "weight_decay": "opqn", "default_lr": "dpq",
               "adam": "dcdh"}[change]
-    if change == "dpq_init":  # the flag's default (opqn_main.py builds it from the table)
-        fields = methods.METHOD_HYPERPARAMETERS["dpq"]
-        monkeypatch.setitem(methods.METHOD_HYPERPARAMETERS, "dpq",
-                            (("dpq_init", "normal", fields[0][2]),) + fields[1:])
+    spec = registry.get_method(method)
+
+    def respec(**changes) -> None:
+        monkeypatch.setitem(registry._REGISTRY, method, dataclasses.replace(spec, **changes))
+
+    if change == "dpq_init":  # the flag's default (opqn_main.py builds it from the spec)
+        changed = dataclasses.make_dataclass("DPQParams", [
+            (f.name, f.type, dataclasses.field(
+                default="normal" if f.name == "dpq_init" else f.default, metadata=f.metadata))
+            for f in dataclasses.fields(spec.params)], frozen=True)
+        respec(params=changed)
         given, _flags = tool.run_flags(extra)
     elif change == "weight_decay":
-        monkeypatch.setattr(methods, "SGD_WEIGHT_DECAY", 1e-3)
+        monkeypatch.setattr(registry, "SGD_WEIGHT_DECAY", 1e-3)
     elif change == "default_lr":  # the old default stays in the grid: same run keys
-        monkeypatch.setitem(methods.AUTHORS_SGD_LR, "dpq", 0.1)
-        monkeypatch.setitem(methods.METHOD_LR, "dpq", 0.01)
+        respec(authors_sgd_lr=0.1, sgd_lr=0.01)
     else:
-        monkeypatch.setitem(methods.METHOD_ADAM, "dcdh", methods.AdamForm(
-            lr=0.005, weight_decay=1e-4, amsgrad=False))
+        respec(adam=registry.AdamForm(lr=0.005, weight_decay=1e-4, amsgrad=False))
     with pytest.raises(StaleRun, match=rf"{method}_lr.*settings\.method"):
         run_comparison(plan(), RunStore(tmp_path), FakeRunner(), say=lambda _line: None)
 
@@ -642,7 +650,7 @@ def test_amp_auto_labels_each_method_with_the_precision_it_trains_in(monkeypatch
     """Under --amp auto on a device where OPQN trains in bf16 (an AMX CPU here), a method
     that auto keeps in float32 is labelled float32, not bf16 as OPQN."""
     from utils.comparison.report import precision_text
-    from utils.precision import BF16_HOLDS_ACCURACY
+    from models.methods import get_method
 
     monkeypatch.setenv("OPQN_CPU_BF16_PROBE", "amx")
     tool = _load_tool()
@@ -651,12 +659,12 @@ def test_amp_auto_labels_each_method_with_the_precision_it_trains_in(monkeypatch
     assert flags == ["--amp", "auto", "--device", "cpu"]
     labels = {p.method: p.settings["precision"] for p in tool.method_plans(args, given, 32)}
     assert labels["opqn"] == "bf16"
-    assert labels == {m: "bf16" if m in BF16_HOLDS_ACCURACY else "float32"
+    assert labels == {m: "float32" if get_method(m).bf16 == "float32" else "bf16"
                       for m in ("opqn", "l2q", "dpq", "gpq", "dcdh")}
     assert labels["l2q"] == labels["dpq"] == "float32"
     label = tool.precision_label(tool.method_plans(args, given, 32))
     assert label == labels
-    text = precision_text(label, tool.NAMES)
+    text = precision_text(label, tool.titles())
     assert "per method" in text and "OPQN bf16" in text and "DPQ float32" in text
     # OPQN without precise BN: auto keeps it in float32 too.
     given, _ = tool.run_flags([*extra, "--precise-bn", "0"])

@@ -6,7 +6,7 @@ import torch
 
 faiss = pytest.importorskip("faiss")
 
-from models.heads import build_head  # noqa: E402
+from models.methods import build_head  # noqa: E402
 from models.opqn import OPQNConfig  # noqa: E402
 from utils.retrieval.faiss_index import (build_head_index, pack_bits, pack_codes,  # noqa: E402
                                save_faiss_index, search_head_index)

@@ -129,7 +129,7 @@ def test_help_shows_argument_groups():
 def test_settings_take_the_flags_and_keep_not_given_as_none():
     import opqn_main
     from utils.cli.settings import RunSettings
-    from utils.training.methods import METHOD_HYPERPARAMETERS
+    from models.methods import get_method
 
     args = opqn_main.build_parser().parse_args(
         ["--dataset", "synthface", "--len", "12", "--bs", "8", "--method", "gpq", "--gpq-beta",
@@ -140,7 +140,7 @@ def test_settings_take_the_flags_and_keep_not_given_as_none():
     assert run.training.batch_size == 8 and run.evaluation.inference_batch == 8
     assert run.training.epochs is None and run.model.width is None
     assert run.model.method == "gpq" and run.model.method_fields["gpq_beta"] == 2.0
-    assert set(run.model.method_fields) == {n for n, *_ in METHOD_HYPERPARAMETERS["gpq"]}
+    assert set(run.model.method_fields) == set(get_method("gpq").param_names())
     assert run.search.load == "m.tar" and run.search.query == ("a.jpg", "b.jpg")
     default = RunSettings.from_args(argparse.Namespace())
     assert default.model.method is None and default.model.method_name == "opqn"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import OPQNLoss, assignment_entropy, margin_cosine_logits
+from models.methods import OPQNLoss, assignment_entropy, margin_cosine_logits
 
 
 def _cosines(sub, weights):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from losses import OPQNLoss, apply_margin, margin_cosine_logits
+from losses import apply_margin
+from models.methods import OPQNLoss, margin_cosine_logits
 
 M = 0.5  # radians for ArcFace
 

@@ -9,13 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import DCDHLoss, DPQLoss, GPQLoss, OPQNLoss, build_loss
-from losses.dcdh_loss import discrete_targets
+from models.methods import DCDHLoss, DPQLoss, GPQLoss, OPQNLoss, build_loss
+from models.methods.dcdh import discrete_targets
 from models import OPQN, OPQNConfig
-from models.heads import METHODS, build_head
+from models.methods import build_head, method_names
 from utils.retrieval.metrics import average_precision
 from utils.retrieval.adc import evaluate_adc, search_adc
 from utils.cli import validation
+
+METHODS = method_names()
 
 D, M, K = 24, 3, 16  # K > d = 8 on purpose: only opqn needs K <= d
 L = 10
@@ -97,11 +99,11 @@ def test_query_side_normalisation_per_method():
         assert head.query_side == "raw"
         assert not torch.allclose(head.query_tables(q), head.query_tables(4.0 * q))
     l2q = build_head(OPQNConfig(num_books=M, num_words=K, feature_dim=D, num_classes=4,
-                                method="l2q", l2q_query="normalized"))
+                                method="l2q", params={"l2q_query": "normalized"}))
     torch.testing.assert_close(l2q.query_tables(q), l2q.query_tables(4.0 * q))
-    with pytest.raises(ValueError, match="unknown query side"):
+    with pytest.raises(ValueError, match="l2q_query 'unit'"):
         build_head(OPQNConfig(num_books=M, num_words=K, feature_dim=D, num_classes=4,
-                              method="l2q", l2q_query="unit"))
+                              method="l2q", params={"l2q_query": "unit"}))
 
 
 def test_checkpoints_from_before_the_l2q_and_dpq_flags_keep_their_form():
@@ -109,12 +111,13 @@ def test_checkpoints_from_before_the_l2q_and_dpq_flags_keep_their_form():
     DPQ checkpoints record the standard-normal V_m they started from."""
     base = dict(num_books=M, num_words=K, feature_dim=D, num_classes=4)
     old = OPQNConfig.from_dict({**base, "method": "l2q"})
-    assert old.l2q_query == "normalized" and build_head(old).query_side == "normalized"
-    assert OPQNConfig(**base, method="l2q").l2q_query == "raw"
-    assert OPQNConfig.from_dict({**base, "method": "l2q", "l2q_query": "raw"}).l2q_query == "raw"
-    assert OPQNConfig.from_dict({**base, "method": "dpq"}).l2q_query == "raw"
-    assert OPQNConfig.from_dict({**base, "method": "dpq"}).dpq_init == "normal"
-    assert OPQNConfig(**base, method="dpq").dpq_init == "xavier"
+    assert old.params.l2q_query == "normalized" and build_head(old).query_side == "normalized"
+    assert OPQNConfig(**base, method="l2q").params.l2q_query == "raw"
+    stored = OPQNConfig.from_dict({**base, "method": "l2q", "l2q_query": "raw"})
+    assert stored.params.l2q_query == "raw"
+    dpq = OPQNConfig.from_dict({**base, "method": "dpq", "l2q_query": "normalized"})
+    assert dpq.params.dpq_init == "normal" and "l2q_query" not in dpq.to_dict()
+    assert OPQNConfig(**base, method="dpq").params.dpq_init == "xavier"
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -221,7 +224,7 @@ def test_dpq_centre_term_starts_near_half_the_feature_dim_as_the_authors():
 def test_gini_terms_at_their_extremes():
     """Uniform assignments: diversity M/K (its minimum), sharpness -M/K (its maximum);
     one word for every sample: diversity M, sharpness -M."""
-    from losses.dpq_loss import gini_terms
+    from models.methods.dpq import gini_terms
 
     uniform = torch.full((6, M, K), 1.0 / K)
     same = F.one_hot(torch.zeros(6, M, dtype=torch.long), K).float()
@@ -247,20 +250,20 @@ def test_initialisations_are_the_authors():
     mean, sd = _stats(dpq.codebooks.detach())
     assert abs(mean) < 0.03 and sd == pytest.approx(1.0, abs=0.03)
     assert _stats(dpq.assignment.detach())[1] == pytest.approx(xavier_sd, rel=0.05)
-    dpq_authors = build_head(OPQNConfig(**big, method="dpq", dpq_init="normal"))
+    dpq_authors = build_head(OPQNConfig(**big, method="dpq", params={"dpq_init": "normal"}))
     for tensor in (dpq_authors.codebooks, dpq_authors.assignment):
         mean, sd = _stats(tensor.detach())
         assert abs(mean) < 0.03 and sd == pytest.approx(1.0, abs=0.03)
     l2q = build_head(OPQNConfig(**big, method="l2q"))
     assert _stats(l2q.codebooks.detach())[1] == pytest.approx(1.0, abs=0.03)
     assert _stats(l2q.assignment.detach())[1] == pytest.approx(xavier_sd, rel=0.05)
-    l2q_x = build_head(OPQNConfig(**big, method="l2q", l2q_init="xavier"))
+    l2q_x = build_head(OPQNConfig(**big, method="l2q", params={"l2q_init": "xavier"}))
     assert _stats(l2q_x.codebooks.detach())[1] == pytest.approx(xavier_sd, rel=0.05)
     centres = DCDHLoss(500, 48).centers.detach()
     mean, sd = _stats(centres)
     assert abs(mean) < 0.03 and sd == pytest.approx(1.0, abs=0.03)
-    with pytest.raises(ValueError, match="unknown initialisation"):
-        build_head(OPQNConfig(**big, method="l2q", l2q_init="zeros"))
+    with pytest.raises(ValueError, match="l2q_init 'zeros'"):
+        build_head(OPQNConfig(**big, method="l2q", params={"l2q_init": "zeros"}))
 
 
 def test_gpq_class_logits_are_beta_squared_times_the_mean_cosine():
@@ -296,7 +299,7 @@ def test_l2q_diagnostics_are_its_query_side_sharpness_and_codeword_norm_spread()
 
 
 def test_each_method_defaults_to_its_authors_optimizer():
-    from utils.training.methods import adam_form, default_lr, default_optimizer, default_weight_decay
+    from models.methods import get_method
     from utils.training.loop import TrainSettings, build_optimizer
 
     expected = {  # method: (optimizer at 32x32, lr, weight decay, betas, amsgrad)
@@ -305,18 +308,18 @@ def test_each_method_defaults_to_its_authors_optimizer():
         "gpq": ("adam", 2e-4, 0.0, (0.5, 0.999), False),
         "dcdh": ("adam", 0.005, 1e-4, (0.9, 0.999), True)}
     for method, (opt, lr, wd, betas, amsgrad) in expected.items():
-        assert default_optimizer(method, 32) == opt, method
-        assert default_lr(method, opt) == lr and default_weight_decay(method, opt) == wd
+        assert get_method(method).optimizer_for(32) == opt, method
+        assert get_method(method).default_lr(opt) == lr and get_method(method).default_weight_decay(opt) == wd
         if opt == "adam":
-            form = adam_form(method)
+            form = get_method(method).adam_form()
             settings = TrainSettings(epochs=1, lr=lr, optimizer="adam", weight_decay=wd,
                                      adam_betas=form.betas, amsgrad=form.amsgrad)
             group = build_optimizer([torch.nn.Parameter(torch.zeros(2))], settings).param_groups[0]
             assert (group["betas"], group["amsgrad"], group["weight_decay"]) == \
                 (betas, amsgrad, wd), method
     # DCDH's authors used SGD on the 112x112 protocol; GPQ keeps its Adam there.
-    assert default_optimizer("dcdh", 112) == "sgd" and default_lr("dcdh", "sgd") == 0.01
-    assert default_optimizer("gpq", 112) == "adam"
+    assert get_method("dcdh").optimizer_for(112) == "sgd" and get_method("dcdh").default_lr("sgd") == 0.01
+    assert get_method("gpq").optimizer_for(112) == "adam"
 
 
 def test_gpq_loss_terms():
@@ -414,18 +417,21 @@ def test_l2q_shares_the_opqn_loss_and_learns_its_codewords():
 def test_old_configs_load_as_opqn_and_methods_are_listed_once():
     old = {"num_books": 2, "num_words": 16, "feature_dim": 64, "num_classes": 3}
     assert OPQNConfig.from_dict(old).method == "opqn"
-    assert validation.METHODS == METHODS
-    with pytest.raises(validation.UsageError, match="l2q, dpq and gpq"):
+    with pytest.raises(validation.UsageError, match="learns its codewords allows K > d"):
         validation.check_feature_dim(D, M, K, "opqn")
     for method in ("l2q", "dpq", "gpq"):
         validation.check_feature_dim(D, M, K, method)  # K > d is fine for learned words
 
 
 def test_method_flag_defaults_are_the_config_defaults():
+    import opqn_main
     from models import OPQNConfig
-    from utils.training.methods import METHOD_HYPERPARAMETERS
+    from models.methods import get_method
 
-    defaults = OPQNConfig(1, 2, 2, 1).to_dict()
-    for fields in METHOD_HYPERPARAMETERS.values():
-        for name, default, _help in fields:
-            assert defaults[name] == default, name
+    parsed = vars(opqn_main.build_parser().parse_args([]))
+    for method in METHODS:
+        defaults = OPQNConfig(1, 2, 2, 1, method=method).to_dict()
+        infos = get_method(method).param_info()
+        assert [i.name for i in infos] == list(get_method(method).param_names())
+        for info in infos:
+            assert defaults[info.name] == info.default == parsed[info.name], info.name

@@ -11,8 +11,10 @@ import torch
 
 import opqn_main
 from conftest import TINY_SYNTHFACE, one_line_error
-from models.heads import METHODS
+from models.methods import method_names
 from utils.retrieval.adc import evaluate_adc
+
+METHODS = method_names()
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_debug")
 
@@ -105,7 +107,7 @@ def test_models_of_different_methods_share_one_pr_figure_and_export_to_faiss(
 
 def test_export_faiss_refused_where_faiss_cannot_score(trained, tiny_data_dir, capsys,
                                                        monkeypatch):
-    from models.heads import DCDHHead
+    from models.methods import DCDHHead
 
     monkeypatch.setattr(DCDHHead, "faiss_metric", None)  # a method faiss cannot express
     capsys.readouterr()
@@ -130,7 +132,7 @@ def test_method_contradicting_the_checkpoint(trained, tiny_data_dir, capsys):
     (["--method", "dcdh", "--len", "36", "--words", "64"], ["--words", "dcdh"]),
     (["--method", "dcdh", "--len", "36", "--feature-dim", "64"], ["--feature-dim", "dcdh"]),
     (["--len", "12", "--num", "2", "--words", "64", "--feature-dim", "64"],
-     ["--words 64", "l2q, dpq and gpq"]),
+     ["--words 64", "learns its codewords allows K > d"]),
     (["--method", "dpq", "--len", "12", "--num", "2", "--dpq-alpha", "-1"], ["--dpq-alpha"]),
 ])
 def test_bad_method_input_gets_one_line(argv, fragments, tmp_path, capsys):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models import OPQNConfig
-from models.heads import METHODS, build_head
+from models.methods import build_head, method_names
 from utils.errors import UsageError
 from utils.retrieval.adc import search_adc
 
@@ -24,6 +24,8 @@ from utils.retrieval.milvus_gallery import (  # noqa: E402
     sparse_codes,
     sparse_tables,
 )
+
+METHODS = method_names()
 
 N, Q, TOPK = 600, 12, 10
 

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader
 
 
-import losses.opqn_loss as opqn_loss  # noqa: E402
+import models.methods.opqn as opqn_loss  # noqa: E402
 from data.datasets import collate_skip_broken  # noqa: E402
 from models import OPQN, OPQNConfig  # noqa: E402
 from utils.retrieval.encoding import encode_gallery, encode_queries, extract_features  # noqa: E402
@@ -169,10 +169,13 @@ def test_auto_is_float32_where_bf16_costs_accuracy(monkeypatch, device):
 
     monkeypatch.setenv(precision.PROBE_ENV, "amx")
     where = torch.device(device)
-    for method, needs_precise_bn in precision.BF16_HOLDS_ACCURACY.items():
+    from models.methods import get_method
+
+    for method in ("opqn", "gpq", "dcdh"):  # measured in bf16
+        needs_precise_bn = get_method(method).bf16 == "bf16_with_precise_bn"
         assert resolve_amp("auto", where, method, precise_bn=True) is True
         assert resolve_amp("auto", where, method, precise_bn=False) is (not needs_precise_bn)
-    assert precision.BF16_HOLDS_ACCURACY["opqn"] is True  # measured: it needs precise BN
+    assert get_method("opqn").bf16 == "bf16_with_precise_bn"  # measured: it needs precise BN
     for method in ("l2q", "dpq"):  # not measured in bf16: float32
         assert resolve_amp("auto", where, method) is False
         assert resolve_amp("bf16", where, method) is True

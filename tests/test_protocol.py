@@ -39,14 +39,14 @@ def test_optimiser_defaults():
 def test_cli_defaults():
     from opqn_main import build_parser
 
-    from utils.training.methods import default_lr, default_optimizer
+    from models.methods import get_method
 
     args = build_parser().parse_args([])
     assert (args.margin, args.miu) == (0.5, 0.1)
     # --lr defaults to the method's own value: the paper's 0.1 with SGD for OPQN.
     assert args.lr is None and args.method in (None, "opqn")
-    assert default_optimizer("opqn", 32) == "sgd" and default_optimizer("opqn", 112) == "sgd"
-    assert default_lr("opqn", "sgd") == 0.1
+    assert get_method("opqn").optimizer_for(32) == "sgd" and get_method("opqn").optimizer_for(112) == "sgd"
+    assert get_method("opqn").default_lr("sgd") == 0.1
 
 
 def _steps(transform) -> list:
@@ -198,7 +198,7 @@ def test_undefined_metrics_are_null_with_the_reason_in_the_json(tmp_path):
 
 
 def test_checkpoints_with_the_old_criterion_key_still_load():
-    from losses import OPQNLoss
+    from models.methods import OPQNLoss
     from utils.training.loop import CRITERION_KEY, criterion_state
 
     state = OPQNLoss(3, 2, 4).state_dict()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_SYNTHFACE, one_line_error
-from losses.opqn_loss import OPQNLoss
+from models.methods import OPQNLoss
 from utils.checkpoints.store import load_checkpoint
 
 EPOCHS = 6

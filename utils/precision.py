@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from models.methods import DEFAULT_METHOD, get_method
 from models.precision import AUTOCAST_DEVICES, fp32_zone
 
 AMP_CHOICES = ("auto", "bf16", "off")
@@ -48,22 +49,14 @@ def cpu_bf16_hardware() -> dict[str, bool]:
             "avx512_bf16": probe("_is_avx512_bf16_supported")}
 
 
-# Methods whose bf16 training holds mAP (docs/training.md, "Mixed precision"), and whether
-# that needs precise BN after training (utils/training/precise_bn.py): OPQN measured over 3
-# seeds on synthface and digits here, and on an AMX CPU (issue 16), where it lost 10 points
-# without precise BN; GPQ and DCDH on that AMX CPU, where bf16 cost them nothing. ``auto``
-# trains any other method, and OPQN with --precise-bn 0, in float32.
-BF16_HOLDS_ACCURACY: dict[str, bool] = {"opqn": True, "gpq": False, "dcdh": False}
-
-
-def resolve_amp(choice: str, device: torch.device, method: str = "opqn",
+def resolve_amp(choice: str, device: torch.device, method: str = DEFAULT_METHOD,
                 precise_bn: bool = True) -> bool:
     """``--amp`` to a yes/no for training ``method`` on ``device``; ``bf16`` and ``off``
     force it.
 
-    ``auto`` is bf16 on CUDA and on CPUs with AMX, for the methods of
-    :data:`BF16_HOLDS_ACCURACY` (OPQN only with ``precise_bn``), and float32 everywhere
-    else. A CPU with AVX512-BF16 but no AMX stays float32: there bf16 made the quick-start job
+    ``auto`` is bf16 on CUDA and on CPUs with AMX for the methods whose bf16 training
+    holds mAP (``MethodSpec.bf16``: OPQN's only with ``precise_bn``; docs/training.md,
+    "Mixed precision"), and float32 everywhere else. A CPU with AVX512-BF16 but no AMX stays float32: there bf16 made the quick-start job
     only 1.14-1.27x faster; without either, bf16 is emulated and several times slower.
     """
     if choice not in AMP_CHOICES:
@@ -72,8 +65,8 @@ def resolve_amp(choice: str, device: torch.device, method: str = "opqn",
         return False
     if choice == "bf16":
         return True
-    needs_precise_bn = BF16_HOLDS_ACCURACY.get(method)
-    if needs_precise_bn is None or (needs_precise_bn and not precise_bn):
+    policy = get_method(method).bf16
+    if policy == "float32" or (policy == "bf16_with_precise_bn" and not precise_bn):
         return False
     if device.type == "cuda":
         return True

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from models import DEFAULT_BACKBONE, OPQN, OPQNConfig
-from models.opqn import LEGACY_DEFAULTS
+from models import DEFAULT_BACKBONE, DEFAULT_METHOD, OPQN, OPQNConfig, method_names
 from utils.checkpoints.loading import load_model
 from utils.checkpoints.store import CheckpointError, load_checkpoint
 from utils.training.loop import CRITERION_KEY, criterion_state
@@ -59,7 +58,7 @@ def check_evaluation_choice(config: dict, path: Path, backbone: str | None,
     if backbone and backbone != stored_backbone:
         raise UsageError(f"--backbone {backbone} contradicts checkpoint {path}, which "
                          f"holds backbone {stored_backbone}")
-    stored_method = config.get("method", "opqn")
+    stored_method = config.get("method", DEFAULT_METHOD)
     if method and method != stored_method:
         raise UsageError(f"--method {method} contradicts checkpoint {path}, which holds "
                          f"a {stored_method} model (-e reads the method from the checkpoint)")
@@ -114,9 +113,12 @@ def check_resumable(spec: CodeSpec, expected: dict, path: Path,
     config = checked_config(checkpoint, path)
     reconcile_spec(spec, config, path)
     # Fields absent from older checkpoints read as OPQNConfig.from_dict reads them: the
-    # defaults (opqn, sphere20, cosface), then the method's legacy ones (LEGACY_DEFAULTS).
-    defaults = {**OPQNConfig(1, 2, 2, 1).to_dict(),
-                **LEGACY_DEFAULTS.get(config.get("method", "opqn"), {})}
+    # defaults (OPQN, sphere20, cosface), then the method's legacy ones.
+    stored_method = config.get("method", DEFAULT_METHOD)
+    if stored_method not in method_names():
+        raise CheckpointError(f"checkpoint {path} holds a model of unknown method "
+                              f"{stored_method!r}", path)
+    defaults = OPQNConfig.stored_defaults(stored_method)
     # A converted file holds weights but no run: a run resumed from it starts its training
     # anew, so only what shapes those weights must agree (and it has no settings to check).
     compared = CONVERTED_CONFIG if converted else set(expected) - set(UNCOMPARED_CONFIG)

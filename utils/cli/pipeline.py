@@ -6,6 +6,7 @@ reads.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from data.datasets import dataset_preset, readable_items
 from data.folders import identity_folders
 from data.loaders import RetrievalSplits, build_splits, make_loader
 from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, PretrainedUnavailable,
-                    build_backbone, choose_feature_dim, parse_backbone_args)
+                    build_backbone, choose_feature_dim, get_method, parse_backbone_args)
 from utils.checkpoints import (checkpoint_path, last_checkpoint_path, load_checkpoint,
                                load_model)
 from utils.logger import get_logger, setup_logging
@@ -24,8 +25,6 @@ from utils.retrieval.encoding import evaluate_model
 from utils.retrieval.export import export_gallery_index, export_path
 from utils.runtime import DistInfo, cleanup_distributed, init_distributed, memory_budget
 from utils.training.loop import TrainingInterrupted, TrainSettings, check_per_rank_batch, train
-from utils.training.methods import (METHOD_HYPERPARAMETERS, adam_form, default_lr,
-                                    default_optimizer, default_weight_decay)
 from utils.training.schedules import describe_schedule
 
 from .checkpoint_checks import (REQUIRED_KEYS, check_evaluation_choice, check_resumable,
@@ -35,7 +34,7 @@ from .reporting import (curve_label, result_metadata, summary_line, training_pro
                         write_pr_comparison, write_result)
 from .search import write_examples
 from .settings import ModelSettings, RunSettings, TrainingOptions
-from .validation import (HASHING_METHODS, CodeSpec, UsageError, check_batch_fits,
+from .validation import (CodeSpec, UsageError, check_batch_fits,
                          check_feature_dim, check_identity_overlap, check_no_overwrite,
                          check_quantizer_memory)
 
@@ -99,7 +98,7 @@ def _plan_jobs(run: RunSettings, specs: list[CodeSpec], preset, method: str,
     jobs: list[tuple[CodeSpec, int, Path, Path]] = []
     budget, budget_source = memory_budget(device)
     for spec in specs:  # validate every model before any work
-        if method in HASHING_METHODS:  # the feature is the L-bit hash layer itself
+        if get_method(method).hashing:  # the feature is the L-bit hash layer itself
             feature_dim = spec.bits
         else:
             feature_dim = run.model.feature_dim or choose_feature_dim(
@@ -178,12 +177,12 @@ def run_training(run: RunSettings, specs: list[CodeSpec], device: torch.device) 
 
 def resolve_optimizer(training: TrainingOptions, method: str, input_size: int) -> dict:
     """``optimizer``, ``lr``, ``weight_decay``, ``adam_betas`` and ``amsgrad`` of a run of
-    ``method``: the flags where given, else the method's defaults (utils.training.methods)."""
-    optimizer = training.optimizer or default_optimizer(method, input_size)
-    adam = adam_form(method)
-    return {"optimizer": optimizer, "lr": training.lr or default_lr(method, optimizer),
-            "weight_decay": _given(training.weight_decay,
-                                   default_weight_decay(method, optimizer)),
+    ``method``: the flags where given, else the method's defaults (its MethodSpec)."""
+    spec = get_method(method)
+    optimizer = training.optimizer or spec.optimizer_for(input_size)
+    adam = spec.adam_form()
+    return {"optimizer": optimizer, "lr": training.lr or spec.default_lr(optimizer),
+            "weight_decay": _given(training.weight_decay, spec.default_weight_decay(optimizer)),
             "adam_betas": tuple(training.adam_betas or adam.betas),
             "amsgrad": _given(training.amsgrad, adam.amsgrad)}
 
@@ -200,7 +199,7 @@ def resolve_job(run: RunSettings, spec: CodeSpec, feature_dim: int, num_classes:
         num_books=spec.num_books, num_words=spec.num_words, feature_dim=feature_dim,
         num_classes=num_classes, input_size=preset.input_size, width=width,
         margin=model.margin, scale=model.scale or preset.scale, miu=model.miu, dataset=source,
-        method=model.method_name, **model_choice, **model.method_fields)
+        method=model.method_name, **model_choice, params=dict(model.method_fields))
     settings = TrainSettings(
         epochs=epochs, lr_step=preset.lr_step,
         **resolve_optimizer(training, config.method, preset.input_size),
@@ -273,13 +272,13 @@ def describe_optimizer(settings: TrainSettings) -> str:
 
 
 def _method_detail(config: OPQNConfig) -> str:
-    names = [name for name, _default, _help in METHOD_HYPERPARAMETERS.get(config.method, ())]
+    values = asdict(config.params)
 
     def show(value) -> str:
         return value if isinstance(value, str) else f"{value:g}"
 
-    return (" (" + ", ".join(f"{n} {show(getattr(config, n))}" for n in names) + ")") \
-        if names else ""
+    return (" (" + ", ".join(f"{n} {show(v)}" for n, v in values.items()) + ")") \
+        if values else ""
 
 
 def _checked_checkpoints(run: RunSettings,

@@ -14,6 +14,7 @@ import torch
 matplotlib.use("Agg")  # files only: no display is needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from models.methods import DEFAULT_METHOD, get_method, method_names  # noqa: E402
 from utils.atomic_io import atomic_path, atomic_write_text  # noqa: E402
 
 from .settings import DataSettings  # noqa: E402
@@ -22,7 +23,7 @@ from .settings import DataSettings  # noqa: E402
 def summary_line(result: dict) -> str:
     """One line with the headline numbers of an evaluation."""
     name = result.get("name") or result.get("dataset", "")
-    method = result.get("method", "opqn")
+    method = result.get("method", DEFAULT_METHOD)
     if result["mAP"] is None:  # no query had a relevant gallery item
         scores = f"mAP undefined ({result.get('undefined_reason', 'no relevant items')})"
     else:
@@ -51,10 +52,11 @@ def curve_label(result: dict, name: str) -> str:
     """Legend entry of one model: checkpoint name, method (when the results name one), code
     and mAP, e.g. ``synthface_36bits: OPQN 36-bit (6x64), mAP 89.10%``: two models of the
     same length stay apart."""
-    method = str(result.get("method") or "OPQN")
-    # dcdh's "books" are its L bits of 2 words each: the bit count says it all.
-    code = "" if method == "dcdh" else f" ({result['num_books']}x{result['num_words']})"
-    method = method.upper() if method.islower() else method
+    name_of = str(result.get("method") or DEFAULT_METHOD)
+    spec = get_method(name_of) if name_of in method_names() else None
+    # A hashing method's "books" are its L bits of 2 words each: the bit count says it all.
+    code = "" if spec and spec.hashing else f" ({result['num_books']}x{result['num_words']})"
+    method = spec.title if spec else name_of
     score = "mAP undefined" if result.get("mAP") is None else f"mAP {100 * result['mAP']:.2f}%"
     return f"{name}: {method} {result['bits']}-bit{code}, {score}"
 

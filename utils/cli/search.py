@@ -31,7 +31,7 @@ from data.datasets import ImageList, list_images, readable_items
 from data.loaders import make_loader
 from data.transforms import build_transform
 from models import OPQN
-from models.heads.base import code_dtype
+from models.methods import code_dtype
 from utils.checkpoints.store import checkpoint_path, load_checkpoint
 from utils.logger import get_logger, setup_logging
 from utils.retrieval import encoding

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from utils.training.methods import METHOD_HYPERPARAMETERS
+from models.methods import DEFAULT_METHOD, get_method
 from utils.training.precise_bn import DEFAULT_PRECISE_BN_IMAGES
 
 
@@ -55,7 +55,7 @@ class OutputSettings:
 class ModelSettings:
     """The model to train: method and its hyper-parameters, backbone, margin and head."""
 
-    method: str | None = None  # None: opqn (and, with -e, "whatever the checkpoint holds")
+    method: str | None = None  # None: OPQN (and, with -e, "whatever the checkpoint holds")
     method_fields: dict[str, Any] = field(default_factory=dict)  # --<method>-* flags
     backbone: str | None = None  # None: sphere20
     backbone_args: tuple[str, ...] = ()  # KEY=VALUE strings, parsed by models.registry
@@ -69,7 +69,7 @@ class ModelSettings:
 
     @property
     def method_name(self) -> str:
-        return self.method or "opqn"
+        return self.method or DEFAULT_METHOD
 
 
 @dataclass(frozen=True)
@@ -157,9 +157,9 @@ class RunSettings:
         defaults above, so other scripts' parsers work too)."""
         progress = not getattr(args, "no_progress", False)
         given = dict(vars(args), progress=progress)
-        method = given.get("method") or "opqn"
-        method_fields = {name: given.get(name, default)
-                         for name, default, _text in METHOD_HYPERPARAMETERS.get(method, ())}
+        method = given.get("method") or DEFAULT_METHOD
+        method_fields = {info.name: given.get(info.name, info.default)
+                         for info in get_method(method).param_info()}
         batch = given.get("bs")
         return cls(
             data=_group(DataSettings, given),

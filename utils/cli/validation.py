@@ -7,14 +7,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from data.folders import identity_folders, identity_images
+from models.methods import DEFAULT_METHOD, get_method, method_names
 from utils.errors import UsageError  # noqa: F401 (raised here, re-exported for callers)
 
-# The methods of --method (models.heads.METHODS; kept here too so --help needs no torch).
-METHODS = ("opqn", "l2q", "dpq", "gpq", "dcdh")
-# Binary hashing methods (models.heads.HASHING_METHODS): --len bits, no --num/--words.
-HASHING_METHODS = ("dcdh",)
-# Methods with fixed orthonormal codewords, hence K <= d (models.heads.ORTHONORMAL_METHODS).
-ORTHONORMAL_METHODS = ("opqn",)
 
 
 @dataclass
@@ -121,10 +116,10 @@ def hashing_specs(lengths: list[int] | None, names: list[str] | None) -> list[Co
 
 
 def _check_method_options(args) -> None:
-    method = getattr(args, "method", None)
-    for flag in ("dpq_alpha", "dpq_gini_diversity", "dpq_gini_sharpness", "gpq_alpha",
-                 "gpq_beta", "gpq_lambda_ce", "gpq_lambda_entropy", "dcdh_sigma", "dcdh_eta",
-                 "dcdh_center_weight", "weight_decay"):
+    method = getattr(args, "method", None) or DEFAULT_METHOD
+    numeric = [info.name for name in method_names() for info in get_method(name).param_info()
+               if info.choices is None]
+    for flag in (*numeric, "weight_decay"):
         value = getattr(args, flag, None)
         if value is None:
             continue
@@ -140,7 +135,7 @@ def _check_method_options(args) -> None:
                 raise UsageError(f"--{flag.replace('_', '-')} is for training; -e evaluates "
                                  f"the models in --load")
         return
-    if method in HASHING_METHODS:
+    if get_method(method).hashing:
         for flag, given in (("--num", args.num), ("--words", args.words),
                             ("--feature-dim", args.feature_dim)):
             if given:
@@ -280,18 +275,18 @@ def _check_index_type(args) -> None:
 
 
 def check_feature_dim(feature_dim: int, num_books: int, num_words: int,
-                      method: str = "opqn") -> None:
-    """D must split into M sub-vectors; with orthonormal codewords (opqn) also d >= K."""
+                      method: str = DEFAULT_METHOD) -> None:
+    """D must split into M sub-vectors; with orthonormal codewords (OPQN) also d >= K."""
     if feature_dim <= 0 or feature_dim % num_books:
         raise UsageError(f"--feature-dim {feature_dim} must be a positive multiple of "
                          f"--num {num_books}")
     word_dim = feature_dim // num_books
-    if num_words > word_dim and method in ORTHONORMAL_METHODS:
+    if num_words > word_dim and get_method(method).orthonormal:
         raise UsageError(f"--words {num_words} exceeds the sub-vector dimension "
                          f"d = --feature-dim {feature_dim} / --num {num_books} = {word_dim}: at "
                          f"most {word_dim} orthonormal codewords fit (use --feature-dim "
-                         f"{num_books * num_words} or more; --method l2q, dpq and gpq learn "
-                         f"their codewords and allow K > d)")
+                         f"{num_books * num_words} or more; a method that learns its codewords "
+                         f"allows K > d)")
 
 
 def check_split_dir(path: Path, role: str) -> None:

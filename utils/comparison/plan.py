@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from utils.atomic_io import atomic_write_text
-from utils.training.methods import authors_lr, default_lr
+from models.methods import DEFAULT_METHOD, get_method
 
 PHASES = ("tune", "final")
-REFERENCE = "opqn"  # the paired differences are OPQN minus each method
+REFERENCE = DEFAULT_METHOD  # the paired differences are OPQN minus each method
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,15 @@ class ComparisonPlan:
 def lr_grid(method: str, optimizer: str, sgd_lrs: Sequence[float],
             adam_lrs: Sequence[float], size: int | None = None) -> tuple[float, ...]:
     """The grid of the method's optimiser plus its default
-    (:func:`utils.training.methods.default_lr`) and its authors' lr
-    (:func:`utils.training.methods.authors_lr`), largest first.
+    (``MethodSpec.default_lr``) and its authors' lr (``MethodSpec.authors_lr``), largest
+    first.
 
     With ``size``, a shorter grid is extended to ``size`` rates, so that every method gets
     the same tuning effort: one geometric step below its smallest rate, then one above its
     largest, and so on; the step is the optimiser grid's mean ratio (√10 for one rate)."""
     given = sorted(set(sgd_lrs if optimizer == "sgd" else adam_lrs))
-    grid = set(given) | {default_lr(method, optimizer), authors_lr(method, optimizer)}
+    spec = get_method(method)
+    grid = set(given) | {spec.default_lr(optimizer), spec.authors_lr(optimizer)}
     if size is not None and len(grid) > size:
         raise ValueError(f"the {method} grid already holds {len(grid)} rates, over {size}")
     step = (given[-1] / given[0]) ** (1 / (len(given) - 1)) if len(given) > 1 else 10 ** 0.5
@@ -163,7 +164,7 @@ def paired_difference(reference: dict[int, float | None],
 def training_failures(history: Sequence[dict], chance: dict[str, float] | None,
                       min_loss_drop: float = 0.05, ce_margin: float = 0.1) -> list[str]:
     """Why a run "did not train" (empty when it did), from its per-epoch records and the
-    chance levels of its identity cross-entropies (``losses.chance_levels``):
+    chance levels of its identity cross-entropies (``models.methods.chance_levels``):
 
     * its last epoch's loss is less than ``min_loss_drop`` (relative) below the loss it
       started from: the first step's (``first_step_loss`` of epoch 1, so that a one-epoch
@@ -301,7 +302,7 @@ def run_settings(plan: ComparisonPlan, method: MethodPlan) -> dict:
 Runner = Callable[[RunKey, MethodPlan], dict]
 """Trains (and evaluates) one run; returns its outcome: ``status`` ("done" or "diverged"),
 ``mAP``, ``precision_at_k``, ``k``, ``history`` (per-epoch records), ``num_classes``,
-``ce_chance`` (``losses.chance_levels`` of the run's config),
+``ce_chance`` (``models.methods.chance_levels`` of the run's config),
 ``wall_seconds``, and anything else worth keeping."""
 
 

@@ -7,10 +7,11 @@ import json
 import math
 from pathlib import Path
 
+from models.methods import DEFAULT_METHOD, get_method
 from utils.atomic_io import atomic_path, atomic_write_text
 from utils.cli.reporting import _jsonable, plot_pr_curves, plt
 
-REFERENCE_NAME = "OPQN"
+REFERENCE_NAME = get_method(DEFAULT_METHOD).title
 RISING = 0.02  # a validation mAP gain over the grid budget's last third that gets a note
 
 

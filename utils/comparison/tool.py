@@ -8,9 +8,9 @@ Protocol (``utils/comparison/plan.py``):
    (``data/validation_split.py``: a folder of symbolic links under ``--out``, leak-checked).
 2. **Learning rate per method, equal budget.** Every method trains ``--tune-epochs`` epochs
    on the validation gallery at every lr of its optimiser's grid (``--sgd-lrs`` or
-   ``--adam-lrs``, plus its default and its authors' lr from ``utils/training/methods.py``); the lr
-   with the highest validation mAP is chosen. Epochs, schedule, batch, data and backbone are the
-   same for every method.
+   ``--adam-lrs``, plus its default and its authors' lr from its spec in ``models/methods/``);
+   the lr with the highest validation mAP is chosen. Epochs, schedule, batch, data and
+   backbone are the same for every method.
 3. **Seeds.** The chosen lr is retrained on the full training split with ``--seeds S``
    seeds; each final model is evaluated once on the test split (the monitoring evaluation
    is off in final runs). Test mAP and P@k are reported as mean ± sd, and OPQN's paired
@@ -65,11 +65,15 @@ from utils.checkpoints.store import last_checkpoint_path  # noqa: E402
 from utils.comparison.report import (precision_text, write_budget_report,  # noqa: E402
                                      write_report)
 from utils.errors import OneLineParser, report_error  # noqa: E402
-from utils.training.methods import authors_lr, default_lr  # noqa: E402
-from utils.cli.validation import HASHING_METHODS, METHODS, UsageError  # noqa: E402
+from models.methods import get_method, method_names  # noqa: E402
+from utils.cli.validation import UsageError  # noqa: E402
 
 PROG = "python -m utils.comparison"
-NAMES = {"opqn": "OPQN", "l2q": "OPQN-l2q", "dpq": "DPQ", "gpq": "GPQ", "dcdh": "DCDH"}
+
+
+def titles() -> dict[str, str]:
+    """Each registered method's name in tables."""
+    return {name: get_method(name).title for name in method_names()}
 SGD_LRS = (0.3, 0.1, 0.03, 0.01, 0.003)
 ADAM_LRS = (2e-3, 5e-4, 2e-4)
 # opqn_main.py flags the protocol sets itself, with what to use instead.
@@ -119,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--len", type=POSITIVE_INT, default=36, help="code length in bits (36)")
     p.add_argument("--num", type=POSITIVE_INT, default=6,
                    help="codebooks of the product-quantization methods (6)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=method_names(), default=list(method_names()))
     p.add_argument("--epochs", type=POSITIVE_INT,
                    help="epochs of every final run (default: the dataset preset's)")
     p.add_argument("--tune-epochs", type=POSITIVE_INT,
@@ -201,7 +205,7 @@ def run_flags(extra: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _code_flags(method: str, bits: int, num: int) -> list[str]:
-    return ["--len", str(bits)] if method in HASHING_METHODS else \
+    return ["--len", str(bits)] if get_method(method).hashing else \
         ["--len", str(bits), "--num", str(num)]
 
 
@@ -236,8 +240,9 @@ def method_settings(method: str, given: argparse.Namespace, input_size: int) -> 
     if resolved["optimizer"] != "adam":  # SGD never reads them
         del resolved["adam_betas"], resolved["amsgrad"]
     optimizer = resolved["optimizer"]
-    return {**resolved, "default_lr": default_lr(method, optimizer),
-            "authors_lr": authors_lr(method, optimizer), **run.model.method_fields,
+    spec = get_method(method)
+    return {**resolved, "default_lr": spec.default_lr(optimizer),
+            "authors_lr": spec.authors_lr(optimizer), **run.model.method_fields,
             "precision": _precision(given.amp, given.device, method, given.precise_bn)}
 
 
@@ -247,7 +252,7 @@ def method_plans(args: argparse.Namespace, given: argparse.Namespace,
     grids are made equal over all five methods (:func:`utils.comparison.plan.equal_grids`),
     whichever ``--methods`` are run, so that a comparison split over several processes
     by ``--methods`` runs the grids of the whole one."""
-    settings = {m: method_settings(m, given, input_size) for m in METHODS}
+    settings = {m: method_settings(m, given, input_size) for m in method_names()}
     grids = equal_grids([(m, s["optimizer"]) for m, s in settings.items()], args.sgd_lrs,
                         args.adam_lrs)
     return [MethodPlan(m, settings[m]["optimizer"], settings[m]["default_lr"], grids[m],
@@ -385,7 +390,7 @@ class OpqnMainRunner:
         training settings (what really ran)."""
         if not last.is_file():
             return {"history": [], "num_classes": 0, "ce_chance": None}
-        from losses import chance_levels
+        from models.methods import chance_levels
         from models import OPQNConfig
         from utils.checkpoints.store import load_checkpoint
 
@@ -438,7 +443,7 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
     print(f"[{tag}] validation split {validation.data_dir}: {validation.info['identities']} "
           f"identities, {validation.info['gallery_images']} gallery and "
           f"{validation.info['query_images']} query images; "
-          f"{precision_text(precision, NAMES)}", flush=True)
+          f"{precision_text(precision, titles())}", flush=True)
     if args.measure_budget:  # one run per method and budget at its default lr, no finals
         plans = [replace(p, grid=(p.default_lr,)) for p in plans]
         runs = []
@@ -478,7 +483,7 @@ def _add_run_facts(table: dict) -> None:
     for method, entry in table["methods"].items():
         finals = [runs[name] for name in entry["runs"]]
         done = [o for o in finals if o["status"] == "done"]
-        entry["name"] = NAMES[method]
+        entry["name"] = get_method(method).title
         if done:
             entry["code"] = f"{done[0]['num_books']}x{done[0]['num_words']}"
             entry["bytes_per_item"], entry["packed_bytes_per_item"] = _bytes_per_item(done[0])

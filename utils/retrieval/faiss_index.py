@@ -179,7 +179,7 @@ def search_faiss(index, tables: Tensor, codebooks: Tensor, topk: int) -> Tuple[T
 
 
 # --------------------------------------------------------------------------------------
-# Any method's head (models.heads): the index whose scores equal the ADC engine's.
+# Any method's head (models.methods): the index whose scores equal the ADC engine's.
 # --------------------------------------------------------------------------------------
 
 

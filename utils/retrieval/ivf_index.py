@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.heads.base import QuantHead
+from models.methods import QuantHead
 
 from .faiss_index import _faiss, pack_bits, pack_codes, set_pq_centroids
 

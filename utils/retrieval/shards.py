@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from models.heads.base import QuantHead
+from models.methods import QuantHead
 from utils.atomic_io import atomic_write_text
 from utils.checkpoints.store import load_checkpoint, save_checkpoint
 from utils.errors import UsageError

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data.datasets import MONITOR_TOP_K, report_broken
 from data.loaders import RetrievalSplits, make_loader
-from losses import build_loss
+from models.methods import build_loss
 from models import OPQN, OPQNConfig
 from utils.checkpoints.loading import load_model
 from utils.checkpoints.store import (
@@ -153,13 +153,13 @@ def criterion_state(checkpoint: dict) -> dict | None:
 
 
 def build_criterion(config: OPQNConfig) -> nn.Module:
-    """The loss of the config's method (losses.build_loss)."""
+    """The loss of the config's method (models.methods.build_loss)."""
     return build_loss(config)
 
 
 def build_optimizer(params, settings: "TrainSettings") -> torch.optim.Optimizer:
     """SGD with momentum (the paper's), or Adam with the settings' betas and amsgrad (each
-    method's defaults: utils.training.methods)."""
+    method's defaults: its MethodSpec in models.methods)."""
     if settings.optimizer == "adam":
         return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay,
                                 betas=tuple(settings.adam_betas), amsgrad=settings.amsgrad)

@@ -18,12 +18,16 @@ Which sub-vector gives a query's ``P_m`` (``query_side``, flag ``--l2q-query``):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..pq_ops import decode_codes, neg_sq_distance_tables, soft_vectors
-from .base import QuantHead, code_dtype, init_books
+from .base import BOOK_INITS, QuantHead, code_dtype, init_books
+from .opqn import OPQNLoss
+from .registry import MethodSpec, param, register
 
 QUERY_SIDES = ("raw", "normalized")
 
@@ -59,7 +63,7 @@ class L2QHead(QuantHead):
         return torch.einsum("bmd,mdk->bmk", sub, self.assignment.to(sub.dtype))
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(sub, soft, probs)`` as :class:`models.heads.opqn.OrthoPQ` (for the OPQN loss)."""
+        """``(sub, soft, probs)`` as :class:`models.methods.opqn.OrthoPQ` (for the OPQN loss)."""
         sub = self.split(features)
         probs = torch.softmax(self.assignment_logits(sub), dim=-1)
         return sub, soft_vectors(self.codebooks, probs), probs
@@ -105,3 +109,27 @@ class L2QHead(QuantHead):
     @torch.no_grad()
     def faiss_queries(self, features: Tensor) -> Tensor:
         return self.soft_queries(features).flatten(1)
+
+
+@dataclass(frozen=True)
+class L2QParams:
+    l2q_init: str = param("normal", "initialisation of the learned codewords: normal "
+                          "(standard normal, as the OPQN authors' learned-codeword layer) or "
+                          "xavier (the project's earlier form); V_m is Xavier as OPQN's",
+                          BOOK_INITS)
+    l2q_query: str = param("raw", "the query sub-vector that gives P_m: raw (as training "
+                           "computes P_m) or normalized (the authors' evaluator, "
+                           "PqDistRet_Ortho_euclidean; flat after short training)", QUERY_SIDES)
+
+
+METHOD = register(MethodSpec(
+    name="l2q", title="OPQN-l2q", summary="OPQN with learned codewords (the paper's ablation)",
+    build_head=lambda c: L2QHead(c.feature_dim, c.num_books, c.num_words,
+                                 word_init=c.params.l2q_init, query_side=c.params.l2q_query),
+    # OPQN's loss itself, so l2q inherits every change to it, the margin type included.
+    build_loss=lambda c: OPQNLoss(c.num_classes, c.num_books, c.word_dim, c.margin, c.scale,
+                                  c.miu, c.margin_type),
+    params=L2QParams,
+    # Checkpoints written before --l2q-query existed were scored with the normalised query.
+    legacy_defaults={"l2q_query": "normalized"},
+))
