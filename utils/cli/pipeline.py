@@ -6,7 +6,7 @@ reads.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from data.datasets import dataset_preset, readable_items
 from data.folders import identity_folders
 from data.loaders import RetrievalSplits, build_splits, make_loader
 from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, PretrainedUnavailable,
-                    build_backbone, choose_feature_dim, get_method, parse_backbone_args)
+                    build_backbone, parse_backbone_args)
 from utils.checkpoints import (checkpoint_path, last_checkpoint_path, load_checkpoint,
                                load_model)
 from utils.logger import get_logger, setup_logging
@@ -24,6 +24,8 @@ from utils.precision import resolve_amp
 from utils.retrieval.encoding import evaluate_model
 from utils.retrieval.export import export_gallery_index, export_path
 from utils.runtime import DistInfo, cleanup_distributed, init_distributed, memory_budget
+from utils.training.config import (TrainingConfig, resolve_feature_dim, resolve_training,
+                                   with_classes)
 from utils.training.loop import TrainingInterrupted, TrainSettings, check_per_rank_batch, train
 from utils.training.schedules import describe_schedule
 
@@ -33,7 +35,7 @@ from .data_folders import prepare_folders
 from .reporting import (curve_label, result_metadata, summary_line, training_provenance,
                         write_pr_comparison, write_result)
 from .search import write_examples
-from .settings import ModelSettings, RunSettings, TrainingOptions
+from .settings import ModelSettings, RunSettings
 from .validation import (CodeSpec, UsageError, check_batch_fits,
                          check_feature_dim, check_identity_overlap, check_no_overwrite,
                          check_quantizer_memory)
@@ -60,8 +62,7 @@ def _evaluate_and_report(model, config: OPQNConfig, splits: RetrievalSplits, run
     return result, (codes, labels)
 
 
-def _backbone_choice(model: ModelSettings, resume: bool, input_size: int,
-                     width: int) -> tuple[str, dict]:
+def _check_backbone(model: ModelSettings, resume: bool, input_size: int, width: int) -> None:
     """--backbone and --backbone-args, checked by building the backbone once before any work
     (this also fetches --pretrained weights, or fails in one line when they are out of reach).
     """
@@ -79,45 +80,36 @@ def _backbone_choice(model: ModelSettings, resume: bool, input_size: int,
         raise
     except BackboneError as exc:
         raise UsageError(f"--backbone {name}: {exc}") from None
-    return name, backbone_args
 
 
-def _schedule_choice(training: TrainingOptions, epochs: int) -> tuple[str, int]:
-    schedule, warmup = training.schedule or "step", training.warmup or 0
-    if warmup and schedule != "cosine":
-        raise UsageError("--warmup works with --schedule cosine")
-    if warmup >= epochs:
-        raise UsageError(f"--warmup {warmup} must be smaller than the {epochs} epochs")
-    return schedule, warmup
-
-
-def _plan_jobs(run: RunSettings, specs: list[CodeSpec], preset, method: str,
-               source: str, device: torch.device) -> list[tuple[CodeSpec, int, Path, Path]]:
-    """``(spec, feature dimension D, best checkpoint, last checkpoint)`` of each model to
-    train, every one checked (D, memory, no overwrite) before any work."""
-    jobs: list[tuple[CodeSpec, int, Path, Path]] = []
+def _plan_jobs(run: RunSettings, specs: list[CodeSpec], preset, source: str,
+               device: torch.device) -> list[tuple[CodeSpec, TrainingConfig]]:
+    """Each model to train with its configuration, resolved once (preset, method, flags;
+    the class count comes with the data), every one checked (D, memory, no overwrite)
+    before any work."""
+    jobs: list[tuple[CodeSpec, TrainingConfig]] = []
     budget, budget_source = memory_budget(device)
     for spec in specs:  # validate every model before any work
-        if get_method(method).hashing:  # the feature is the L-bit hash layer itself
-            feature_dim = spec.bits
-        else:
-            feature_dim = run.model.feature_dim or choose_feature_dim(
-                spec.num_books, spec.num_words, preset.input_size)
-        check_feature_dim(feature_dim, spec.num_books, spec.num_words, method)
-        check_quantizer_memory(
-            spec, feature_dim, budget, budget_source,
-            lambda m, k: run.model.feature_dim or choose_feature_dim(m, k, preset.input_size))
         prefix = f"cross_{source}" if run.data.cross_dataset else source
         name = spec.name or f"{prefix}_{spec.bits}bits.tar"
         # A bare name goes to --checkpoint-dir, as the original's ./checkpoint/NAME.
         best = Path(name) if Path(name).parent.parts else Path(run.output.checkpoint_dir) / name
         last = last_checkpoint_path(best)
-        if any(best == job[2] for job in jobs):
+        job = resolve_training(run.model, run.training, preset, num_books=spec.num_books,
+                               num_words=spec.num_words, num_classes=0, source=source,
+                               best_path=best, last_path=last,
+                               workers=run.data.loader_workers(), progress=run.output.progress)
+        config = job.model
+        check_feature_dim(config.feature_dim, spec.num_books, spec.num_words, config.method)
+        check_quantizer_memory(spec, config.feature_dim, budget, budget_source,
+                               lambda m, k: resolve_feature_dim(run.model, m, k,
+                                                                preset.input_size))
+        if any(best == other.settings.best_path for _spec, other in jobs):
             raise UsageError(f"two models of this run would both be saved as {best}: give "
                              f"each one its own --save name")
         check_no_overwrite(best, last, run.training.resume and last.is_file(),
                            run.output.overwrite)
-        jobs.append((spec, feature_dim, best, last))
+        jobs.append((spec, job))
     return jobs
 
 
@@ -125,30 +117,23 @@ def run_training(run: RunSettings, specs: list[CodeSpec], device: torch.device) 
     """Train one model per spec, each followed by a full evaluation of its saved model."""
     data, training = run.data, run.training
     preset = dataset_preset(data.dataset, cross=data.cross_dataset)
-    method = run.model.method_name
-    width = run.model.width or preset.width
-    epochs = training.epochs or preset.epochs
-    schedule, warmup = _schedule_choice(training, epochs)
-    margin_type = run.model.margin_type or "cosface"
-    backbone, backbone_args = _backbone_choice(run.model, training.resume, preset.input_size,
-                                               width)
+    _check_backbone(run.model, training.resume, preset.input_size,
+                    run.model.width or preset.width)
     source = data.dataset if not data.cross_dataset else (
         "synthface" if data.dataset == "synthface" else "vggface2")
     check_per_rank_batch(training.batch_size or preset.batch_size,
                          int(os.environ.get("WORLD_SIZE", "1")))
-    jobs = _plan_jobs(run, specs, preset, method, source, device)
-    resuming = [job for job in jobs if job[3].is_file()] if training.resume else []
+    jobs = _plan_jobs(run, specs, preset, source, device)
+    resuming = [(spec, job) for spec, job in jobs
+                if training.resume and job.settings.last_path.is_file()]
     if training.resume and not resuming:
-        raise UsageError(f"--resume: no last checkpoint to resume from: {jobs[0][3]}")
-    model_choice = {"backbone": backbone, "backbone_args": backbone_args,
-                    "pretrained": run.model.pretrained, "margin_type": margin_type}
-    for spec, feature_dim, best, last in resuming:
+        raise UsageError(f"--resume: no last checkpoint to resume from: "
+                         f"{jobs[0][1].settings.last_path}")
+    for spec, job in resuming:
         # The class count comes from the data, not read yet: the checkpoint's class head
         # checks it when the run restores it.
-        config, settings = resolve_job(run, spec, feature_dim, 0, preset, width, epochs,
-                                       source, model_choice, (schedule, warmup), best, last,
-                                       resume=True)
-        check_resumable(spec, config.to_dict(), last, settings.to_dict())
+        check_resumable(spec, job.model.to_dict(), job.settings.last_path,
+                        replace(job.settings, resume=True).to_dict())
 
     dist_info = init_distributed(run.device)
     try:
@@ -164,89 +149,49 @@ def run_training(run: RunSettings, specs: list[CodeSpec], device: torch.device) 
             torch.distributed.barrier()
         check_batch_fits(len(splits.train), training.batch_size, preset.batch_size, train_dir)
         try:
-            for spec, feature_dim, best, last in jobs:
+            for _spec, job in jobs:
                 # Under --resume a model of a multi-model run that never started starts now.
-                _train_one(run, spec, feature_dim, best, last, splits, preset, width, epochs,
-                           source, device, dist_info, model_choice, (schedule, warmup),
-                           resume=training.resume and last.is_file())
+                resume = training.resume and job.settings.last_path.is_file()
+                _train_one(run, with_classes(job, splits.num_classes, resume), splits, preset,
+                           device, dist_info)
         except KeyboardInterrupt:
-            raise TrainingInterrupted(any(job[3].is_file() for job in jobs)) from None
+            raise TrainingInterrupted(any(job.settings.last_path.is_file()
+                                          for _spec, job in jobs)) from None
     finally:
         cleanup_distributed()
 
 
-def resolve_optimizer(training: TrainingOptions, method: str, input_size: int) -> dict:
-    """``optimizer``, ``lr``, ``weight_decay``, ``adam_betas`` and ``amsgrad`` of a run of
-    ``method``: the flags where given, else the method's defaults (its MethodSpec)."""
-    spec = get_method(method)
-    optimizer = training.optimizer or spec.optimizer_for(input_size)
-    adam = spec.adam_form()
-    return {"optimizer": optimizer, "lr": training.lr or spec.default_lr(optimizer),
-            "weight_decay": _given(training.weight_decay, spec.default_weight_decay(optimizer)),
-            "adam_betas": tuple(training.adam_betas or adam.betas),
-            "amsgrad": _given(training.amsgrad, adam.amsgrad)}
-
-
-def resolve_job(run: RunSettings, spec: CodeSpec, feature_dim: int, num_classes: int, preset,
-                width: int, epochs: int, source: str, model_choice: dict,
-                schedule: tuple[str, int], best: Path, last: Path,
-                resume: bool) -> tuple[OPQNConfig, TrainSettings]:
-    """The model configuration and training settings of one job, every default resolved
-    (the dataset's, the method's): what it trains with, and what --resume checks a
-    checkpoint against."""
-    training, model = run.training, run.model
-    config = OPQNConfig(
-        num_books=spec.num_books, num_words=spec.num_words, feature_dim=feature_dim,
-        num_classes=num_classes, input_size=preset.input_size, width=width,
-        margin=model.margin, scale=model.scale or preset.scale, miu=model.miu, dataset=source,
-        method=model.method_name, **model_choice, params=dict(model.method_fields))
-    settings = TrainSettings(
-        epochs=epochs, lr_step=preset.lr_step,
-        **resolve_optimizer(training, config.method, preset.input_size),
-        batch_size=training.batch_size or preset.batch_size,
-        workers=run.data.loader_workers(),
-        seed=training.seed, eval_every=training.eval_every, best_path=best, last_path=last,
-        resume=resume, progress=run.output.progress,
-        schedule=schedule[0], warmup=schedule[1], amp=training.amp,
-        precise_bn=training.precise_bn)
-    return config, settings
-
-
-def _train_one(run: RunSettings, spec: CodeSpec, feature_dim: int, best: Path, last: Path,
-               splits: RetrievalSplits, preset, width: int, epochs: int, source: str,
-               device: torch.device, dist_info: DistInfo, model_choice: dict,
-               schedule: tuple[str, int] = ("step", 0), resume: bool | None = None) -> None:
-    training = run.training
+def _train_one(run: RunSettings, job: TrainingConfig, splits: RetrievalSplits, preset,
+               device: torch.device, dist_info: DistInfo) -> None:
+    config, settings = job.model, job.settings
+    best = settings.best_path
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     log = setup_logging(Path(run.output.log_dir) / f"{best.stem}_{stamp}.txt",
                         dist_info.is_main)
-    config, settings = resolve_job(run, spec, feature_dim, splits.num_classes, preset, width,
-                                   epochs, source, model_choice, schedule, best, last,
-                                   training.resume if resume is None else resume)
-    lr, settings_batch = settings.lr, settings.batch_size
     log.info("[config] dataset %s%s: %d identities, %d training images, %d test images",
-             source, " (cross-dataset training)" if run.data.cross_dataset else "",
+             config.dataset, " (cross-dataset training)" if run.data.cross_dataset else "",
              splits.num_classes, len(splits.train), len(splits.queries))
     log.info("[config] method %s%s", config.method, _method_detail(config))
     log.info("[config] %d-bit code: %d codebooks x %d words, D=%d (d=%d), input %dx%d, "
              "width %d, margin %.3f, scale %.1f, miu %.4f, bf16 autocast %s", config.bits,
              config.num_books, config.num_words, config.feature_dim, config.word_dim,
-             config.input_size, config.input_size, config.width, config.margin, config.scale, config.miu,
-             "on" if resolve_amp(training.amp, device, config.method, training.precise_bn > 0)
-             else "off")
+             config.input_size, config.input_size, config.width, config.margin, config.scale,
+             config.miu, "on" if resolve_amp(settings.amp, device, config.method,
+                                             settings.precise_bn > 0) else "off")
     log.info("[config] backbone %s%s%s, %s margin", config.backbone,
              f" {config.backbone_args}" if config.backbone_args else "",
              " (timm pretrained)" if config.pretrained else "", config.margin_type)
     log.info("[config] %d epochs, %s, %s, batch %d, seed %d, device %s%s",
-             epochs, describe_optimizer(settings),
-             describe_schedule(schedule[0], lr, preset.lr_step, schedule[1]),
-             settings_batch, training.seed, device,
+             settings.epochs, describe_optimizer(settings),
+             describe_schedule(settings.schedule, settings.lr, settings.lr_step,
+                               settings.warmup),
+             settings.batch_size, settings.seed, device,
              f", {dist_info.world_size} processes" if dist_info.distributed else "")
     state = train(config, settings, splits, device, dist_info)
     if not dist_info.is_main:
         return
     log.info("training done: lowest loss %.4f at epoch %d, saved as %s (last epoch: %s)",
-             state.best_loss, state.best_epoch, best, last)
+             state.best_loss, state.best_epoch, best, settings.last_path)
     checkpoint = load_checkpoint(best, map_location=device, required_keys=REQUIRED_KEYS)
     trained = load_model(checkpoint, device)
     extra = {"checkpoint": str(best), "checkpoint_epoch": int(checkpoint["epoch"]),
@@ -254,12 +199,7 @@ def _train_one(run: RunSettings, spec: CodeSpec, feature_dim: int, best: Path, l
     split = " (cross_train/cross_test)" if run.data.cross_dataset else ""
     _evaluate_and_report(trained, config, splits, run, device,
                          run.evaluation.topk or preset.top_k, best.stem, extra,
-                         title=f"{best.stem} on {source}{split}: precision-recall")
-
-
-def _given(value, default):
-    """A flag's value where it was given (None: not given), else the method's default."""
-    return default if value is None else value
+                         title=f"{best.stem} on {config.dataset}{split}: precision-recall")
 
 
 def describe_optimizer(settings: TrainSettings) -> str:

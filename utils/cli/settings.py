@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from models.methods import DEFAULT_METHOD, get_method
-from utils.training.precise_bn import DEFAULT_PRECISE_BN_IMAGES
+from utils.training.config import ModelSettings, TrainingOptions  # noqa: F401 (groups of RunSettings)
 
 
 @dataclass(frozen=True)
@@ -49,47 +49,6 @@ class OutputSettings:
     log_dir: str = "log"
     overwrite: bool = False
     progress: bool = True
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """The model to train: method and its hyper-parameters, backbone, margin and head."""
-
-    method: str | None = None  # None: OPQN (and, with -e, "whatever the checkpoint holds")
-    method_fields: dict[str, Any] = field(default_factory=dict)  # --<method>-* flags
-    backbone: str | None = None  # None: sphere20
-    backbone_args: tuple[str, ...] = ()  # KEY=VALUE strings, parsed by models.registry
-    pretrained: bool = False
-    width: int | None = None
-    feature_dim: int | None = None
-    margin: float = 0.5
-    margin_type: str | None = None  # None: cosface
-    scale: float | None = None
-    miu: float = 0.1
-
-    @property
-    def method_name(self) -> str:
-        return self.method or DEFAULT_METHOD
-
-
-@dataclass(frozen=True)
-class TrainingOptions:
-    """How to train (the flags; ``utils.training.TrainSettings`` is what the loop takes)."""
-
-    epochs: int | None = None
-    lr: float | None = None
-    optimizer: str | None = None
-    weight_decay: float | None = None
-    adam_betas: tuple[float, float] | None = None
-    amsgrad: bool | None = None
-    batch_size: int | None = None
-    seed: int = 0
-    eval_every: int = 5
-    resume: bool = False
-    schedule: str | None = None  # None: step
-    warmup: int | None = None
-    amp: str = "auto"
-    precise_bn: int = DEFAULT_PRECISE_BN_IMAGES  # the one default, as train()'s
 
 
 @dataclass(frozen=True)

@@ -231,7 +231,7 @@ def method_settings(method: str, given: argparse.Namespace, input_size: int) -> 
     its optimiser, weight decay (and Adam form), default and authors' lr, its
     hyper-parameters (``--<method>-*`` flags or their defaults) and its precision. Its
     records are checked against these, so that a default changed since makes them stale."""
-    from utils.cli.pipeline import resolve_optimizer
+    from utils.training.config import resolve_optimizer
     from utils.cli.settings import RunSettings
 
     run = RunSettings.from_args(argparse.Namespace(**{**vars(given), "method": method}))
