@@ -420,11 +420,11 @@ def _peak_rss_mb() -> float:
 def rss_child(n, q):
     """Runs in a subprocess: encode an n-item gallery and q queries batch by batch through
     utils.retrieval.encoding (identity backbone, real OPQN head), evaluate, report memory."""
-    from models import OPQN, OPQNConfig
+    from models import RetrievalNet, NetConfig
     from utils.retrieval.encoding import encode_gallery, encode_queries
 
-    config = OPQNConfig(num_books=6, num_words=64, feature_dim=516, num_classes=1000)
-    model = OPQN(config)
+    config = NetConfig(num_books=6, num_words=64, feature_dim=516, num_classes=1000)
+    model = RetrievalNet(config)
     model.backbone = torch.nn.Identity()  # features stand in for images
     cpu = torch.device("cpu")
     before = _peak_rss_mb()

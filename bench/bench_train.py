@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from data.loaders import build_splits  # noqa: E402
 from data.synthface import ensure_synthface  # noqa: E402
-from models import OPQN, OPQNConfig, choose_feature_dim, count_flops, count_parameters  # noqa: E402
+from models import RetrievalNet, NetConfig, choose_feature_dim, count_flops, count_parameters  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.precision import autocast, cpu_bf16_hardware, resolve_amp  # noqa: E402
 from utils.runtime import resolve_device  # noqa: E402
@@ -47,11 +47,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_step(config: OPQNConfig, batch: int, device: torch.device, amp: bool,
+def make_step(config: NetConfig, batch: int, device: torch.device, amp: bool,
               compile_model: bool = False):
     """A closure running one training step on a fixed in-memory batch."""
     torch.manual_seed(0)
-    model = OPQN(config).to(device)
+    model = RetrievalNet(config).to(device)
     module = OPQNTrainingModule(model, build_criterion(config).to(device)).train()
     if amp:
         module = module.to(memory_format=torch.channels_last)
@@ -84,7 +84,7 @@ def timed_rate(step, batch: int, steps: int, device: torch.device) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def bare_step_rate(config: OPQNConfig, batch: int, steps: int, device: torch.device,
+def bare_step_rate(config: NetConfig, batch: int, steps: int, device: torch.device,
                    amp: bool = False, compile_model: bool = False) -> float:
     """Images/s of forward + loss + backward + SGD step on a fixed in-memory batch."""
     return timed_rate(make_step(config, batch, device, amp, compile_model), batch, steps, device)
@@ -105,7 +105,7 @@ def compare_precisions(rows, steps: int, rounds: int, device: torch.device,
               f"{best[True] / best[False]:5.2f}x", flush=True)
 
 
-def loop_rate(config: OPQNConfig, batch: int, steps: int, workers: int, device: torch.device,
+def loop_rate(config: NetConfig, batch: int, steps: int, workers: int, device: torch.device,
               data_dir: Path, cache: bool, amp: str = "auto") -> float:
     """Images/s of the second epoch of the real training loop over synthface PNGs (or their
     pre-decoded cache)."""
@@ -127,9 +127,9 @@ def loop_rate(config: OPQNConfig, batch: int, steps: int, workers: int, device: 
 
 
 def _config(num: int, words: int, input_size: int, width: int,
-            backbone: str = "sphere20") -> OPQNConfig:
+            backbone: str = "sphere20") -> NetConfig:
     dim = choose_feature_dim(num, words, input_size)
-    return OPQNConfig(num, words, dim, num_classes=100, input_size=input_size, width=width,
+    return NetConfig(num, words, dim, num_classes=100, input_size=input_size, width=width,
                       scale=20.0 if input_size == 32 else 40.0, backbone=backbone)
 
 
@@ -140,7 +140,7 @@ def compare_backbones(args: argparse.Namespace, device: torch.device) -> None:
     rows = []
     for name in args.backbone:
         config = _config(args.num, args.words, size, args.width, name)
-        net = OPQN(config).backbone
+        net = RetrievalNet(config).backbone
         gflop = count_flops(net) / 1e9
         params = count_parameters(net) / 1e6
         rate = bare_step_rate(config, args.batch, args.steps, device, amp, args.compile)
@@ -197,7 +197,7 @@ def main() -> None:
         compare_precisions(rows, args.steps, args.rounds, device, args.compile)
         return
     config = _config(args.num, args.words, args.input_size, args.width)
-    gflop = 3 * count_flops(OPQN(config).backbone) / 1e9  # per training image
+    gflop = 3 * count_flops(RetrievalNet(config).backbone) / 1e9  # per training image
     amp = resolve_amp(args.amp, device)
     print(f"input {args.input_size}, width {args.width}, batch {args.batch}, "
           f"{gflop:.2f} GFLOP per training image, real loop in {'bf16' if amp else 'fp32'}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import OPQN, OPQNConfig
+from models import RetrievalNet, NetConfig
 from models.backbone import FaceResNet20, ResidualUnit
 
 # Parameter count at width 64, worked out by hand from docs/paper.md (convolutions have no bias;
@@ -85,9 +85,9 @@ def test_parameter_count_by_hand(backbone):
 
 
 def test_full_model_parameter_count():
-    cfg = OPQNConfig(num_books=8, num_words=64, feature_dim=512, num_classes=10,
+    cfg = NetConfig(num_books=8, num_words=64, feature_dim=512, num_classes=10,
                      input_size=112, width=64)
-    model = OPQN(cfg)
+    model = RetrievalNet(cfg)
     assert _count(model) == BACKBONE_PARAMS[112] + ASSIGNMENT_PARAMS
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import PROG, REPO, TINY_SYNTHFACE, one_line_error
-from models import (OPQN, BackboneError, FaceResNet20, OPQNConfig, build_backbone, count_flops,
+from models import (RetrievalNet, BackboneError, FaceResNet20, NetConfig, build_backbone, count_flops,
                     count_parameters, parse_backbone_args)
 from utils.checkpoints.store import load_checkpoint
 
@@ -53,8 +53,8 @@ def test_timm_backbone_args_reach_timm_and_bad_names_fail_clearly():
 def test_old_checkpoint_config_without_backbone_loads_as_sphere20():
     from utils.checkpoints.loading import load_model
 
-    config = OPQNConfig(num_books=2, num_words=16, feature_dim=32, num_classes=3, width=4)
-    model = OPQN(config)
+    config = NetConfig(num_books=2, num_words=16, feature_dim=32, num_classes=3, width=4)
+    model = RetrievalNet(config)
     old = config.to_dict()
     for key in ("backbone", "backbone_args", "pretrained", "margin_type"):
         del old[key]

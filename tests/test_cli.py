@@ -61,10 +61,10 @@ def test_runs_on_cpu_without_cuda(tmp_path):
     script = (
         "import torch\n"
         "assert not torch.cuda.is_available()\n"
-        "from models import OPQN, OPQNConfig; from models.methods import OPQNLoss\n"
+        "from models import OPQN, NetConfig; from models.methods import OPQNLoss\n"
         "from utils.runtime import resolve_device\n"
         "assert resolve_device('auto').type == 'cpu'\n"
-        "cfg = OPQNConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3, width=4)\n"
+        "cfg = NetConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3, width=4)\n"
         "m = OPQN(cfg); l = OPQNLoss(3, 2, 32)\n"
         "sub, soft, p = m.quantizer(m(torch.randn(4, 3, 32, 32)))\n"
         "loss, _ = l(sub, soft, p, torch.tensor([0, 1, 2, 0])); loss.backward()\n"

@@ -153,9 +153,9 @@ def test_a_half_trained_margin_model_is_not_at_chance():
     about 12.2 nats at C = 10, s = 20, m = 0.5: 6 nats there is half trained, not chance,
     although it is far above log C."""
     from models.methods import chance_levels
-    from models import OPQNConfig
+    from models import NetConfig
 
-    config = OPQNConfig(num_books=4, num_words=64, feature_dim=64, num_classes=10)
+    config = NetConfig(num_books=4, num_words=64, feature_dim=64, num_classes=10)
     levels = chance_levels(config)
     assert levels["ce_x"] == pytest.approx(10 + math.log(9 + math.exp(-10)))
     half = _history([13.0, 9.0, 6.5], ce_x=[12.0, 8.0, 6.0], ce_s=[12.1, 8.2, 6.1])
@@ -165,7 +165,7 @@ def test_a_half_trained_margin_model_is_not_at_chance():
     # DCDH's and DPQ's plain cross-entropies sit at log C.
     for method, parts in (("dcdh", {"class"}), ("dpq", {"ce_soft", "ce_hard"}),
                           ("gpq", {"ce"})):
-        levels = chance_levels(OPQNConfig(num_books=4, num_words=64, feature_dim=24,
+        levels = chance_levels(NetConfig(num_books=4, num_words=64, feature_dim=24,
                                           num_classes=10, method=method))
         assert set(levels) == parts and all(v == pytest.approx(math.log(10))
                                             for v in levels.values())
@@ -685,9 +685,9 @@ def test_an_outcome_holds_the_checkpoints_precision_config_and_settings(tmp_path
     work = tmp_path / "work"
     runner = tool.OpqnMainRunner(args, [], work, False, split, "auto", "float32")
     key = RunKey("final", "dpq", 0.1, 0, 2)
-    from models import OPQNConfig
+    from models import NetConfig
 
-    config = OPQNConfig(num_books=2, num_words=64, feature_dim=64, num_classes=6,
+    config = NetConfig(num_books=2, num_words=64, feature_dim=64, num_classes=6,
                         method="dpq").to_dict()
     settings = {"lr": 0.1, "weight_decay": 5e-4, "amp": "auto"}
 

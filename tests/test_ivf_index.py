@@ -7,7 +7,7 @@ import torch
 faiss = pytest.importorskip("faiss")
 
 from models.methods import build_head  # noqa: E402
-from models.opqn import OPQNConfig  # noqa: E402
+from models.network import NetConfig  # noqa: E402
 from utils.retrieval.faiss_index import (build_head_index, pack_bits, pack_codes,  # noqa: E402
                                save_faiss_index, search_head_index)
 from utils.retrieval.ivf_index import (add_to_ivf, build_ivf_index, default_nlist,  # noqa: E402
@@ -24,7 +24,7 @@ TOPK = 10
 def _case(method, n=300, q=9, seed=0):
     m, k, d = HEADS[method]
     torch.manual_seed(seed)
-    head = build_head(OPQNConfig(num_books=m, num_words=k, feature_dim=d, num_classes=4,
+    head = build_head(NetConfig(num_books=m, num_words=k, feature_dim=d, num_classes=4,
                                  method=method)).eval()
     # Clustered features, as a trained backbone gives: 12 centres plus noise.
     centres = torch.randn(12, d) * 2

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from models.methods import DCDHLoss, DPQLoss, GPQLoss, OPQNLoss, build_loss
 from models.methods.dcdh import discrete_targets
-from models import OPQN, OPQNConfig
+from models import RetrievalNet, NetConfig
 from models.methods import build_head, method_names
 from utils.retrieval.metrics import average_precision
 from utils.retrieval.adc import evaluate_adc, search_adc
@@ -26,10 +26,10 @@ L = 10
 def make_head(method: str, seed: int = 0):
     torch.manual_seed(seed)
     if method == "dcdh":
-        config = OPQNConfig(num_books=L, num_words=2, feature_dim=L, num_classes=4,
+        config = NetConfig(num_books=L, num_words=2, feature_dim=L, num_classes=4,
                             method=method)
     else:
-        config = OPQNConfig(num_books=M, num_words=8 if method == "opqn" else K,
+        config = NetConfig(num_books=M, num_words=8 if method == "opqn" else K,
                             feature_dim=D, num_classes=4, method=method)
     return build_head(config)
 
@@ -98,11 +98,11 @@ def test_query_side_normalisation_per_method():
         head = make_head(method)
         assert head.query_side == "raw"
         assert not torch.allclose(head.query_tables(q), head.query_tables(4.0 * q))
-    l2q = build_head(OPQNConfig(num_books=M, num_words=K, feature_dim=D, num_classes=4,
+    l2q = build_head(NetConfig(num_books=M, num_words=K, feature_dim=D, num_classes=4,
                                 method="l2q", params={"l2q_query": "normalized"}))
     torch.testing.assert_close(l2q.query_tables(q), l2q.query_tables(4.0 * q))
     with pytest.raises(ValueError, match="l2q_query 'unit'"):
-        build_head(OPQNConfig(num_books=M, num_words=K, feature_dim=D, num_classes=4,
+        build_head(NetConfig(num_books=M, num_words=K, feature_dim=D, num_classes=4,
                               method="l2q", params={"l2q_query": "unit"}))
 
 
@@ -110,14 +110,14 @@ def test_checkpoints_from_before_the_l2q_and_dpq_flags_keep_their_form():
     """Old l2q checkpoints were scored with the normalised query: they keep that score. Old
     DPQ checkpoints record the standard-normal V_m they started from."""
     base = dict(num_books=M, num_words=K, feature_dim=D, num_classes=4)
-    old = OPQNConfig.from_dict({**base, "method": "l2q"})
+    old = NetConfig.from_dict({**base, "method": "l2q"})
     assert old.params.l2q_query == "normalized" and build_head(old).query_side == "normalized"
-    assert OPQNConfig(**base, method="l2q").params.l2q_query == "raw"
-    stored = OPQNConfig.from_dict({**base, "method": "l2q", "l2q_query": "raw"})
+    assert NetConfig(**base, method="l2q").params.l2q_query == "raw"
+    stored = NetConfig.from_dict({**base, "method": "l2q", "l2q_query": "raw"})
     assert stored.params.l2q_query == "raw"
-    dpq = OPQNConfig.from_dict({**base, "method": "dpq", "l2q_query": "normalized"})
+    dpq = NetConfig.from_dict({**base, "method": "dpq", "l2q_query": "normalized"})
     assert dpq.params.dpq_init == "normal" and "l2q_query" not in dpq.to_dict()
-    assert OPQNConfig(**base, method="dpq").params.dpq_init == "xavier"
+    assert NetConfig(**base, method="dpq").params.dpq_init == "xavier"
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -213,7 +213,7 @@ def test_dpq_centre_term_starts_near_half_the_feature_dim_as_the_authors():
     # start the hard vector has ||h||^2 ~ D and the centre term ~ D / 2 (~270 at D = 512),
     # however small the CE. Not a scaling bug: the authors sum over D and divide by B too.
     torch.manual_seed(0)
-    head = build_head(OPQNConfig(num_books=4, num_words=64, feature_dim=512,
+    head = build_head(NetConfig(num_books=4, num_words=64, feature_dim=512,
                                  num_classes=40, method="dpq"))
     soft, hard, probs = (t.detach() for t in head(torch.randn(64, 512)))
     _, parts = DPQLoss(40, 512)(soft, hard, probs, torch.arange(64) % 40)
@@ -246,24 +246,24 @@ def test_initialisations_are_the_authors():
     torch.manual_seed(0)
     big = dict(num_books=4, num_words=64, feature_dim=512, num_classes=10)  # d = 128
     xavier_sd = (6 / (128 + 64)) ** 0.5 / 3 ** 0.5  # uniform(-a, a) has sd a / sqrt(3)
-    dpq = build_head(OPQNConfig(**big, method="dpq"))
+    dpq = build_head(NetConfig(**big, method="dpq"))
     mean, sd = _stats(dpq.codebooks.detach())
     assert abs(mean) < 0.03 and sd == pytest.approx(1.0, abs=0.03)
     assert _stats(dpq.assignment.detach())[1] == pytest.approx(xavier_sd, rel=0.05)
-    dpq_authors = build_head(OPQNConfig(**big, method="dpq", params={"dpq_init": "normal"}))
+    dpq_authors = build_head(NetConfig(**big, method="dpq", params={"dpq_init": "normal"}))
     for tensor in (dpq_authors.codebooks, dpq_authors.assignment):
         mean, sd = _stats(tensor.detach())
         assert abs(mean) < 0.03 and sd == pytest.approx(1.0, abs=0.03)
-    l2q = build_head(OPQNConfig(**big, method="l2q"))
+    l2q = build_head(NetConfig(**big, method="l2q"))
     assert _stats(l2q.codebooks.detach())[1] == pytest.approx(1.0, abs=0.03)
     assert _stats(l2q.assignment.detach())[1] == pytest.approx(xavier_sd, rel=0.05)
-    l2q_x = build_head(OPQNConfig(**big, method="l2q", params={"l2q_init": "xavier"}))
+    l2q_x = build_head(NetConfig(**big, method="l2q", params={"l2q_init": "xavier"}))
     assert _stats(l2q_x.codebooks.detach())[1] == pytest.approx(xavier_sd, rel=0.05)
     centres = DCDHLoss(500, 48).centers.detach()
     mean, sd = _stats(centres)
     assert abs(mean) < 0.03 and sd == pytest.approx(1.0, abs=0.03)
     with pytest.raises(ValueError, match="l2q_init 'zeros'"):
-        build_head(OPQNConfig(**big, method="l2q", params={"l2q_init": "zeros"}))
+        build_head(NetConfig(**big, method="l2q", params={"l2q_init": "zeros"}))
 
 
 def test_gpq_class_logits_are_beta_squared_times_the_mean_cosine():
@@ -406,17 +406,17 @@ def test_dcdh_targets_need_no_class_by_class_matrix():
 
 
 def test_l2q_shares_the_opqn_loss_and_learns_its_codewords():
-    config = OPQNConfig(num_books=M, num_words=K, feature_dim=D, num_classes=4, width=4,
+    config = NetConfig(num_books=M, num_words=K, feature_dim=D, num_classes=4, width=4,
                         method="l2q")
     assert type(build_loss(config)) is OPQNLoss
-    model = OPQN(config)
+    model = RetrievalNet(config)
     assert "codebooks" in dict(model.quantizer.named_parameters())
-    assert "codebooks" in dict(OPQN(OPQNConfig(M, 8, D, 4, width=4)).quantizer.named_buffers())
+    assert "codebooks" in dict(RetrievalNet(NetConfig(M, 8, D, 4, width=4)).quantizer.named_buffers())
 
 
 def test_old_configs_load_as_opqn_and_methods_are_listed_once():
     old = {"num_books": 2, "num_words": 16, "feature_dim": 64, "num_classes": 3}
-    assert OPQNConfig.from_dict(old).method == "opqn"
+    assert NetConfig.from_dict(old).method == "opqn"
     with pytest.raises(validation.UsageError, match="learns its codewords allows K > d"):
         validation.check_feature_dim(D, M, K, "opqn")
     for method in ("l2q", "dpq", "gpq"):
@@ -425,12 +425,12 @@ def test_old_configs_load_as_opqn_and_methods_are_listed_once():
 
 def test_method_flag_defaults_are_the_config_defaults():
     import opqn_main
-    from models import OPQNConfig
+    from models import NetConfig
     from models.methods import get_method
 
     parsed = vars(opqn_main.build_parser().parse_args([]))
     for method in METHODS:
-        defaults = OPQNConfig(1, 2, 2, 1, method=method).to_dict()
+        defaults = NetConfig(1, 2, 2, 1, method=method).to_dict()
         infos = get_method(method).param_info()
         assert [i.name for i in infos] == list(get_method(method).param_names())
         for info in infos:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import OPQNConfig
+from models import NetConfig
 from models.methods import build_head, method_names
 from utils.errors import UsageError
 from utils.retrieval.adc import search_adc
@@ -33,15 +33,15 @@ N, Q, TOPK = 600, 12, 10
 def head_for(method: str):
     torch.manual_seed(0)
     if method == "dcdh":  # L bits: M = 16 books of 2 words
-        config = OPQNConfig(num_books=16, num_words=2, feature_dim=16, num_classes=4,
+        config = NetConfig(num_books=16, num_words=2, feature_dim=16, num_classes=4,
                             method=method)
     else:
-        config = OPQNConfig(num_books=4, num_words=8 if method == "opqn" else 16,
+        config = NetConfig(num_books=4, num_words=8 if method == "opqn" else 16,
                             feature_dim=32, num_classes=4, method=method)
     return build_head(config).eval(), config
 
 
-def owner(config: OPQNConfig, fingerprint: str = "a" * 64) -> MilvusModel:
+def owner(config: NetConfig, fingerprint: str = "a" * 64) -> MilvusModel:
     return MilvusModel(fingerprint, config.method, config.num_books, config.num_words, "x.tar")
 
 

@@ -174,9 +174,9 @@ def test_ctrl_c_says_how_to_continue(tiny_data_dir, run_cli, tmp_path, monkeypat
 
 
 def test_wrong_image_size_in_python_says_what_is_expected():
-    from models import OPQN, OPQNConfig
+    from models import RetrievalNet, NetConfig
 
-    model = OPQN(OPQNConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3,
+    model = RetrievalNet(NetConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3,
                             width=4)).eval()
     with pytest.raises(ValueError, match=r"shape \(B, 3, 32, 32\).*got \(2, 3, 64, 64\)"
                                          r".*encode_images"):
@@ -187,11 +187,11 @@ def test_encode_images_applies_the_models_own_transform(tiny_data_dir):
     from PIL import Image
 
     from data.transforms import build_transform
-    from models import OPQN, OPQNConfig
+    from models import RetrievalNet, NetConfig
     from utils.retrieval.inference import encode_images
 
     torch.manual_seed(0)
-    model = OPQN(OPQNConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3,
+    model = RetrievalNet(NetConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3,
                             width=4)).eval()
     files = sorted((tiny_data_dir / "synthface" / "train" / "id0000").glob("*.png"))[:3]
     big = Image.open(files[0]).convert("RGB").resize((97, 80))  # any size, as PIL

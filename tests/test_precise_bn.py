@@ -142,7 +142,7 @@ def test_train_from_python_gives_the_cli_checkpoint_precise_bn_included(tiny_dat
     import torch
 
     from data.loaders import build_splits
-    from models import OPQNConfig
+    from models import NetConfig
     from utils.checkpoints import load_checkpoint
     from utils.training.loop import TrainSettings, train
 
@@ -158,7 +158,7 @@ def test_train_from_python_gives_the_cli_checkpoint_precise_bn_included(tiny_dat
     given.update(best_path=tmp_path / "api.tar", last_path=tmp_path / "api.last.tar",
                  adam_betas=tuple(given["adam_betas"]))
     settings = TrainSettings(**given)
-    config = OPQNConfig.from_dict(cli["config"])
+    config = NetConfig.from_dict(cli["config"])
     root = tiny_data_dir / "synthface"
     splits = build_splits(root / "train", root / "test", config.input_size, progress=False)
     train(config, settings, splits, torch.device("cpu"))

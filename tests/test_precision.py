@@ -7,17 +7,17 @@ from torch.utils.data import DataLoader
 
 import models.methods.opqn as opqn_loss  # noqa: E402
 from data.datasets import collate_skip_broken  # noqa: E402
-from models import OPQN, OPQNConfig  # noqa: E402
+from models import RetrievalNet, NetConfig  # noqa: E402
 from utils.retrieval.encoding import encode_gallery, encode_queries, extract_features  # noqa: E402
 from utils.precision import resolve_amp, run_fp32  # noqa: E402
 from utils.training.loop import OPQNTrainingModule, build_criterion  # noqa: E402
 
 
-def tiny_model(seed: int = 0) -> tuple[OPQN, OPQNConfig]:
+def tiny_model(seed: int = 0) -> tuple[RetrievalNet, NetConfig]:
     torch.manual_seed(seed)
-    config = OPQNConfig(num_books=4, num_words=16, feature_dim=64, num_classes=5, width=8,
+    config = NetConfig(num_books=4, num_words=16, feature_dim=64, num_classes=5, width=8,
                         scale=40.0)
-    return OPQN(config), config
+    return RetrievalNet(config), config
 
 
 def test_resolve_amp():

@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import OPQN, OPQNConfig, OrthoPQ, choose_feature_dim
+from models import RetrievalNet, NetConfig, OPQNHead, choose_feature_dim
 
 
 @pytest.fixture
 def quantizer():
     torch.manual_seed(0)
-    return OrthoPQ(feature_dim=48, num_books=4, num_words=8)
+    return OPQNHead(feature_dim=48, num_books=4, num_words=8)
 
 
 def test_shapes_and_soft_quantization(quantizer):
@@ -58,7 +58,7 @@ def test_codebooks_are_fixed_and_assignment_trains(quantizer):
 
 
 def test_code_dtype_grows_past_256_words():
-    q = OrthoPQ(feature_dim=1024, num_books=2, num_words=512)
+    q = OPQNHead(feature_dim=1024, num_books=2, num_words=512)
     assert q.encode(torch.randn(3, 1024)).dtype == torch.int16
     assert q.bits == 18
 
@@ -73,9 +73,9 @@ def test_feature_dimension_rule(m, k, size, expected):
 
 def test_full_model_runs_both_input_sizes():
     for size in (32, 112):
-        cfg = OPQNConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3,
+        cfg = NetConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3,
                          input_size=size, width=4)
-        model = OPQN(cfg).eval()
+        model = RetrievalNet(cfg).eval()
         assert model(torch.randn(2, 3, size, size)).shape == (2, 64)
         assert cfg.bits == 2 * int(math.log2(16))
 
@@ -88,19 +88,19 @@ def test_code_dtype_boundaries():
 
 
 def test_quantizer_argument_checks():
-    assert OrthoPQ(feature_dim=8, num_books=1, num_words=4).bits == 2
+    assert OPQNHead(feature_dim=8, num_books=1, num_words=4).bits == 2
     for dim, books in ((8, 0), (10, 4)):
         with pytest.raises(ValueError, match="must be divisible by num_books"):
-            OrthoPQ(feature_dim=dim, num_books=books, num_words=2)
+            OPQNHead(feature_dim=dim, num_books=books, num_words=2)
 
 
 def test_config_round_trip_and_model_wiring():
-    cfg = OPQNConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3, input_size=32,
+    cfg = NetConfig(num_books=2, num_words=16, feature_dim=64, num_classes=3, input_size=32,
                      width=4)
     data = cfg.to_dict()
     assert data["bits"] == 8 and data["width"] == 4
-    assert OPQNConfig.from_dict({**data, "unknown": 1}) == cfg  # extra keys are ignored
-    model = OPQN(cfg)
+    assert NetConfig.from_dict({**data, "unknown": 1}) == cfg  # extra keys are ignored
+    model = RetrievalNet(cfg)
     assert model.config is cfg and model.backbone.width == 4
     assert model.backbone.input_size == 32 and model.backbone.feature_dim == 64
     assert (model.quantizer.num_books, model.quantizer.num_words) == (2, 16)

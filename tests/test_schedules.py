@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data.loaders import build_splits
-from models import OPQNConfig
+from models import NetConfig
 from utils.checkpoints.store import load_checkpoint
 from utils.training.schedules import build_scheduler, cosine_factor
 
@@ -60,7 +60,7 @@ def test_cosine_run_reaches_zero_and_resume_reproduces_it(splits, tmp_path, monk
     from utils.logger import setup_logging
 
     setup_logging(None, enabled=False)
-    config = OPQNConfig(num_books=2, num_words=16, feature_dim=32,
+    config = NetConfig(num_books=2, num_words=16, feature_dim=32,
                         num_classes=splits.num_classes, width=4)
     device = torch.device("cpu")
     epochs = 3

@@ -15,13 +15,13 @@ from .dcdh import DCDHHead, DCDHLoss
 from .dpq import DPQHead, DPQLoss
 from .gpq import GPQHead, GPQLoss
 from .l2q import L2QHead
-from .opqn import OPQNLoss, OrthoPQ, assignment_entropy, margin_cosine_logits
+from .opqn import OPQNHead, OPQNLoss, OrthoPQ, assignment_entropy, margin_cosine_logits
 from .registry import (DEFAULT_METHOD, AdamForm, MethodSpec, get_method, hashing_methods,
                        method_names, orthonormal_methods, param, register, unregister)
 
 
 def build_head(config) -> QuantHead:
-    """The quantization head of ``config.method`` (an :class:`models.OPQNConfig`)."""
+    """The quantization head of ``config.method`` (an :class:`models.NetConfig`)."""
     return get_method(config.method).build_head(config)
 
 
@@ -40,5 +40,5 @@ def chance_levels(config) -> dict[str, float]:
 __all__ = ["DEFAULT_METHOD", "AdamForm", "MethodSpec", "QuantHead", "build_head", "build_loss",
            "chance_levels", "code_bits", "code_dtype", "get_method", "hashing_methods",
            "method_names", "orthonormal_methods", "param", "register", "unregister",
-           "OrthoPQ", "OPQNLoss", "L2QHead", "DPQHead", "DPQLoss", "GPQHead", "GPQLoss",
-           "DCDHHead", "DCDHLoss", "assignment_entropy", "margin_cosine_logits"]
+           "OPQNHead", "OrthoPQ", "OPQNLoss", "L2QHead", "DPQHead", "DPQLoss", "GPQHead",
+           "GPQLoss", "DCDHHead", "DCDHLoss", "assignment_entropy", "margin_cosine_logits"]

@@ -63,7 +63,7 @@ class L2QHead(QuantHead):
         return torch.einsum("bmd,mdk->bmk", sub, self.assignment.to(sub.dtype))
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(sub, soft, probs)`` as :class:`models.methods.opqn.OrthoPQ` (for the OPQN loss)."""
+        """``(sub, soft, probs)`` as :class:`models.methods.opqn.OPQNHead` (for the OPQN loss)."""
         sub = self.split(features)
         probs = torch.softmax(self.assignment_logits(sub), dim=-1)
         return sub, soft_vectors(self.codebooks, probs), probs

@@ -14,7 +14,7 @@ from .base import QuantHead, code_dtype
 from .registry import MethodSpec, register
 
 
-class OrthoPQ(QuantHead):
+class OPQNHead(QuantHead):
     """Product quantizer with fixed orthonormal codebooks ``C_m`` and trainable ``V_m``.
 
     ``x`` of shape ``(B, D)`` is split into ``M`` sub-vectors ``x_m`` of dimension
@@ -102,6 +102,9 @@ class OrthoPQ(QuantHead):
     def faiss_queries(self, features: Tensor) -> Tensor:
         """Soft-quantized query vectors ``(Q, D)`` (inner products = ADC scores)."""
         return self.soft_quantize_tables(self.query_tables(features))
+
+OrthoPQ = OPQNHead  # the authors' name for this head
+
 
 def margin_cosine_logits(sub: Tensor, class_weights: Tensor, labels: Tensor, margin: float,
                          scale: float, margin_type: str = "cosface") -> Tensor:
@@ -193,7 +196,7 @@ class OPQNLoss(nn.Module):
 
 METHOD = register(MethodSpec(
     name="opqn", title="OPQN", summary="the paper's method (default)",
-    build_head=lambda c: OrthoPQ(c.feature_dim, c.num_books, c.num_words),
+    build_head=lambda c: OPQNHead(c.feature_dim, c.num_books, c.num_words),
     build_loss=lambda c: OPQNLoss(c.num_classes, c.num_books, c.word_dim, c.margin, c.scale,
                                   c.miu, c.margin_type),
     orthonormal=True,

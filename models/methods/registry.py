@@ -69,7 +69,7 @@ class MethodSpec:
         name: the ``--method`` value, stored in checkpoints.
         title: the name in tables and plots.
         summary: a few words for ``--method``'s help.
-        build_head: ``config -> QuantHead`` (``config`` a :class:`models.OPQNConfig`; the
+        build_head: ``config -> QuantHead`` (``config`` a :class:`models.NetConfig`; the
             method's parameters are ``config.params``).
         build_loss: ``config -> loss``, called as ``loss(*head(features), labels)`` and
             returning ``(scalar, parts)``; the loss names its parts in ``PARTS`` and has

@@ -38,7 +38,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from models import OPQN, OPQNConfig
+from models import RetrievalNet, NetConfig
 from models.backbone import UNITS_PER_STAGE
 from utils.errors import CheckpointError
 
@@ -79,7 +79,7 @@ def _need(state: Mapping[str, Tensor], key: str, path: Path | None) -> Tensor:
 
 
 def infer_authors_config(state: Mapping[str, Tensor], mlp: Tensor,
-                         path: Path | None = None) -> OPQNConfig:
+                         path: Path | None = None) -> NetConfig:
     """Our configuration from their tensors alone (``state`` without the prefix)."""
     width = int(_need(state, "layer1.0.weight", path).shape[0])
     flat = int(_need(state, "bn.weight", path).shape[0])
@@ -96,7 +96,7 @@ def infer_authors_config(state: Mapping[str, Tensor], mlp: Tensor,
         raise CheckpointError(f"{AUTHORS_FORMAT} {path or ''}: K={num_words} must be a power "
                               f"of two <= d={word_dim}", path)
     input_size = _SIDE_TO_INPUT[side]
-    return OPQNConfig(num_books=num_books, num_words=num_words, feature_dim=feature_dim,
+    return NetConfig(num_books=num_books, num_words=num_words, feature_dim=feature_dim,
                       num_classes=0, input_size=input_size, width=width,
                       scale=40.0 if input_size == 112 else 20.0, dataset="")
 
@@ -163,7 +163,7 @@ def convert_authors_checkpoint(obj: dict, path: str | Path | None = None) -> dic
     state = _strip(obj["backbone"])
     mlp = obj["mlp"].detach().float()
     config = infer_authors_config(state, mlp, path)
-    model = OPQN(config)
+    model = RetrievalNet(config)
     counts = [len({k.split(".")[1] for k in state if k.startswith(f"layer{s}.")} - {"0", "1", "2"})
               for s in range(1, 5)]
     if tuple(counts) != UNITS_PER_STAGE:

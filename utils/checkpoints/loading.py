@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from models import OPQN, OPQNConfig
+from models import RetrievalNet, NetConfig
 from utils.errors import CheckpointError, first_line
 
 
-def load_model(checkpoint: dict, device: torch.device) -> OPQN:
+def load_model(checkpoint: dict, device: torch.device) -> RetrievalNet:
     """Rebuild the model of a checkpoint dict (from :func:`load_checkpoint`)."""
-    config = OPQNConfig.from_dict(checkpoint["config"])
-    model = OPQN(config)
+    config = NetConfig.from_dict(checkpoint["config"])
+    model = RetrievalNet(config)
     try:
         model.backbone.load_state_dict(checkpoint["backbone"])
         model.quantizer.load_state_dict(checkpoint["quantizer"])

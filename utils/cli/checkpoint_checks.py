@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from models import DEFAULT_BACKBONE, DEFAULT_METHOD, OPQN, OPQNConfig, method_names
+from models import DEFAULT_BACKBONE, DEFAULT_METHOD, RetrievalNet, NetConfig, method_names
 from utils.checkpoints.loading import load_model
 from utils.checkpoints.store import CheckpointError, load_checkpoint
 from utils.training.loop import CRITERION_KEY, criterion_state
@@ -40,7 +40,7 @@ def checked_config(checkpoint: dict, path: Path) -> dict:
     return config
 
 
-def checked_model(checkpoint: dict, path: Path) -> OPQN:
+def checked_model(checkpoint: dict, path: Path) -> RetrievalNet:
     """The checkpoint's model, built on the CPU: its config and weights must agree."""
     try:
         return load_model(checkpoint, torch.device("cpu"))
@@ -98,7 +98,7 @@ def _refuse_difference(key: str, value, stored, path: Path, why: str) -> None:
 def check_resumable(spec: CodeSpec, expected: dict, path: Path,
                     expected_settings: dict | None = None) -> None:
     """--resume must continue the same run: its last checkpoint is complete, and its model
-    configuration (``expected``: ``OPQNConfig.to_dict()`` of this run) and training
+    configuration (``expected``: ``NetConfig.to_dict()`` of this run) and training
     settings (``expected_settings``: ``TrainSettings.to_dict()``) agree with this run's."""
     checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
     # A converted authors' file has no training state: resuming it starts a new class head.
@@ -112,13 +112,13 @@ def check_resumable(spec: CodeSpec, expected: dict, path: Path,
                               path)
     config = checked_config(checkpoint, path)
     reconcile_spec(spec, config, path)
-    # Fields absent from older checkpoints read as OPQNConfig.from_dict reads them: the
+    # Fields absent from older checkpoints read as NetConfig.from_dict reads them: the
     # defaults (OPQN, sphere20, cosface), then the method's legacy ones.
     stored_method = config.get("method", DEFAULT_METHOD)
     if stored_method not in method_names():
         raise CheckpointError(f"checkpoint {path} holds a model of unknown method "
                               f"{stored_method!r}", path)
-    defaults = OPQNConfig.stored_defaults(stored_method)
+    defaults = NetConfig.stored_defaults(stored_method)
     # A converted file holds weights but no run: a run resumed from it starts its training
     # anew, so only what shapes those weights must agree (and it has no settings to check).
     compared = CONVERTED_CONFIG if converted else set(expected) - set(UNCOMPARED_CONFIG)

@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 from torch import Tensor
 
-from models import OPQN
+from models import RetrievalNet
 from utils.logger import get_logger
 from utils.retrieval.gallery_index import model_fingerprint, scan_gallery
 from utils.retrieval.milvus_gallery import MilvusGallery, MilvusModel, collection_name
@@ -28,7 +27,7 @@ ADD_CHUNK = 20000  # images encoded, then inserted, at a time: an interruption k
 Encoder = Callable[[list[str]], tuple[Tensor, Tensor]]
 
 
-def open_gallery(model: OPQN, checkpoint: Path, options: MilvusOptions,
+def open_gallery(model: RetrievalNet, checkpoint: Path, options: MilvusOptions,
                  rebuild: bool = False) -> MilvusGallery:
     """The collection of ``model`` named by ``options`` (created when absent)."""
     config = model.config
@@ -88,7 +87,7 @@ def delete_paths(gallery: MilvusGallery, entries: Sequence[str]) -> int:
     return gallery.delete([k for k in keys if k in stored])
 
 
-def export_codes(model: OPQN, checkpoint: Path, options: MilvusOptions,
+def export_codes(model: RetrievalNet, checkpoint: Path, options: MilvusOptions,
                  items: Sequence[tuple[str, str | None]], codes: Tensor) -> MilvusGallery:
     """-e --milvus: the evaluated gallery's ``items`` and ``codes`` ``(N, M)`` into the model's
     collection (items already there are kept)."""
@@ -108,7 +107,7 @@ def _query_identities(gallery: MilvusGallery, query_files: Sequence[Path]) -> li
     return [p.parent.name if known[p.parent.name] else None for p in query_files]
 
 
-def milvus_search(run: RunSettings, model: OPQN, checkpoint: Path, default_gallery: Callable[
+def milvus_search(run: RunSettings, model: RetrievalNet, checkpoint: Path, default_gallery: Callable[
         [], Path], query_files: list[Path], missing: list[str], encode_gallery: Encoder,
         encode_queries: Encoder) -> dict:
     """The ``--search --milvus`` flow; returns what is written to ``search.json``."""

@@ -15,7 +15,7 @@ import torch
 from data.datasets import dataset_preset, readable_items
 from data.folders import identity_folders
 from data.loaders import RetrievalSplits, build_splits, make_loader
-from models import (DEFAULT_BACKBONE, OPQN, BackboneError, OPQNConfig, PretrainedUnavailable,
+from models import (DEFAULT_BACKBONE, RetrievalNet, BackboneError, NetConfig, PretrainedUnavailable,
                     build_backbone, parse_backbone_args)
 from utils.checkpoints import (checkpoint_path, last_checkpoint_path, load_checkpoint,
                                load_model)
@@ -41,7 +41,7 @@ from .validation import (CodeSpec, UsageError, check_batch_fits,
                          check_quantizer_memory)
 
 
-def _evaluate_and_report(model, config: OPQNConfig, splits: RetrievalSplits, run: RunSettings,
+def _evaluate_and_report(model, config: NetConfig, splits: RetrievalSplits, run: RunSettings,
                          device: torch.device, k: int, stem: str, extra: dict,
                          title: str | None = None) -> tuple[dict, tuple]:
     """Encode the gallery, rank it for every query, and write ``<stem>.json`` and its PR
@@ -211,7 +211,7 @@ def describe_optimizer(settings: TrainSettings) -> str:
     return f"sgd (momentum {settings.momentum:g}, weight decay {settings.weight_decay:g})"
 
 
-def _method_detail(config: OPQNConfig) -> str:
+def _method_detail(config: NetConfig) -> str:
     values = asdict(config.params)
 
     def show(value) -> str:
@@ -222,10 +222,10 @@ def _method_detail(config: OPQNConfig) -> str:
 
 
 def _checked_checkpoints(run: RunSettings,
-                         specs: list[CodeSpec]) -> list[tuple[Path, dict, OPQN]]:
+                         specs: list[CodeSpec]) -> list[tuple[Path, dict, RetrievalNet]]:
     """``(path, checkpoint, model built on the CPU)`` of each --load, every one checked
     against the flags before any work."""
-    loaded: list[tuple[Path, dict, OPQN]] = []
+    loaded: list[tuple[Path, dict, RetrievalNet]] = []
     for spec in specs:  # every checkpoint is checked before any work
         path = checkpoint_path(spec.name, run.output.checkpoint_dir)
         checkpoint = load_checkpoint(path, map_location="cpu", required_keys=REQUIRED_KEYS)
@@ -241,7 +241,7 @@ def _checked_checkpoints(run: RunSettings,
     return loaded
 
 
-def _export_to_milvus(model: OPQN, path: Path, run: RunSettings, gallery, codes) -> None:
+def _export_to_milvus(model: RetrievalNet, path: Path, run: RunSettings, gallery, codes) -> None:
     """-e --milvus: the evaluated gallery's codes ``(N, M)`` into the model's collection."""
     from .milvus_search import export_codes  # pymilvus is imported only with --milvus
 
@@ -270,7 +270,7 @@ def run_evaluation(run: RunSettings, specs: list[CodeSpec], device: torch.device
     splits_by_size: dict[int, RetrievalSplits] = {}
     curves = []
     for index, (path, checkpoint, model) in enumerate(loaded):
-        config = OPQNConfig.from_dict(checkpoint["config"])
+        config = NetConfig.from_dict(checkpoint["config"])
         if data.cross_dataset and config.input_size != 112:
             log.warning("warning: -c expects a 112x112 cross-dataset model; %s was trained at "
                         "%dx%d", path, config.input_size, config.input_size)

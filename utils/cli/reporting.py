@@ -105,7 +105,7 @@ def plot_pr_curves(curves: Sequence[tuple[str, dict]], path: str | Path, title: 
 
 def result_metadata(config, data: DataSettings, device: torch.device) -> dict:
     """What a result JSON records besides the metrics: the model's configuration
-    (an ``OPQNConfig``), the dataset and protocol, and where and when it ran."""
+    (an ``NetConfig``), the dataset and protocol, and where and when it ran."""
     return {
         "method": config.method,
         "dataset": data.dataset,

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from data.datasets import ImageList, list_images, readable_items
 from data.loaders import make_loader
 from data.transforms import build_transform
-from models import OPQN
+from models import RetrievalNet
 from models.methods import code_dtype
 from utils.checkpoints.store import checkpoint_path, load_checkpoint
 from utils.logger import get_logger, setup_logging
@@ -88,7 +88,7 @@ _ENCODERS = {"gallery": "encode_gallery", "query": "encode_queries",
              "faiss-query": "encode_faiss_queries"}
 
 
-def _encoder(model: OPQN, run: RunSettings, device: torch.device, which: str,
+def _encoder(model: RetrievalNet, run: RunSettings, device: torch.device, which: str,
              allow_empty: bool = False):
     """paths -> (codes, tables or faiss query vectors, positions of the readable paths), via
     utils.retrieval.encoding; with ``allow_empty`` no readable image gives ``(M`` columns, 0
@@ -178,7 +178,7 @@ def _run_search(run: RunSettings, device: torch.device, info: DistInfo, log) -> 
     return result
 
 
-def load_search_model(run: RunSettings, device: torch.device) -> tuple[OPQN, Path]:
+def load_search_model(run: RunSettings, device: torch.device) -> tuple[RetrievalNet, Path]:
     """``--load``'s model on ``device`` and its checkpoint path (checked: one-line errors)."""
     ckpt = checkpoint_path(run.search.load, run.output.checkpoint_dir)
     model = checked_model(load_checkpoint(ckpt, map_location="cpu",
@@ -217,7 +217,7 @@ def query_files_of(run: RunSettings, folders: _DatasetFolders, log) -> tuple[lis
     return files, missing
 
 
-def open_gallery_index(model: OPQN, ckpt: Path, gallery, run: RunSettings,
+def open_gallery_index(model: RetrievalNet, ckpt: Path, gallery, run: RunSettings,
                        device: torch.device, info: DistInfo, log):
     """The gallery's codes: reused from the index file, or encoded (in shards, by every
     process of a torchrun job) and saved. Returns ``(index, its path, status)``."""
@@ -241,7 +241,7 @@ def open_gallery_index(model: OPQN, ckpt: Path, gallery, run: RunSettings,
     return index, index_path, status
 
 
-def open_ivf(model: OPQN, index: GalleryIndex, index_path: Path, run: RunSettings,
+def open_ivf(model: RetrievalNet, index: GalleryIndex, index_path: Path, run: RunSettings,
              info: DistInfo, log):
     """With ``--index-type ivf``: the IVF index over the gallery's codes, reused or built,
     and what ``search.json`` records of it; ``(None, {})`` for the flat search."""
@@ -259,7 +259,7 @@ def open_ivf(model: OPQN, index: GalleryIndex, index_path: Path, run: RunSetting
                  "nprobe": ivf.nprobe}
 
 
-def rank_queries(model: OPQN, run: RunSettings, device: torch.device, index: GalleryIndex,
+def rank_queries(model: RetrievalNet, run: RunSettings, device: torch.device, index: GalleryIndex,
                  gallery, ivf, query_files: list[Path], topk: int,
                  ) -> tuple[list[GridRow], list[str]]:
     """Each readable query's top-``topk`` gallery images (flat scan, or the IVF's lists),
@@ -299,7 +299,7 @@ def write_results(run: RunSettings, result: dict, rows: list[GridRow], topk: int
              result["gallery_size"], json_path, png, page)
 
 
-def _search_milvus(run: RunSettings, device: torch.device, info: DistInfo, model: OPQN,
+def _search_milvus(run: RunSettings, device: torch.device, info: DistInfo, model: RetrievalNet,
                    ckpt: Path, log) -> dict:
     """--search --milvus: the gallery lives in a Milvus collection (one process: the
     database does the scaling)."""
@@ -315,7 +315,7 @@ def _search_milvus(run: RunSettings, device: torch.device, info: DistInfo, model
                          _encoder(model, run, device, "query"))
 
 
-def write_examples(model: OPQN, gallery: Dataset, queries: Dataset, codes: Tensor,
+def write_examples(model: RetrievalNet, gallery: Dataset, queries: Dataset, codes: Tensor,
                    run: RunSettings, device: torch.device, stem: str,
                    count: int = EXAMPLE_QUERIES, seed: int = EXAMPLE_SEED) -> Path | None:
     """``<out>/<stem>_examples.png``: the grid of ``count`` test queries drawn at a fixed

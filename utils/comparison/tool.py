@@ -391,13 +391,13 @@ class OpqnMainRunner:
         if not last.is_file():
             return {"history": [], "num_classes": 0, "ce_chance": None}
         from models.methods import chance_levels
-        from models import OPQNConfig
+        from models import NetConfig
         from utils.checkpoints.store import load_checkpoint
 
         checkpoint = load_checkpoint(last, map_location="cpu")
         history = list(checkpoint.get("history", []))
         seconds = [h["seconds"] for h in history]
-        config = OPQNConfig.from_dict(checkpoint["config"])
+        config = NetConfig.from_dict(checkpoint["config"])
         return {"history": history, "num_classes": config.num_classes,
                 "ce_chance": chance_levels(config),
                 "train_seconds_per_epoch": sum(seconds) / max(1, len(seconds)),

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.datasets import report_broken
-from models import OPQN
+from models import RetrievalNet
 from utils.precision import autocast, run_fp32, to_memory_format
 from utils.runtime import metrics_device
 
@@ -24,7 +24,7 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _feature_batches(model: OPQN, loader: DataLoader, device: torch.device, desc: str,
+def _feature_batches(model: RetrievalNet, loader: DataLoader, device: torch.device, desc: str,
                      progress: bool, amp: bool) -> Iterator[tuple[Tensor, Tensor]]:
     """Backbone features ``(B, D)`` float32 and labels ``(B,)`` of each readable batch, in
     eval mode; the backbone runs under bf16 autocast when ``amp``."""
@@ -48,7 +48,7 @@ def _feature_batches(model: OPQN, loader: DataLoader, device: torch.device, desc
 
 
 @torch.no_grad()
-def extract_features(model: OPQN, loader: DataLoader, device: torch.device,
+def extract_features(model: RetrievalNet, loader: DataLoader, device: torch.device,
                      desc: str = "features", progress: bool = True,
                      amp: bool = False) -> tuple[Tensor, Tensor]:
     """Backbone features of a whole loader.
@@ -61,7 +61,7 @@ def extract_features(model: OPQN, loader: DataLoader, device: torch.device,
 
 
 @torch.no_grad()
-def _encode_batches(model: OPQN, loader: DataLoader, device: torch.device, desc: str,
+def _encode_batches(model: RetrievalNet, loader: DataLoader, device: torch.device, desc: str,
                     progress: bool, amp: bool, encode) -> tuple[Tensor, Tensor]:
     # Batch by batch: only the encoded rows are kept, never the (N, D) features.
     out, labels = [], []
@@ -72,7 +72,7 @@ def _encode_batches(model: OPQN, loader: DataLoader, device: torch.device, desc:
 
 
 @torch.no_grad()
-def encode_gallery(model: OPQN, loader: DataLoader, device: torch.device,
+def encode_gallery(model: RetrievalNet, loader: DataLoader, device: torch.device,
                    progress: bool = True, amp: bool = False) -> tuple[Tensor, Tensor]:
     """Hard codes of a gallery: ``(codes (N, M) uint8 when K <= 256, labels (N,))``.
 
@@ -83,7 +83,7 @@ def encode_gallery(model: OPQN, loader: DataLoader, device: torch.device,
 
 
 @torch.no_grad()
-def encode_queries(model: OPQN, loader: DataLoader, device: torch.device,
+def encode_queries(model: RetrievalNet, loader: DataLoader, device: torch.device,
                    progress: bool = True, amp: bool = False) -> tuple[Tensor, Tensor]:
     """Lookup tables of the queries: ``(tables (Q, M, K) float32, labels (Q,))``, built batch
     by batch (queries are held as tables, not features)."""
@@ -92,7 +92,7 @@ def encode_queries(model: OPQN, loader: DataLoader, device: torch.device,
 
 
 @torch.no_grad()
-def encode_faiss_queries(model: OPQN, loader: DataLoader, device: torch.device,
+def encode_faiss_queries(model: RetrievalNet, loader: DataLoader, device: torch.device,
                          progress: bool = True, amp: bool = False) -> tuple[Tensor, Tensor]:
     """The queries as a faiss index of the head expects them: ``(vectors, labels (Q,))``,
     vectors float32 ``(Q, D')`` (uint8 bits ``(Q, L)`` for dcdh), batch by batch."""
@@ -100,7 +100,7 @@ def encode_faiss_queries(model: OPQN, loader: DataLoader, device: torch.device,
                            model.quantizer.faiss_queries)
 
 
-def evaluate_model(model: OPQN, gallery_loader: DataLoader, query_loader: DataLoader,
+def evaluate_model(model: RetrievalNet, gallery_loader: DataLoader, query_loader: DataLoader,
                    device: torch.device, k: int, ties: str = "expected",
                    progress: bool = True, amp: bool = False) -> tuple[dict, Tensor, Tensor]:
     """Full retrieval evaluation: the gallery is the database, the queries are ranked

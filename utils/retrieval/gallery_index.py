@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from data.datasets import list_images
-from models import OPQN
+from models import RetrievalNet
 from utils.checkpoints.store import CheckpointError, load_checkpoint, save_checkpoint
 from utils.errors import UsageError
 
@@ -92,7 +92,7 @@ def scan_gallery(root: str | Path) -> GalleryFiles:
     return GalleryFiles(root, rels, digest.hexdigest())
 
 
-def model_fingerprint(model: OPQN) -> str:
+def model_fingerprint(model: RetrievalNet) -> str:
     """SHA-256 of the model's configuration and every weight and buffer."""
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for name, tensor in model.state_dict().items():
@@ -127,7 +127,7 @@ def load_index(path: str | Path) -> GalleryIndex:
                         obj["gallery_fingerprint"], list(obj.get("skipped", [])))
 
 
-def open_or_build(model: OPQN, gallery: GalleryFiles, index_path: Path, explicit: bool,
+def open_or_build(model: RetrievalNet, gallery: GalleryFiles, index_path: Path, explicit: bool,
                   encode: Callable[[list[str]], tuple[Tensor, Tensor]],
                   rebuild: bool = False, is_main: bool = True) -> tuple[GalleryIndex, str]:
     """The gallery's index: reused from ``index_path`` when the model and the gallery files

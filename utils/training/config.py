@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from data.datasets import DatasetPreset
-from models import (DEFAULT_BACKBONE, DEFAULT_METHOD, OPQNConfig, choose_feature_dim, get_method,
+from models import (DEFAULT_BACKBONE, DEFAULT_METHOD, NetConfig, choose_feature_dim, get_method,
                     parse_backbone_args)
 from utils.errors import UsageError
 
@@ -68,7 +68,7 @@ class TrainingConfig:
     """Everything one training run uses: ``model`` (stored in its checkpoints) and
     ``settings`` (the optimiser, schedule, batch, precision, precise BN and paths)."""
 
-    model: OPQNConfig
+    model: NetConfig
     settings: TrainSettings
 
 
@@ -121,7 +121,7 @@ def resolve_training(model: ModelSettings, training: TrainingOptions, preset: Da
     method = model.method_name
     epochs = training.epochs or preset.epochs
     schedule, warmup = resolve_schedule(training, epochs)
-    config = OPQNConfig(
+    config = NetConfig(
         num_books=num_books, num_words=num_words,
         feature_dim=resolve_feature_dim(model, num_books, num_words, preset.input_size),
         num_classes=num_classes, input_size=preset.input_size,

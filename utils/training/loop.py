@@ -22,7 +22,7 @@ from tqdm import tqdm
 from data.datasets import MONITOR_TOP_K, report_broken
 from data.loaders import RetrievalSplits, make_loader
 from models.methods import build_loss
-from models import OPQN, OPQNConfig
+from models import RetrievalNet, NetConfig
 from utils.checkpoints.loading import load_model
 from utils.checkpoints.store import (
     capture_rng_state,
@@ -109,7 +109,7 @@ class TrainSettings:
 class OPQNTrainingModule(nn.Module):
     """Model and loss head in one module, so that DDP synchronises both."""
 
-    def __init__(self, model: OPQN, criterion: nn.Module) -> None:
+    def __init__(self, model: RetrievalNet, criterion: nn.Module) -> None:
         super().__init__()
         self.model, self.criterion = model, criterion
 
@@ -152,7 +152,7 @@ def criterion_state(checkpoint: dict) -> dict | None:
     return checkpoint.get(_LEGACY_CRITERION_KEY)
 
 
-def build_criterion(config: OPQNConfig) -> nn.Module:
+def build_criterion(config: NetConfig) -> nn.Module:
     """The loss of the config's method (models.methods.build_loss)."""
     return build_loss(config)
 
@@ -169,7 +169,7 @@ def build_optimizer(params, settings: "TrainSettings") -> torch.optim.Optimizer:
                            weight_decay=settings.weight_decay)
 
 
-def checkpoint_state(config: OPQNConfig, model: OPQN, criterion: nn.Module,
+def checkpoint_state(config: NetConfig, model: RetrievalNet, criterion: nn.Module,
                      optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
                      settings: TrainSettings, classes: list[str], use_amp: bool) -> dict:
     """Everything needed to evaluate or resume, as plain tensors and primitives."""
@@ -228,7 +228,7 @@ class TrainingRun:
     """What one training run updates: the model, its loss head (the class weights W_m),
     both in one module for DDP, the optimiser and its learning-rate schedule."""
 
-    model: OPQN
+    model: RetrievalNet
     criterion: nn.Module
     module: OPQNTrainingModule
     optimizer: torch.optim.Optimizer
@@ -236,12 +236,12 @@ class TrainingRun:
     use_amp: bool
 
 
-def build_run(config: OPQNConfig, settings: TrainSettings, device: torch.device) -> TrainingRun:
+def build_run(config: NetConfig, settings: TrainSettings, device: torch.device) -> TrainingRun:
     """Model, loss, optimiser and schedule of a fresh run, seeded with ``settings.seed``."""
     use_amp = resolve_amp(settings.amp, device, config.method, settings.precise_bn > 0)
     torch.manual_seed(settings.seed)
     # --pretrained weights only start a fresh run; a resumed one loads its own.
-    model = OPQN(config, load_pretrained=config.pretrained and not settings.resume).to(device)
+    model = RetrievalNet(config, load_pretrained=config.pretrained and not settings.resume).to(device)
     criterion = build_criterion(config).to(device)
     if use_amp:  # channels_last follows bf16 (fast convolution layouts on CPU and GPU)
         model = model.to(memory_format=torch.channels_last)
@@ -409,7 +409,7 @@ class _Monitor:
                                        self.device))
         return tuple(loaders)
 
-    def __call__(self, model: OPQN) -> dict:
+    def __call__(self, model: RetrievalNet) -> dict:
         """``monitor_mAP`` and ``monitor_precision_at_<k>`` of ``model`` now, and
         ``monitor_precise_bn`` (whether its BatchNorm statistics were recomputed)."""
         settings = self.settings
@@ -438,7 +438,7 @@ def _epoch_line(record: dict, part_names: list[str], settings: TrainSettings) ->
     return line
 
 
-def save_run(run: TrainingRun, config: OPQNConfig, state: TrainState, settings: TrainSettings,
+def save_run(run: TrainingRun, config: NetConfig, state: TrainState, settings: TrainSettings,
              classes: list[str], improved: bool) -> None:
     """Checkpoint the epoch: always as the last one, and as the best (the lowest training
     loss, the paper's choice) when it improved."""
@@ -449,7 +449,7 @@ def save_run(run: TrainingRun, config: OPQNConfig, state: TrainState, settings: 
     save_checkpoint(ckpt, settings.last_path)
 
 
-def train(config: OPQNConfig, settings: TrainSettings, splits: RetrievalSplits,
+def train(config: NetConfig, settings: TrainSettings, splits: RetrievalSplits,
           device: torch.device, dist_info: DistInfo = DistInfo()) -> TrainState:
     """Train one OPQN model; returns the final bookkeeping state.
 

@@ -1,4 +1,5 @@
-"""The complete network: backbone plus the method's quantization head, and its configuration."""
+"""The network of every method: a face backbone plus the method's quantization head
+(:class:`RetrievalNet`), and the configuration that rebuilds it (:class:`NetConfig`)."""
 from __future__ import annotations
 
 import math
@@ -29,7 +30,7 @@ def choose_feature_dim(num_books: int, num_words: int, input_size: int) -> int:
 
 
 @dataclass
-class OPQNConfig:
+class NetConfig:
     """Everything needed to rebuild a trained model of any method; stored in every
     checkpoint (flat: the method's parameters sit beside the other fields)."""
 
@@ -76,7 +77,7 @@ class OPQNConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "OPQNConfig":
+    def from_dict(cls, data: dict) -> "NetConfig":
         """The config a checkpoint holds; fields it lacks take the defaults, and the
         method's parameters its legacy defaults (what such checkpoints were trained with)."""
         names = {f.name for f in fields(cls)} - {"params"}
@@ -87,18 +88,18 @@ class OPQNConfig:
     @staticmethod
     def stored_defaults(method: str) -> dict:
         """What :meth:`from_dict` reads for the fields a checkpoint of ``method`` lacks."""
-        return OPQNConfig(1, 2, 2, 1, method=method,
+        return NetConfig(1, 2, 2, 1, method=method,
                           params=get_method(method).make_params(legacy=True)).to_dict()
 
 
-class OPQN(nn.Module):
+class RetrievalNet(nn.Module):
     """Backbone and quantizer together.
 
     ``forward(images)`` returns the features x ``(B, D)``; ``quantizer`` gives the soft
     assignment for training, the hard codes for the database and the query tables.
     """
 
-    def __init__(self, config: OPQNConfig, load_pretrained: bool = False) -> None:
+    def __init__(self, config: NetConfig, load_pretrained: bool = False) -> None:
         """``load_pretrained``: fetch timm's weights (a fresh training run with --pretrained);
         rebuilding a trained model from its checkpoint never does."""
         super().__init__()
@@ -106,9 +107,14 @@ class OPQN(nn.Module):
         self.backbone = build_backbone(config.backbone, config.input_size, config.width,
                                        config.feature_dim, pretrained=load_pretrained,
                                        backbone_args=config.backbone_args)
-        # The method's head (models.methods); OPQN's is models.methods.opqn.OrthoPQ.
+        # The method's head (models.methods); OPQN's is models.methods.opqn.OPQNHead.
         self.quantizer = build_head(config)
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, S, S)`` -> features ``(B, D)``."""
         return self.backbone(images)
+
+
+# The names of the OPQN authors' code and of this project's first releases.
+OPQN = RetrievalNet
+OPQNConfig = NetConfig
