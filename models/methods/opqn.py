@@ -103,6 +103,7 @@ class OPQNHead(QuantHead):
         """Soft-quantized query vectors ``(Q, D)`` (inner products = ADC scores)."""
         return self.soft_quantize_tables(self.query_tables(features))
 
+
 OrthoPQ = OPQNHead  # the authors' name for this head
 
 
