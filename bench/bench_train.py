@@ -35,7 +35,8 @@ import torch  # noqa: E402
 
 from data.loaders import build_splits  # noqa: E402
 from data.synthface import ensure_synthface  # noqa: E402
-from models import RetrievalNet, NetConfig, choose_feature_dim, count_flops, count_parameters  # noqa: E402
+from models import (NetConfig, RetrievalNet, choose_feature_dim, count_flops,  # noqa: E402
+                    count_parameters)
 from utils.logger import setup_logging  # noqa: E402
 from utils.precision import autocast, cpu_bf16_hardware, resolve_amp  # noqa: E402
 from utils.runtime import resolve_device  # noqa: E402

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from conftest import PROG, REPO, TINY_SYNTHFACE, one_line_error
-from models import (RetrievalNet, BackboneError, FaceResNet20, NetConfig, build_backbone, count_flops,
-                    count_parameters, parse_backbone_args)
+from models import (BackboneError, FaceResNet20, NetConfig, RetrievalNet, build_backbone,
+                    count_flops, count_parameters, parse_backbone_args)
 from utils.checkpoints.store import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_debug")

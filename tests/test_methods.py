@@ -308,17 +308,19 @@ def test_each_method_defaults_to_its_authors_optimizer():
         "gpq": ("adam", 2e-4, 0.0, (0.5, 0.999), False),
         "dcdh": ("adam", 0.005, 1e-4, (0.9, 0.999), True)}
     for method, (opt, lr, wd, betas, amsgrad) in expected.items():
-        assert get_method(method).optimizer_for(32) == opt, method
-        assert get_method(method).default_lr(opt) == lr and get_method(method).default_weight_decay(opt) == wd
+        spec = get_method(method)
+        assert spec.optimizer_for(32) == opt, method
+        assert spec.default_lr(opt) == lr and spec.default_weight_decay(opt) == wd
         if opt == "adam":
-            form = get_method(method).adam_form()
+            form = spec.adam_form()
             settings = TrainSettings(epochs=1, lr=lr, optimizer="adam", weight_decay=wd,
                                      adam_betas=form.betas, amsgrad=form.amsgrad)
             group = build_optimizer([torch.nn.Parameter(torch.zeros(2))], settings).param_groups[0]
             assert (group["betas"], group["amsgrad"], group["weight_decay"]) == \
                 (betas, amsgrad, wd), method
     # DCDH's authors used SGD on the 112x112 protocol; GPQ keeps its Adam there.
-    assert get_method("dcdh").optimizer_for(112) == "sgd" and get_method("dcdh").default_lr("sgd") == 0.01
+    assert get_method("dcdh").optimizer_for(112) == "sgd"
+    assert get_method("dcdh").default_lr("sgd") == 0.01
     assert get_method("gpq").optimizer_for(112) == "adam"
 
 
@@ -411,7 +413,8 @@ def test_l2q_shares_the_opqn_loss_and_learns_its_codewords():
     assert type(build_loss(config)) is OPQNLoss
     model = RetrievalNet(config)
     assert "codebooks" in dict(model.quantizer.named_parameters())
-    assert "codebooks" in dict(RetrievalNet(NetConfig(M, 8, D, 4, width=4)).quantizer.named_buffers())
+    opqn = RetrievalNet(NetConfig(M, 8, D, 4, width=4))
+    assert "codebooks" in dict(opqn.quantizer.named_buffers())
 
 
 def test_old_configs_load_as_opqn_and_methods_are_listed_once():

@@ -45,7 +45,7 @@ def test_cli_defaults():
     assert (args.margin, args.miu) == (0.5, 0.1)
     # --lr defaults to the method's own value: the paper's 0.1 with SGD for OPQN.
     assert args.lr is None and args.method in (None, "opqn")
-    assert get_method("opqn").optimizer_for(32) == "sgd" and get_method("opqn").optimizer_for(112) == "sgd"
+    assert get_method("opqn").optimizer_for(32) == get_method("opqn").optimizer_for(112) == "sgd"
     assert get_method("opqn").default_lr("sgd") == 0.1
 
 

@@ -56,8 +56,9 @@ def resolve_amp(choice: str, device: torch.device, method: str = DEFAULT_METHOD,
 
     ``auto`` is bf16 on CUDA and on CPUs with AMX for the methods whose bf16 training
     holds mAP (``MethodSpec.bf16``: OPQN's only with ``precise_bn``; docs/training.md,
-    "Mixed precision"), and float32 everywhere else. A CPU with AVX512-BF16 but no AMX stays float32: there bf16 made the quick-start job
-    only 1.14-1.27x faster; without either, bf16 is emulated and several times slower.
+    "Mixed precision"), and float32 everywhere else. A CPU with AVX512-BF16 but no AMX
+    stays float32: there bf16 made the quick-start job only 1.14-1.27x faster; without
+    either, bf16 is emulated and several times slower.
     """
     if choice not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {AMP_CHOICES}, got {choice!r}")

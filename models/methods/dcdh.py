@@ -134,7 +134,8 @@ class DCDHParams:
 
 
 METHOD = register(MethodSpec(
-    name="dcdh", title="DCDH", summary="Zhang et al., PR 2021, binary hashing: --len bits, no --num/--words",
+    name="dcdh", title="DCDH",
+    summary="Zhang et al., PR 2021, binary hashing: --len bits, no --num/--words",
     build_head=lambda c: DCDHHead(c.feature_dim, c.num_books, c.num_words),
     build_loss=lambda c: DCDHLoss(c.num_classes, c.feature_dim, c.params.dcdh_sigma,
                                   c.params.dcdh_eta, c.params.dcdh_center_weight),

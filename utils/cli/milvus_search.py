@@ -107,9 +107,10 @@ def _query_identities(gallery: MilvusGallery, query_files: Sequence[Path]) -> li
     return [p.parent.name if known[p.parent.name] else None for p in query_files]
 
 
-def milvus_search(run: RunSettings, model: RetrievalNet, checkpoint: Path, default_gallery: Callable[
-        [], Path], query_files: list[Path], missing: list[str], encode_gallery: Encoder,
-        encode_queries: Encoder) -> dict:
+def milvus_search(run: RunSettings, model: RetrievalNet, checkpoint: Path,
+                  default_gallery: Callable[[], Path], query_files: list[Path],
+                  missing: list[str], encode_gallery: Encoder,
+                  encode_queries: Encoder) -> dict:
     """The ``--search --milvus`` flow; returns what is written to ``search.json``."""
     log = get_logger()
     options, milvus = run.search, run.milvus

@@ -15,8 +15,8 @@ import torch
 from data.datasets import dataset_preset, readable_items
 from data.folders import identity_folders
 from data.loaders import RetrievalSplits, build_splits, make_loader
-from models import (DEFAULT_BACKBONE, RetrievalNet, BackboneError, NetConfig, PretrainedUnavailable,
-                    build_backbone, parse_backbone_args)
+from models import (DEFAULT_BACKBONE, BackboneError, NetConfig, PretrainedUnavailable,
+                    RetrievalNet, build_backbone, parse_backbone_args)
 from utils.checkpoints import (checkpoint_path, last_checkpoint_path, load_checkpoint,
                                load_model)
 from utils.logger import get_logger, setup_logging

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from models.methods import DEFAULT_METHOD, get_method
-from utils.training.config import ModelSettings, TrainingOptions  # noqa: F401 (groups of RunSettings)
+# The model and training groups are defined beside their resolution (utils.training.config).
+from utils.training.config import ModelSettings, TrainingOptions
 
 
 @dataclass(frozen=True)

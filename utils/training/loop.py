@@ -241,7 +241,8 @@ def build_run(config: NetConfig, settings: TrainSettings, device: torch.device) 
     use_amp = resolve_amp(settings.amp, device, config.method, settings.precise_bn > 0)
     torch.manual_seed(settings.seed)
     # --pretrained weights only start a fresh run; a resumed one loads its own.
-    model = RetrievalNet(config, load_pretrained=config.pretrained and not settings.resume).to(device)
+    model = RetrievalNet(config,
+                         load_pretrained=config.pretrained and not settings.resume).to(device)
     criterion = build_criterion(config).to(device)
     if use_amp:  # channels_last follows bf16 (fast convolution layouts on CPU and GPU)
         model = model.to(memory_format=torch.channels_last)
