@@ -396,8 +396,10 @@ def test_runner_commands_keep_the_test_split_for_the_final_evaluation(tmp_path, 
     args, _ = tool.parse_args(["--len", "12", "--num", "2", "--data-dir", str(tmp_path / "d"),
                                "--val-every", "2"])
     split = type("Split", (), {"data_dir": tmp_path / "val"})()
-    runner = tool.OpqnMainRunner(args, ["--amp", "off"], tmp_path / "work", True, split,
-                                 "off", "float32")
+    flags = ["--schedule", "cosine", "--warmup", "1", "--adam-betas", "0.5", "0.9", "--bs",
+             "8", "--amp", "off"]
+    runner = tool.OpqnMainRunner(args, flags, tmp_path / "work", True, split, "off",
+                                 "float32")
     calls = []
 
     def fake_call(cmd, _log):
@@ -429,6 +431,14 @@ def test_runner_commands_keep_the_test_split_for_the_final_evaluation(tmp_path, 
     assert value(train_cmd, "--amp") == "off" and value(train_cmd, "--epochs") == "3"
     assert eval_cmd[2:4] == ["-e", "-c"] and value(eval_cmd, "--data-dir") == \
         str((tmp_path / "d").resolve())
+    # -e refuses what only training reads (it failed every -c final run before): the
+    # evaluation gets the other flags, and opqn_main.py accepts its command line.
+    assert train_cmd[-len(flags):] == flags
+    assert eval_cmd[eval_cmd.index("--no-progress") + 1:] == ["--bs", "8", "--amp", "off"]
+    import opqn_main
+    from utils.cli.validation import check_options
+
+    check_options(opqn_main.build_parser().parse_args(eval_cmd[2:]))
 
 
 @pytest.mark.slow

@@ -12,6 +12,13 @@ from utils.errors import UsageError  # noqa: F401 (raised here, re-exported for 
 
 
 
+# Flags that only training reads, which -e refuses: the optimiser's, and those of the model
+# and schedule that the checkpoint holds (argparse dests).
+OPTIMIZER_FLAGS = ("optimizer", "weight_decay", "adam_betas", "amsgrad")
+MODEL_FLAGS = ("pretrained", "backbone_args", "margin_type", "schedule", "warmup")
+TRAINING_ONLY_FLAGS = OPTIMIZER_FLAGS + MODEL_FLAGS
+
+
 @dataclass
 class CodeSpec:
     """One model of a run: its code configuration and checkpoint name."""
@@ -130,7 +137,7 @@ def _check_method_options(args) -> None:
     if betas and not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
         raise UsageError(f"--adam-betas must be two numbers in [0, 1), got {betas}")
     if args.evaluate:
-        for flag in ("optimizer", "weight_decay", "adam_betas", "amsgrad"):
+        for flag in OPTIMIZER_FLAGS:
             if getattr(args, flag, None) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} is for training; -e evaluates "
                                  f"the models in --load")
@@ -204,11 +211,8 @@ def check_options(args) -> None:
             if given:
                 raise UsageError(f"{flag} is for training; -e evaluates the models in --load")
         # The checkpoint holds the model (backbone, margin) and -e does not train.
-        for flag, given in (("--pretrained", getattr(args, "pretrained", False)),
-                            ("--backbone-args", getattr(args, "backbone_args", None)),
-                            ("--margin-type", getattr(args, "margin_type", None)),
-                            ("--schedule", getattr(args, "schedule", None)),
-                            ("--warmup", getattr(args, "warmup", None))):
+        for flag, given in ((f"--{dest.replace('_', '-')}", getattr(args, dest, None))
+                            for dest in MODEL_FLAGS):
             if given:
                 raise UsageError(f"{flag} is for training; -e reads the model from the "
                                  f"checkpoint in --load")

@@ -204,6 +204,34 @@ def run_flags(extra: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return given, flags
 
 
+def evaluation_flags(flags: list[str]) -> list[str]:
+    """``flags`` without those that only training reads (``-e`` refuses them: the
+    checkpoint holds what they set), each with its values; the rest keep their order."""
+    import opqn_main
+    from utils.cli.validation import TRAINING_ONLY_FLAGS
+
+    actions = {option: action for action in opqn_main.build_parser()._actions
+               for option in action.option_strings}
+    kept, index = [], 0
+    while index < len(flags):
+        token = flags[index]
+        action = actions.get(token.split("=", 1)[0])
+        index += 1
+        if action is None or action.dest not in TRAINING_ONLY_FLAGS:
+            kept.append(token)
+            continue
+        if "=" in token or action.nargs == 0:  # the value is in the token, or none is taken
+            continue
+        if action.nargs is None:
+            index += 1
+        elif isinstance(action.nargs, int):
+            index += action.nargs
+        else:  # "?", "*", "+": the values up to the next flag
+            while index < len(flags) and not flags[index].startswith("--"):
+                index += 1
+    return kept
+
+
 def _code_flags(method: str, bits: int, num: int) -> list[str]:
     return ["--len", str(bits)] if get_method(method).hashing else \
         ["--len", str(bits), "--num", str(num)]
@@ -354,7 +382,8 @@ class OpqnMainRunner:
         if error is None and self.cross and key.phase == "final":
             error = self._call([sys.executable, str(REPO / "opqn_main.py"), "-e", "-c",
                                 "--dataset", self.args.dataset, "--data-dir", self.data_dir,
-                                "--load", str(best), *self._paths(), *self.flags], log_path)
+                                "--load", str(best), *self._paths(),
+                                *evaluation_flags(self.flags)], log_path)
             stem = f"{key.name}_on_{self.args.dataset}_cross"
         wall = time.perf_counter() - start
         if error is not None and "training loss became" not in error:
