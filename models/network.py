@@ -115,6 +115,6 @@ class RetrievalNet(nn.Module):
         return self.backbone(images)
 
 
-# The names of the OPQN authors' code and of this project's first releases.
+# The earlier names, which scripts written against this project's first releases use.
 OPQN = RetrievalNet
 OPQNConfig = NetConfig

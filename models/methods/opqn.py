@@ -104,7 +104,7 @@ class OPQNHead(QuantHead):
         return self.soft_quantize_tables(self.query_tables(features))
 
 
-OrthoPQ = OPQNHead  # the authors' name for this head
+OrthoPQ = OPQNHead  # its earlier name
 
 
 def margin_cosine_logits(sub: Tensor, class_weights: Tensor, labels: Tensor, margin: float,
