@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ import opqn_main
 from conftest import TINY_SYNTHFACE
 from models.methods import QuantHead, code_dtype, get_method, method_names
 from models.methods.registry import MethodSpec, param, register, unregister
+from utils.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_debug")
 
@@ -101,34 +100,22 @@ def toy():
         unregister("toy")
 
 
-def _main(root: Path, *argv: str) -> int:
-    before = os.getcwd()
-    os.chdir(root)
-    try:
-        return opqn_main.main(list(argv))
-    except SystemExit as exc:
-        return int(exc.code)
-    finally:
-        os.chdir(before)
-
-
 def test_a_method_registered_in_one_place_trains_evaluates_and_exports(toy, tiny_data_dir,
-                                                                       tmp_path):
+                                                                       tmp_path, run_cli):
     common = ["--dataset", "synthface", *TINY_SYNTHFACE, "--data-dir", str(tiny_data_dir),
               "--workers", "0", "--bs", "12", "--no-progress", "--device", "cpu",
               "--amp", "off"]
-    assert _main(tmp_path, *common, "--method", "toy", "--toy-temperature", "0.5",
+    assert run_cli(*common, "--method", "toy", "--toy-temperature", "0.5",
                  "--len", "12", "--num", "2", "--epochs", "2", "--eval-every", "0",
                  "--save", "toy.tar") == 0
-    checkpoint = torch.load(tmp_path / "checkpoint" / "toy.tar", map_location="cpu",
-                            weights_only=True)
+    checkpoint = load_checkpoint(tmp_path / "checkpoint" / "toy.tar")
     assert checkpoint["config"]["method"] == "toy"
     assert checkpoint["config"]["toy_temperature"] == 0.5
     assert checkpoint["train_settings"]["optimizer"] == "adam"  # the spec's, not sgd
     trained = json.loads((tmp_path / "results" / "toy.json").read_text())
     assert trained["method"] == "toy" and trained["mAP"] is not None
 
-    assert _main(tmp_path, *common, "-e", "--load", "toy.tar",
+    assert run_cli(*common, "-e", "--load", "toy.tar",
                  "--export-faiss", "toy.index") == 0
     evaluated = json.loads((tmp_path / "results" / "toy_on_synthface.json").read_text())
     assert evaluated["mAP"] == pytest.approx(trained["mAP"])
