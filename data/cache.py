@@ -32,6 +32,7 @@ training.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -249,16 +250,41 @@ def _build(split: Path, root: Path, size: int, classes: list[str],
         with open(tmp / _META, "w", encoding="utf-8") as fh:
             json.dump(meta, fh)
 
-        old = None
-        if root.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.rename(root, old / "cache")
-        os.rename(tmp, root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)  # open memmaps of readers stay valid
+        _install(tmp, root, fingerprint, size)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _install(tmp: Path, root: Path, fingerprint: str, size: int, attempts: int = 5) -> None:
+    """Rename the finished build ``tmp`` to ``root``, moving an older cache aside first.
+
+    Several processes may build the same split at once (jobs started together on one
+    dataset): when another one installs its cache between our move and our rename, a cache
+    of the same fingerprint is kept and ours dropped; anything else is moved aside again.
+    """
+    for _ in range(attempts):
+        old = None
+        if root.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            try:
+                os.rename(root, old / "cache")
+            except FileNotFoundError:  # another process moved it first
+                pass
+        try:
+            os.rename(tmp, root)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            if _is_valid(root, fingerprint, size) is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)  # open memmaps of readers stay valid
+    raise RuntimeError(f"cache {root}: other processes kept replacing it; build it once "
+                       f"alone (python -m data.cache) and start the jobs again")
 
 
 def open_cache(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,42 @@ def test_reused_then_rebuilt_when_the_split_changes(split: Path, monkeypatch) ->
     assert open_cache(split, 35, progress=False).classes == ["al", "bo", "cy", "dd"]
     open_cache(split, 35, rebuild=True, progress=False)
     assert len(builds) == 4
+    assert not [p for p in split.parent.iterdir() if p.name.startswith(".")]
+
+
+def _install_racing(monkeypatch, root: Path, winner: Path | None) -> list[int]:
+    """Make another process install ``winner`` (a cache folder; None: a stray folder) at
+    ``root`` just before this process renames its own build there, once."""
+    real_rename, raced = os.rename, []
+
+    def rename(src, dst):
+        if Path(dst) == root and Path(src).name.startswith(f".{root.name}.build-") and not raced:
+            raced.append(1)
+            if winner is None:
+                (root / "junk").mkdir(parents=True)
+            else:
+                shutil.copytree(winner, root)
+        return real_rename(src, dst)
+    monkeypatch.setattr(cache_mod.os, "rename", rename)
+    return raced
+
+
+def test_concurrent_build_of_the_same_split_is_reused(split: Path, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    other = open_cache(split, 35, cache_dir=tmp_path / "other", progress=False)
+    root = cache_dir_for(split, 35)
+    raced = _install_racing(monkeypatch, root, tmp_path / "other")
+    cache = open_cache(split, 35, progress=False)
+    assert raced == [1] and cache.root == root and cache.fingerprint == other.fingerprint
+    np.testing.assert_array_equal(cache.images, other.images)
+    assert not [p for p in split.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_concurrent_stray_folder_is_moved_aside(split: Path, monkeypatch) -> None:
+    root = cache_dir_for(split, 35)
+    raced = _install_racing(monkeypatch, root, None)
+    cache = open_cache(split, 35, progress=False)
+    assert raced == [1] and not (root / "junk").exists() and len(cache) == 9
     assert not [p for p in split.parent.iterdir() if p.name.startswith(".")]
 
 
