@@ -589,6 +589,10 @@ def test_the_budget_is_the_shortest_after_which_no_method_gains():
     late = {8: 0.6, 16: 0.6, 24: 0.7, 32: 0.705}
     assert sufficient_budget({"late": late}) == 24
     assert sufficient_budget({"late": late}, max_rise=0.2) == 8
+    # A dip below a plateau is not a rise: stopped at 8 means stopped at 16 too.
+    dip = {8: 0.863, 16: 0.853, 24: 0.864}
+    assert sufficient_budget({"dip": dip}) == 8
+    assert sufficient_budget({"dip": dip, "slow": slow}) == 16
     # Still rising at the longest budget, or a run missing: no budget.
     assert sufficient_budget({"rising": {8: 0.5, 16: 0.6, 24: 0.7}}) is None
     assert sufficient_budget({"fast": fast, "gap": {8: 0.5, 16: None, 24: 0.5}}) is None

@@ -215,8 +215,9 @@ def sufficient_budget(scores: dict[str, dict[int, float | None]],
     """The shortest budget after which no method gains: ``scores`` holds, per method, the
     validation mAP of a run of each budget (epochs; each run with its own full schedule,
     so this holds for any schedule). The budget chosen is the smallest measured one from
-    which no longer measured budget of any method is ``max_rise`` or more higher. None when
-    only the longest qualifies (still rising: measure longer) or a run is missing."""
+    which no longer measured budget of any method is ``max_rise`` or more above the best
+    that method reached at that budget or a shorter one. None when only the longest
+    qualifies (still rising: measure longer) or a run is missing."""
     budgets = sorted({int(b) for per in scores.values() for b in per})
     for budget in budgets[:-1]:
         if all(_stopped(per, budget, max_rise) for per in scores.values()):
@@ -244,10 +245,14 @@ def settled_ranking_budget(scores: dict[str, dict[int, float | None]]) -> int | 
 
 
 def _stopped(per: dict[int, float | None], budget: int, max_rise: float) -> bool:
+    """No longer budget beats the best value reached up to ``budget`` by ``max_rise``: a
+    method that stopped rising at one budget has stopped at every longer one, even where a
+    single run dips below its plateau."""
     if per.get(budget) is None:
         return False
+    best = max(v for b, v in per.items() if b <= budget and v is not None)
     later = [v for b, v in per.items() if b > budget]
-    return all(v is not None and v - per[budget] < max_rise for v in later)
+    return all(v is not None and v - best < max_rise for v in later)
 
 
 class StaleRun(ValueError):
