@@ -5,14 +5,20 @@
 #
 #   bash bench/gpu_bench.sh [OUT_DIR] [SCALE]     # OUT_DIR default results/gpu_bench
 #
-# SCALE (default 1) multiplies every step's time limit. Each step's output is kept in
-# OUT_DIR/<step>.log and the README jobs' results JSON in OUT_DIR; docs/benchmarks.md
-# ("GPU") gives the figures of one run and the machine it ran on.
+# SCALE (default 1) multiplies every step's time limit. OUT_DIR must be new or empty (a
+# non-empty one is refused, exit 2). Each step's output is kept in OUT_DIR/<step>.log and
+# the README jobs' results JSON in OUT_DIR; docs/benchmarks.md ("GPU") gives the figures
+# of one run and the machine it ran on.
 set -u
 out=${1:-results/gpu_bench}
 scale=${2:-1}
+if [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+    echo "gpu_bench.sh: error: $out is not empty; choose another OUT_DIR" >&2
+    exit 2
+fi
 mkdir -p "$out"
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME SECONDS COMMAND...
@@ -41,4 +47,3 @@ step train_112 90 python3 -m bench.bench_train --input-size 112 --device cuda --
 # The same bare step under torch.compile.
 step train_112_compile 130 python3 -m bench.bench_train --input-size 112 --device cuda \
     --batch 256 --workers 8 --compile
-rm -rf "$work"
