@@ -738,6 +738,28 @@ def test_measure_budget_runs_each_budget_once_and_writes_its_report(tiny_data_di
     assert (tmp_path / "budget_synthface_12bits.png").stat().st_size > 0
     again = _tool(*argv)  # finished budget runs are reused
     assert again.returncode == 0 and "starting" not in again.stdout
+    other = _tool(*argv[:7], "1", "--budget-lr", "opqn=0.05", *argv[9:])
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "starting tune opqn lr 0.05 seed 0 (1 epochs)" in other.stdout
+    assert (tmp_path / "runs_synthface_12bits" / "records"
+            / "tune_opqn_lr0.05_seed0_e1.json").is_file()  # the key the lr grid looks for
+    assert json.loads((tmp_path / "budget_synthface_12bits_opqn0.05.json").read_text())[
+        "lr"] == {"opqn": 0.05}
+    assert json.loads((tmp_path / "budget_synthface_12bits.json").read_text()) == report
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget-lr", "opqn=0.05"], "--budget-lr goes with --measure-budget"),
+    (["--measure-budget", "5", "--budget-lr", "pq=0.05"], "expected METHOD=LR"),
+    (["--measure-budget", "5", "--budget-lr", "opqn=-1"], "must be a positive number"),
+    (["--measure-budget", "5", "--budget-lr", "opqn=0.1", "opqn=0.2"], "one METHOD=LR"),
+    (["--measure-budget", "5", "--methods", "dpq", "--budget-lr", "opqn=0.1"],
+     "not in --methods: opqn"),
+])
+def test_budget_lr_refuses_bad_use(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _load_tool().parse_args(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_comparison_split_by_methods_runs_the_grids_of_the_whole_one():

@@ -236,9 +236,9 @@ def write_report(table: dict, stem: Path) -> list[Path]:
 
 def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
     """``stem.json``, ``stem.md`` and ``stem.png`` of ``--measure-budget``: every method's
-    validation mAP at its default lr after each budget, and the shortest budget after which
-    none gains (:func:`utils.comparison.plan.sufficient_budget`); ``runs`` are the budget
-    runs' records. Returns the JSON's content."""
+    validation mAP at its default lr (or its ``--budget-lr``) after each budget, and the
+    shortest budget after which none gains (:func:`utils.comparison.plan.sufficient_budget`);
+    ``runs`` are the budget runs' records. Returns the JSON's content."""
     from utils.comparison.plan import settled_ranking_budget, sufficient_budget
 
     scores: dict[str, dict[int, float | None]] = {}
@@ -262,10 +262,11 @@ def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
               "curves": curves, "command": args.command}
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(stem.with_name(stem.name + ".json"), json.dumps(result, indent=1) + "\n")
     chosen = budget if budget is not None else f"none of {budgets} (still rising)"
     ranked = settled if settled is not None else f"none of {budgets}"
-    lines = [f"Validation mAP (precise BN) of every method at its default lr, seed 0, after "
+    at = "the lr in the table" if args.budget_lr else "its default lr"
+    lines = [f"Validation mAP (precise BN) of every method at {at}, seed 0, after "
              f"each budget (every run with its own full schedule), {args.dataset} "
              f"{args.len} bits. Shortest budget after which no method gains "
              f"{100 * args.max_rise:g} point(s) or more: {chosen}. Shortest budget from "
@@ -278,7 +279,7 @@ def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
         lines.append(f"| {method} | {lrs[method]:g} | "
                      + " | ".join(_pct(per.get(b)) for b in budgets)
                      + f" | {own[method] if own[method] is not None else 'still rising'} |")
-    atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_text(stem.with_name(stem.name + ".md"), "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for method, per in scores.items():
         points = sorted((b, v) for b, v in per.items() if v is not None)
@@ -292,5 +293,5 @@ def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
     ax.legend(fontsize="x-small")
     ax.set_title(f"{args.dataset}, {args.len} bits: validation mAP after each budget",
                  fontsize="medium")
-    _save(fig, stem.with_suffix(".png"))
+    _save(fig, stem.with_name(stem.name + ".png"))
     return result

@@ -117,6 +117,15 @@ COUNT = _number(int, lambda v: v >= 0, "zero or positive")
 FRACTION = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+def _method_lr(text: str) -> tuple[str, float]:
+    """An argparse type: ``METHOD=LR`` with a known method and a positive lr."""
+    method, sep, lr = text.partition("=")
+    if not sep or method not in method_names():
+        raise argparse.ArgumentTypeError(
+            f"expected METHOD=LR with METHOD one of {', '.join(method_names())}, got {text!r}")
+    return method, POSITIVE_FLOAT(lr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="synthface")
@@ -161,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the validation split once per budget given (each run with its "
                         "own full schedule), and choose the shortest budget after which no "
                         "method's validation mAP gains --max-rise (budget_<tag>.{md,json,png})")
+    p.add_argument("--budget-lr", nargs="+", type=_method_lr, default=[],
+                   metavar="METHOD=LR",
+                   help="--measure-budget: train METHOD at LR instead of its default lr "
+                        "(e.g. the lr its grid chose), one METHOD=LR per method")
     p.add_argument("--max-rise", type=FRACTION, default=0.01,
                    help="--measure-budget: the gain that a longer budget must not reach "
                         "(0.01, one point of mAP)")
@@ -176,6 +189,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         argv, extra = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.methods = list(dict.fromkeys(args.methods))  # each once, in the order given
+    if args.budget_lr and not args.measure_budget:
+        build_parser().error("--budget-lr goes with --measure-budget")
+    named = [method for method, _ in args.budget_lr]
+    if len(set(named)) != len(named):
+        build_parser().error("--budget-lr: one METHOD=LR per method")
+    args.budget_lr = dict(args.budget_lr)
+    if set(args.budget_lr) - set(args.methods):
+        build_parser().error(f"--budget-lr names a method not in --methods: "
+                             f"{', '.join(sorted(set(args.budget_lr) - set(args.methods)))}")
     args.command = shlex.join(["python", "-m", "utils.comparison", *argv,
                                *(["--", *extra] if extra else [])])
     return args, extra
@@ -435,6 +457,12 @@ class OpqnMainRunner:
                 "train_settings": checkpoint.get("train_settings")}
 
 
+def budget_stem(args: argparse.Namespace, tag: str) -> str:
+    """``budget_<tag>``, with ``_<method><lr>`` for each --budget-lr: a measurement at
+    other rates never overwrites the one at the defaults."""
+    return "_".join([f"budget_{tag}", *(f"{m}{lr:g}" for m, lr in args.budget_lr.items())])
+
+
 def _tag(args: argparse.Namespace, cross: bool) -> str:
     return f"{args.dataset}{'_cross' if cross else ''}_{args.len}bits"
 
@@ -474,13 +502,14 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
           f"{validation.info['query_images']} query images; "
           f"{precision_text(precision, titles())}", flush=True)
     if args.measure_budget:  # one run per method and budget at its default lr, no finals
-        plans = [replace(p, grid=(p.default_lr,)) for p in plans]
+        plans = [replace(p, grid=(args.budget_lr.get(p.method, p.default_lr),))
+                 for p in plans]
         runs = []
         for budget in sorted(set(args.measure_budget)):
             plan = ComparisonPlan(plans, [], budget, budget, settings)
             runs += run_comparison(plan, RunStore(work / "records"), runner, say=say,
                                    tag=tag)["runs"]
-        return write_budget_report(runs, args, tag, out / f"budget_{tag}")
+        return write_budget_report(runs, args, tag, out / budget_stem(args, tag))
     plan = ComparisonPlan(plans, seeds, epochs, tune_epochs, settings,
                           min_loss_drop=args.min_loss_drop, ce_margin=args.ce_margin)
     print(f"[{tag}] {plan.total_runs} runs", flush=True)
@@ -555,8 +584,9 @@ def main(argv: list[str] | None = None) -> int:
         given, flags = run_flags(extra)
         for cross in protocols:
             run_protocol(args, given, flags, cross)
-            stem = "budget" if args.measure_budget else "compare"
-            print(Path(args.out) / f"{stem}_{_tag(args, cross)}.md", flush=True)
+            tag = _tag(args, cross)
+            stem = budget_stem(args, tag) if args.measure_budget else f"compare_{tag}"
+            print(Path(args.out) / f"{stem}.md", flush=True)
     except (UsageError, ValidationSplitError, StaleRun) as exc:
         return report_error(PROG, str(exc), 2)
     except RunFailed as exc:
