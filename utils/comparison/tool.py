@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the grid runs' checkpoints (default: only the final runs')")
     p.add_argument("--measure-budget", nargs="+", type=POSITIVE_INT, metavar="EPOCHS",
                    help="instead of the comparison: train every method at its default lr "
+                        "(or its --budget-lr) "
                         "on the validation split once per budget given (each run with its "
                         "own full schedule), and choose the shortest budget after which no "
                         "method's validation mAP gains --max-rise (budget_<tag>.{md,json,png})")
@@ -501,7 +502,8 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
           f"identities, {validation.info['gallery_images']} gallery and "
           f"{validation.info['query_images']} query images; "
           f"{precision_text(precision, titles())}", flush=True)
-    if args.measure_budget:  # one run per method and budget at its default lr, no finals
+    if args.measure_budget:  # one run per method and budget at its default lr (or
+        # its --budget-lr), no finals
         plans = [replace(p, grid=(args.budget_lr.get(p.method, p.default_lr),))
                  for p in plans]
         runs = []
