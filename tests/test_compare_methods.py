@@ -462,7 +462,7 @@ def test_the_tool_end_to_end_writes_the_table_and_reuses_finished_runs(tiny_data
     assert second.returncode == 0, second.stderr[-2000:]
     assert second.stdout.count("reused") == 3 and "starting" not in second.stdout
     assert all(records.joinpath(n).stat().st_mtime_ns == t for n, t in stamps.items())
-    table = json.loads((tmp_path / "compare_synthface_12bits.json").read_text())
+    table = json.loads((tmp_path / "compare_synthface_12bits_e1_opqn.json").read_text())
     assert (table["protocol"], table["dataset"], table["bits"], table["selection"]) == \
         ("standard", "synthface", 12, "validation")
     assert table["precision"] == "float32" and table["validation"]["query_images"] == 12
@@ -479,10 +479,10 @@ def test_the_tool_end_to_end_writes_the_table_and_reuses_finished_runs(tiny_data
     assert tune["num_queries"] == 12 and tune["num_database"] == 24  # the validation split
     assert tune["history"][0]["monitor_mAP"] is not None  # the validation curve
     assert "monitor_mAP" not in run["history"][0]  # the test split is used once
-    md = (tmp_path / "compare_synthface_12bits.md").read_text()
+    md = (tmp_path / "compare_synthface_12bits_e1_opqn.md").read_text()
     assert "| OPQN |" in md and "float32" in md
     for suffix in ("_pr.png", "_loss.png", "_val.png"):
-        assert (tmp_path / f"compare_synthface_12bits{suffix}").stat().st_size > 0
+        assert (tmp_path / f"compare_synthface_12bits_e1_opqn{suffix}").stat().st_size > 0
     # The test split was never linked into the validation folder; grid checkpoints are gone.
     val = tmp_path / "runs_synthface_12bits" / "validation"
     test = (tiny_data_dir / "synthface" / "test").resolve()
@@ -730,12 +730,12 @@ def test_measure_budget_runs_each_budget_once_and_writes_its_report(tiny_data_di
     first = _tool(*argv)
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout.count("starting tune opqn lr 0.1") == 2
-    report = json.loads((tmp_path / "budget_synthface_12bits.json").read_text())
+    report = json.loads((tmp_path / "budget_synthface_12bits_opqn.json").read_text())
     assert report["budgets"] == [1, 2] and set(report["val_mAP"]["opqn"]) == {"1", "2"}
     scores = report["val_mAP"]["opqn"]
     assert report["budget"] == (1 if scores["2"] - scores["1"] < 0.01 else None)
-    assert "| opqn | 0.1 |" in (tmp_path / "budget_synthface_12bits.md").read_text()
-    assert (tmp_path / "budget_synthface_12bits.png").stat().st_size > 0
+    assert "| opqn | 0.1 |" in (tmp_path / "budget_synthface_12bits_opqn.md").read_text()
+    assert (tmp_path / "budget_synthface_12bits_opqn.png").stat().st_size > 0
     again = _tool(*argv)  # finished budget runs are reused
     assert again.returncode == 0 and "starting" not in again.stdout
     other = _tool(*argv[:7], "1", "--budget-lr", "opqn=0.05", *argv[9:])
@@ -743,9 +743,29 @@ def test_measure_budget_runs_each_budget_once_and_writes_its_report(tiny_data_di
     assert "starting tune opqn lr 0.05 seed 0 (1 epochs)" in other.stdout
     assert (tmp_path / "runs_synthface_12bits" / "records"
             / "tune_opqn_lr0.05_seed0_e1.json").is_file()  # the key the lr grid looks for
-    assert json.loads((tmp_path / "budget_synthface_12bits_opqn0.05.json").read_text())[
+    assert json.loads((tmp_path / "budget_synthface_12bits_opqn_opqn0.05.json").read_text())[
         "lr"] == {"opqn": 0.05}
-    assert json.loads((tmp_path / "budget_synthface_12bits.json").read_text()) == report
+    assert json.loads((tmp_path / "budget_synthface_12bits_opqn.json").read_text()) == report
+
+
+def test_reports_of_other_budgets_or_of_some_methods_never_share_a_file():
+    """A process of a comparison split by --methods, or the same comparison at another
+    --epochs, used to write over the whole table's compare_<tag>.* files."""
+    tool = _load_tool()
+
+    def stems(*argv, epochs=160):
+        args, _ = tool.parse_args(list(argv))
+        return tool.compare_stem(args, "fashion_24bits", epochs), \
+            tool.budget_stem(args, "fashion_24bits")
+
+    whole = stems()
+    assert whole == ("compare_fashion_24bits_e160", "budget_fashion_24bits")
+    assert stems(epochs=320)[0] == "compare_fashion_24bits_e320"
+    assert stems("--methods", "dcdh", "opqn", "l2q", "gpq", "dpq") == whole  # all five
+    assert stems("--methods", "dpq") == ("compare_fashion_24bits_e160_dpq",
+                                         "budget_fashion_24bits_dpq")
+    assert stems("--measure-budget", "5", "--budget-lr", "dpq=0.03")[1] == \
+        "budget_fashion_24bits_dpq0.03"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -458,10 +458,23 @@ class OpqnMainRunner:
                 "train_settings": checkpoint.get("train_settings")}
 
 
+def _methods_suffix(args: argparse.Namespace) -> str:
+    """``_<m1>-<m2>`` when ``--methods`` runs only some of the five, else "": a process
+    of a comparison split by --methods never writes over the whole one's report."""
+    return "" if set(args.methods) == set(method_names()) else "_" + "-".join(args.methods)
+
+
 def budget_stem(args: argparse.Namespace, tag: str) -> str:
-    """``budget_<tag>``, with ``_<method><lr>`` for each --budget-lr: a measurement at
-    other rates never overwrites the one at the defaults."""
-    return "_".join([f"budget_{tag}", *(f"{m}{lr:g}" for m, lr in args.budget_lr.items())])
+    """``budget_<tag>[_<methods>]``, with ``_<method><lr>`` for each --budget-lr: a
+    measurement at other rates never overwrites the one at the defaults."""
+    return "_".join([f"budget_{tag}{_methods_suffix(args)}",
+                     *(f"{m}{lr:g}" for m, lr in args.budget_lr.items())])
+
+
+def compare_stem(args: argparse.Namespace, tag: str, epochs: int) -> str:
+    """``compare_<tag>_e<epochs>[_<methods>]``: comparisons at other budgets, or of some
+    of the methods, get their own report."""
+    return f"compare_{tag}_e{epochs}{_methods_suffix(args)}"
 
 
 def _tag(args: argparse.Namespace, cross: bool) -> str:
@@ -530,7 +543,7 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
              "command": args.command,
              "flags": flags, **summary}
     _add_run_facts(table)
-    write_report(table, out / f"compare_{tag}")
+    write_report(table, out / compare_stem(args, tag, epochs))
     return table
 
 
@@ -585,9 +598,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given, flags = run_flags(extra)
         for cross in protocols:
-            run_protocol(args, given, flags, cross)
+            table = run_protocol(args, given, flags, cross)
             tag = _tag(args, cross)
-            stem = budget_stem(args, tag) if args.measure_budget else f"compare_{tag}"
+            stem = budget_stem(args, tag) if args.measure_budget else \
+                compare_stem(args, tag, table["epochs"])
             print(Path(args.out) / f"{stem}.md", flush=True)
     except (UsageError, ValidationSplitError, StaleRun) as exc:
         return report_error(PROG, str(exc), 2)
