@@ -196,9 +196,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if len(set(named)) != len(named):
         build_parser().error("--budget-lr: one METHOD=LR per method")
     args.budget_lr = dict(args.budget_lr)
-    if set(args.budget_lr) - set(args.methods):
+    outside = sorted(set(args.budget_lr) - set(args.methods))
+    if outside:
         build_parser().error(f"--budget-lr names a method not in --methods: "
-                             f"{', '.join(sorted(set(args.budget_lr) - set(args.methods)))}")
+                             f"{', '.join(outside)}")
     args.command = shlex.join(["python", "-m", "utils.comparison", *argv,
                                *(["--", *extra] if extra else [])])
     return args, extra
