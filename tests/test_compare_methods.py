@@ -539,6 +539,23 @@ def test_the_report_ranks_trained_methods_and_is_rebuilt_from_its_json(tmp_path)
         statistics.fmean(opqn["test_mAP"]))  # the mean curve over the seeds
 
 
+def test_a_rate_chosen_at_the_edge_of_its_grid_is_named():
+    from utils.comparison.report import grid_edge
+
+    def entry(chosen, statuses=("done", "done", "done")):
+        rates = (0.1, 0.03, 0.009)
+        return {"chosen_lr": chosen, "lr_grid": [{"lr": lr, "status": status}
+                                                 for lr, status in zip(rates, statuses)]}
+
+    assert grid_edge(entry(0.1)) == "highest"
+    assert grid_edge(entry(0.009)) == "lowest"
+    assert grid_edge(entry(0.03)) is None
+    # a diverged rate is not one the choice was made among
+    assert grid_edge(entry(0.03, ("diverged", "done", "done"))) == "highest"
+    assert grid_edge(entry(0.03, ("diverged", "done", "diverged"))) is None
+    assert grid_edge(entry(None)) is None
+
+
 def test_a_diverged_run_is_recorded_and_any_other_failure_stops(tmp_path, monkeypatch):
     tool = _load_tool()
     args, _ = tool.parse_args(["--data-dir", str(tmp_path)])

@@ -86,6 +86,17 @@ def _val_at_chosen(entry: dict) -> float | None:
                 None)
 
 
+def grid_edge(entry: dict) -> str | None:
+    """``"highest"`` or ``"lowest"`` when a method's chosen lr is the largest or smallest of
+    the rates of its grid that finished (at least two), else None: a choice at the edge
+    says the grid may not bracket the best rate."""
+    rates = [g["lr"] for g in entry["lr_grid"] if g["status"] == "done"]
+    chosen = entry.get("chosen_lr")
+    if chosen is None or len(rates) < 2:
+        return None
+    return "highest" if chosen == max(rates) else "lowest" if chosen == min(rates) else None
+
+
 def markdown(table: dict) -> str:
     """The comparison as Markdown: a header with the protocol, the main table, the
     validation mAP of every lr tried, and why a method did not train."""
@@ -143,6 +154,13 @@ def markdown(table: dict) -> str:
                   f"{100 * RISING:g} points over the last third of the grid budget, so the "
                   f"budget may be too short: " + ", ".join(f"{name} +{100 * gain:.1f}"
                                                             for name, gain in rising) + "."]
+    edges = [(table["methods"][m]["name"], edge, table["methods"][m]["chosen_lr"])
+             for m in ordered_methods(table)
+             if (edge := grid_edge(table["methods"][m])) is not None]
+    if edges:
+        lines += ["", "Chosen at the edge of its grid, so its best rate may lie outside "
+                  "the rates tried (widen --sgd-lrs or --adam-lrs): " + ", ".join(
+                      f"{name} at its {edge} rate {lr:g}" for name, edge, lr in edges) + "."]
     failed = [(table["methods"][m]["name"], seed, reasons)
               for m in ordered_methods(table)
               for seed, reasons in table["methods"][m]["did_not_train"].items()]
