@@ -534,6 +534,11 @@ def test_the_report_ranks_trained_methods_and_is_rebuilt_from_its_json(tmp_path)
     opqn = table["methods"]["opqn"]
     assert f"{100 * opqn['mean_mAP']:.2f} ± {100 * opqn['sd_mAP']:.2f}%" in rows[0]
     assert "Did not train (not ranked):" in md and "- DPQ, seed 0: loss fell" in md
+    from utils.comparison.report import grid_edge
+    edges = {e["name"]: grid_edge(e) for e in table["methods"].values() if grid_edge(e)}
+    assert edges, "the fake grid should put some choice at an edge"
+    note = next(line for line in md.splitlines() if line.startswith("Chosen at the edge"))
+    assert all(f"{name} at its {edge} rate" in note for name, edge in edges.items())
     assert table["methods"]["dcdh"]["precision"] == ["float32"]
     assert table["methods"]["opqn"]["pr_curve"]["precision"][0] == pytest.approx(
         statistics.fmean(opqn["test_mAP"]))  # the mean curve over the seeds
