@@ -509,7 +509,7 @@ def test_late_gain_tells_a_curve_that_still_rises_from_one_that_levelled_off():
 
 
 def test_the_report_ranks_trained_methods_and_is_rebuilt_from_its_json(tmp_path):
-    from utils.comparison.report import markdown, write_report
+    from utils.comparison.report import grid_edge, markdown, write_report
 
     tool = _load_tool()
     plan = _plan()
@@ -534,8 +534,7 @@ def test_the_report_ranks_trained_methods_and_is_rebuilt_from_its_json(tmp_path)
     opqn = table["methods"]["opqn"]
     assert f"{100 * opqn['mean_mAP']:.2f} ± {100 * opqn['sd_mAP']:.2f}%" in rows[0]
     assert "Did not train (not ranked):" in md and "- DPQ, seed 0: loss fell" in md
-    from utils.comparison.report import grid_edge
-    edges = {e["name"]: grid_edge(e) for e in table["methods"].values() if grid_edge(e)}
+    edges = {e["name"]: edge for e in table["methods"].values() if (edge := grid_edge(e))}
     assert edges, "the fake grid should put some choice at an edge"
     note = next(line for line in md.splitlines() if line.startswith("Chosen at the edge"))
     assert all(f"{name} at its {edge} rate" in note for name, edge in edges.items())

@@ -154,9 +154,9 @@ def markdown(table: dict) -> str:
                   f"{100 * RISING:g} points over the last third of the grid budget, so the "
                   f"budget may be too short: " + ", ".join(f"{name} +{100 * gain:.1f}"
                                                             for name, gain in rising) + "."]
-    edges = [(table["methods"][m]["name"], edge, table["methods"][m]["chosen_lr"])
-             for m in ordered_methods(table)
-             if (edge := grid_edge(table["methods"][m])) is not None]
+    entries = [table["methods"][m] for m in ordered_methods(table)]
+    edges = [(e["name"], edge, e["chosen_lr"]) for e in entries
+             if (edge := grid_edge(e)) is not None]
     if edges:
         lines += ["", "Chosen at the edge of its grid, so its best rate may lie outside "
                   "the rates tried (widen --sgd-lrs or --adam-lrs): " + ", ".join(
