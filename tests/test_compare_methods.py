@@ -751,6 +751,7 @@ def test_measure_budget_runs_each_budget_once_and_writes_its_report(tiny_data_di
     first = _tool(*argv)
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout.count("starting tune opqn lr 0.1") == 2
+    assert "[synthface_12bits, 2 epochs] runs 1/1" in first.stdout  # which budget counts
     report = json.loads((tmp_path / "budget_synthface_12bits_opqn.json").read_text())
     assert report["budgets"] == [1, 2] and set(report["val_mAP"]["opqn"]) == {"1", "2"}
     scores = report["val_mAP"]["opqn"]

@@ -523,8 +523,9 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
         runs = []
         for budget in sorted(set(args.measure_budget)):
             plan = ComparisonPlan(plans, [], budget, budget, settings)
+            # the count restarts with each budget: say which one it counts
             runs += run_comparison(plan, RunStore(work / "records"), runner, say=say,
-                                   tag=tag)["runs"]
+                                   tag=f"{tag}, {budget} epochs")["runs"]
         return write_budget_report(runs, args, tag, out / budget_stem(args, tag))
     plan = ComparisonPlan(plans, seeds, epochs, tune_epochs, settings,
                           min_loss_drop=args.min_loss_drop, ce_margin=args.ce_margin)
