@@ -864,3 +864,26 @@ def test_two_processes_building_the_validation_split_at_once_share_it(tiny_data_
     monkeypatch.setattr(vs.os, "rename", other_process_wins)
     with pytest.raises(ValidationSplitError, match="made differently"):
         build_validation_split(train, (test,), tmp_path / "val3", "synthface", False, 3)
+
+
+def test_a_budget_report_of_cross_runs_says_it_is_the_cross_protocol(tmp_path):
+    """The budget report of -c runs used to read as the standard protocol's."""
+    from types import SimpleNamespace
+    from utils.comparison.report import write_budget_report
+
+    args = SimpleNamespace(dataset="synthface", len=36, num=6, max_rise=0.01,
+                           budget_lr={"opqn": 0.009}, command="python -m utils.comparison")
+
+    def run(epochs, score, protocol):
+        return {"key": {"phase": "tune", "method": "opqn", "lr": 0.009, "seed": 0,
+                        "epochs": epochs},
+                "settings": {"protocol": protocol}, "outcome": {"mAP": score, "history": []}}
+
+    for protocol, says in (("cross", "synthface -c (unseen identities), 36 bits"),
+                           ("standard", "synthface, 36 bits")):
+        stem = tmp_path / protocol
+        result = write_budget_report([run(160, 0.83, protocol), run(320, 0.85, protocol)],
+                                     args, f"synthface_{protocol}_36bits", stem)
+        assert result["protocol"] == protocol and result["budget"] is None
+        text = (tmp_path / f"{protocol}.md").read_text()
+        assert f"after each budget (every run with its own full schedule), {says}." in text

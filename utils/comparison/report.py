@@ -272,7 +272,12 @@ def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
     budget = sufficient_budget(scores, args.max_rise)
     settled = settled_ranking_budget(scores)
     budgets = sorted({b for per in scores.values() for b in per})
-    result = {"dataset": args.dataset, "tag": tag, "bits": args.len, "num_books": args.num,
+    protocol = next((r["settings"]["protocol"] for r in runs
+                     if r.get("settings", {}).get("protocol")), "standard")
+    setting = f"{args.dataset}{' -c (unseen identities)' if protocol == 'cross' else ''}, " \
+              f"{args.len} bits"
+    result = {"dataset": args.dataset, "protocol": protocol, "tag": tag, "bits": args.len,
+              "num_books": args.num,
               "budgets": budgets, "max_rise": args.max_rise, "budget": budget,
               "ranking_settled_at": settled,
               "sufficient_alone": own, "lr": lrs,
@@ -285,8 +290,8 @@ def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
     ranked = settled if settled is not None else f"none of {budgets}"
     at = "the lr in the table" if args.budget_lr else "its default lr"
     lines = [f"Validation mAP (precise BN) of every method at {at}, seed 0, after "
-             f"each budget (every run with its own full schedule), {args.dataset} "
-             f"{args.len} bits. Shortest budget after which no method gains "
+             f"each budget (every run with its own full schedule), {setting}. "
+             f"Shortest budget after which no method gains "
              f"{100 * args.max_rise:g} point(s) or more: {chosen}. Shortest budget from "
              f"which the methods' order no longer changes: {ranked}.", "",
              f"`{args.command}`", "",
@@ -309,7 +314,7 @@ def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
     ax.set_ylabel("validation mAP (precise BN)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="x-small")
-    ax.set_title(f"{args.dataset}, {args.len} bits: validation mAP after each budget",
+    ax.set_title(f"{setting}: validation mAP after each budget",
                  fontsize="medium")
     _save(fig, stem.with_name(stem.name + ".png"))
     return result
