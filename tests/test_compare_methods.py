@@ -879,7 +879,7 @@ def test_a_budget_report_of_cross_runs_says_it_is_the_cross_protocol(tmp_path):
                         "epochs": epochs},
                 "settings": {"protocol": protocol}, "outcome": {"mAP": score, "history": []}}
 
-    for protocol, says in (("cross", "synthface -c (unseen identities), 36 bits"),
+    for protocol, says in (("cross", "synthface, -c protocol, 36 bits"),
                            ("standard", "synthface, 36 bits")):
         stem = tmp_path / protocol
         result = write_budget_report([run(160, 0.83, protocol), run(320, 0.85, protocol)],

@@ -274,7 +274,7 @@ def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
     budgets = sorted({b for per in scores.values() for b in per})
     protocol = next((r["settings"]["protocol"] for r in runs
                      if r.get("settings", {}).get("protocol")), "standard")
-    setting = f"{args.dataset}{' -c (unseen identities)' if protocol == 'cross' else ''}, " \
+    setting = f"{args.dataset}{', -c protocol' if protocol == 'cross' else ''}, " \
               f"{args.len} bits"
     result = {"dataset": args.dataset, "protocol": protocol, "tag": tag, "bits": args.len,
               "num_books": args.num,
