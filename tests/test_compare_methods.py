@@ -877,13 +877,14 @@ def test_a_budget_report_of_cross_runs_says_it_is_the_cross_protocol(tmp_path):
     def run(epochs, score, protocol):
         return {"key": {"phase": "tune", "method": "opqn", "lr": 0.009, "seed": 0,
                         "epochs": epochs},
-                "settings": {"protocol": protocol}, "outcome": {"mAP": score, "history": []}}
+                "outcome": {"mAP": score, "history": []}}
 
     for protocol, says in (("cross", "synthface, -c protocol, 36 bits"),
                            ("standard", "synthface, 36 bits")):
         stem = tmp_path / protocol
         result = write_budget_report([run(160, 0.83, protocol), run(320, 0.85, protocol)],
-                                     args, f"synthface_{protocol}_36bits", stem)
+                                     args, f"synthface_{protocol}_36bits", stem,
+                                     protocol=protocol)
         assert result["protocol"] == protocol and result["budget"] is None
         text = (tmp_path / f"{protocol}.md").read_text()
         assert f"after each budget (every run with its own full schedule), {says}." in text

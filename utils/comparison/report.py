@@ -252,11 +252,13 @@ def write_report(table: dict, stem: Path) -> list[Path]:
     return written
 
 
-def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
+def write_budget_report(runs: list[dict], args, tag: str, stem: Path,
+                        protocol: str = "standard") -> dict:
     """``stem.json``, ``stem.md`` and ``stem.png`` of ``--measure-budget``: every method's
     validation mAP at its default lr (or its ``--budget-lr``) after each budget, and the
     shortest budget after which none gains (:func:`utils.comparison.plan.sufficient_budget`);
-    ``runs`` are the budget runs' records. Returns the JSON's content."""
+    ``runs`` are the budget runs' records, made under ``protocol`` ("standard" or
+    "cross"). Returns the JSON's content."""
     from utils.comparison.plan import settled_ranking_budget, sufficient_budget
 
     scores: dict[str, dict[int, float | None]] = {}
@@ -272,8 +274,6 @@ def write_budget_report(runs: list[dict], args, tag: str, stem: Path) -> dict:
     budget = sufficient_budget(scores, args.max_rise)
     settled = settled_ranking_budget(scores)
     budgets = sorted({b for per in scores.values() for b in per})
-    protocol = next((r["settings"]["protocol"] for r in runs
-                     if r.get("settings", {}).get("protocol")), "standard")
     setting = f"{args.dataset}{', -c protocol' if protocol == 'cross' else ''}, " \
               f"{args.len} bits"
     result = {"dataset": args.dataset, "protocol": protocol, "tag": tag, "bits": args.len,

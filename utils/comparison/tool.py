@@ -526,7 +526,8 @@ def run_protocol(args: argparse.Namespace, given: argparse.Namespace, flags: lis
             # the count restarts with each budget: say which one it counts
             runs += run_comparison(plan, RunStore(work / "records"), runner, say=say,
                                    tag=f"{tag}, {budget} epochs")["runs"]
-        return write_budget_report(runs, args, tag, out / budget_stem(args, tag))
+        return write_budget_report(runs, args, tag, out / budget_stem(args, tag),
+                                   protocol=settings["protocol"])
     plan = ComparisonPlan(plans, seeds, epochs, tune_epochs, settings,
                           min_loss_drop=args.min_loss_drop, ce_margin=args.ce_margin)
     print(f"[{tag}] {plan.total_runs} runs", flush=True)
