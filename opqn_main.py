@@ -15,7 +15,7 @@ import sys
 from data.datasets import PRESETS
 from models.registry import BackboneError
 from utils.checkpoints.store import CheckpointError
-from utils.errors import OneLineParser, first_line, report_error
+from utils.errors import EXIT_DIVERGED, OneLineParser, first_line, report_error
 from models.methods import DEFAULT_METHOD, get_method, method_names
 from utils.training.precise_bn import DEFAULT_PRECISE_BN_IMAGES
 from utils.runtime import DEVICE_CHOICES, DeviceError
@@ -273,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         from utils.training.loop import TrainingDiverged
 
         detail = first_line(exc)
-        if not isinstance(exc, TrainingDiverged):
+        diverged = isinstance(exc, TrainingDiverged)
+        if not diverged:
             detail = f"{type(exc).__name__}: {detail}"
-        return report_error(PROG, f"{detail} (set OPQN_DEBUG=1 for a traceback)", 1)
+        return report_error(PROG, f"{detail} (set OPQN_DEBUG=1 for a traceback)",
+                            EXIT_DIVERGED if diverged else 1)
     return 0
 
 

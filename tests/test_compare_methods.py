@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO
 from data.validation_split import (ValidationSplitError, build_validation_split,
                                    check_validation_split)
+from utils.errors import EXIT_DIVERGED
 from utils.comparison.plan import (ComparisonPlan, MethodPlan, RunKey, RunStore, StaleRun,
                               choose_lr, equal_grids, lr_grid, mean_sd, paired_difference, run_comparison,
                               summarise, training_failures)
@@ -409,6 +410,7 @@ def test_runner_commands_keep_the_test_split_for_the_final_evaluation(tmp_path, 
         name = cmd[cmd.index("--save") + 1][:-4] if "--save" in cmd else \
             os.path.basename(cmd[cmd.index("--load") + 1])[:-4] + "_on_synthface_cross"
         (results / f"{name}.json").write_text(json.dumps({"mAP": 0.5, "k": 5}))
+        return 0, None
 
     monkeypatch.setattr(runner, "_call", fake_call)
     monkeypatch.setattr(runner, "_checkpoint_facts", lambda _last: {"history": []})
@@ -568,11 +570,11 @@ def test_a_diverged_run_is_recorded_and_any_other_failure_stops(tmp_path, monkey
     plan = MethodPlan("opqn", "sgd", 0.1, (0.3,))
     key = RunKey("tune", "opqn", 0.3, 0, 2)
     monkeypatch.setattr(runner, "_call", lambda _cmd, _log: (
-        "opqn_main.py: error: training loss became nan at epoch 2; stopped."))
+        EXIT_DIVERGED, "opqn_main.py: error: training loss became nan at epoch 2; stopped."))
     outcome = runner(key, plan)
     assert outcome["status"] == "diverged" and outcome.get("mAP") is None
     assert "nan" in outcome["error"]
-    monkeypatch.setattr(runner, "_call", lambda _cmd, _log: "opqn_main.py: error: disk full")
+    monkeypatch.setattr(runner, "_call", lambda _cmd, _log: (1, "opqn_main.py: error: disk full"))
     with pytest.raises(tool.RunFailed, match="tune_opqn_lr0.3_seed0_e2 failed: .*disk full"):
         runner(key, plan)
 
@@ -732,6 +734,7 @@ def test_an_outcome_holds_the_checkpoints_precision_config_and_settings(tmp_path
         save_checkpoint({"config": config, "train_settings": settings, "history": [],
                          "train_precision": "float32", "epoch": 2},
                         work / "checkpoint" / f"{key.name}.last.tar")
+        return 0, None
 
     monkeypatch.setattr(runner, "_call", fake_call)
     outcome = runner(key, MethodPlan("dpq", "sgd", 0.1, (0.1,), {"precision": "float32"}))

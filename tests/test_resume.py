@@ -19,6 +19,8 @@ import torch
 from conftest import REPO, TINY_SYNTHFACE, one_line_error
 from models.methods import OPQNLoss
 from utils.checkpoints.store import load_checkpoint
+from utils.errors import EXIT_DIVERGED
+from utils.retrieval import encoding
 
 EPOCHS = 6
 COMMON = ["--dataset", "synthface", *TINY_SYNTHFACE, "--len", "12", "--num", "2", "--words",
@@ -168,7 +170,7 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint(bad, tiny_data_dir, 
 
     monkeypatch.setattr(OPQNLoss, "forward", forward)
     argv = [*COMMON, "--data-dir", str(tiny_data_dir), "--epochs", "3", "--save", "run.tar"]
-    assert run_cli(*argv) == 1
+    assert run_cli(*argv) == EXIT_DIVERGED
     line = one_line_error(capsys, "training loss became", "at epoch 2",
                           str(Path("checkpoint") / "run.last.tar"))
     assert "nan" in line.lower() or "inf" in line.lower()
@@ -185,6 +187,28 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint(bad, tiny_data_dir, 
         out, _ = capsys.readouterr()
         assert "resumed from epoch 1" in out
         assert load_checkpoint(tmp_path / "checkpoint" / "run.last.tar")["epoch"] == 3
+
+
+def test_outputs_that_overflow_under_a_finite_loss_stop_as_diverged(tiny_data_dir, run_cli,
+                                                                     tmp_path, capsys,
+                                                                     monkeypatch):
+    """A loss that explodes without reaching inf can leave a model whose outputs overflow:
+    the monitoring evaluation finds it, and the run stops as diverged (exit 3), not as a
+    broken run."""
+    original = encoding.encode_queries
+
+    def encode_queries(*args, **kwargs):
+        tables, labels = original(*args, **kwargs)
+        return tables * float("inf"), labels
+
+    monkeypatch.setattr(encoding, "encode_queries", encode_queries)
+    argv = [*COMMON, "--data-dir", str(tiny_data_dir), "--epochs", "3", "--eval-every", "2",
+            "--save", "run.tar"]
+    assert run_cli(*argv) == EXIT_DIVERGED
+    one_line_error(capsys, "outputs became NaN or infinite at epoch 2",
+                   str(Path("checkpoint") / "run.last.tar"))
+    assert load_checkpoint(tmp_path / "checkpoint" / "run.last.tar")["epoch"] == 1
+    assert not (tmp_path / "results").exists()
 
 
 # --------------------------------------------------------------------------- --resume refusals

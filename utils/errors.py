@@ -1,11 +1,16 @@
 """The errors every layer raises, and turning them into the one-line messages the command
-lines print (exit 2 for usage errors)."""
+lines print (exit 2 for usage errors, 3 for a training run that diverged)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 from pathlib import Path
+
+
+#: The exit status of ``opqn_main.py`` when training diverged (NaN/inf loss or outputs), so a
+#: caller such as the comparison can tell a diverged run from a broken one.
+EXIT_DIVERGED = 3
 
 
 class UsageError(ValueError):

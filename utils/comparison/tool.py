@@ -64,7 +64,7 @@ from utils.comparison.plan import (ComparisonPlan, MethodPlan, RunKey, RunStore,
 from utils.checkpoints.store import last_checkpoint_path  # noqa: E402
 from utils.comparison.report import (precision_text, write_budget_report,  # noqa: E402
                                      write_report)
-from utils.errors import OneLineParser, report_error  # noqa: E402
+from utils.errors import EXIT_DIVERGED, OneLineParser, report_error  # noqa: E402
 from models.methods import get_method, method_names  # noqa: E402
 from utils.cli.validation import UsageError  # noqa: E402
 
@@ -378,8 +378,9 @@ class OpqnMainRunner:
         return ["--checkpoint-dir", str(self.work / "checkpoint"), "--log-dir",
                 str(self.work / "log"), "--out", str(self.work / "results"), "--no-progress"]
 
-    def _call(self, cmd: list[str], log_path: Path) -> str | None:
-        """Run ``cmd`` with its output in ``log_path``; None, or its error line."""
+    def _call(self, cmd: list[str], log_path: Path) -> tuple[int, str | None]:
+        """Run ``cmd`` with its output in ``log_path``; its exit status, and None or its
+        error line."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as log:
             start = log.tell()  # earlier attempts' lines stay in the log, not in the verdict
@@ -387,30 +388,30 @@ class OpqnMainRunner:
             log.flush()
             code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         if code == 0:
-            return None
+            return code, None
         if code == 130:
             raise KeyboardInterrupt
         with open(log_path, encoding="utf-8") as log:
             log.seek(start)
             lines = log.read().strip().splitlines()
         errors = [line for line in lines if "error:" in line]
-        return (errors or lines or [f"exit {code}"])[-1]
+        return code, (errors or lines or [f"exit {code}"])[-1]
 
     def __call__(self, key: RunKey, method: MethodPlan) -> dict:
         best = self.work / "checkpoint" / f"{key.name}.tar"
         log_path = self.work / "log" / f"{key.name}.out"
         start = time.perf_counter()
         cmd = self._command(key, method)
-        error = self._call(cmd, log_path)
+        code, error = self._call(cmd, log_path)
         stem = key.name
         if error is None and self.cross and key.phase == "final":
-            error = self._call([sys.executable, str(REPO / "opqn_main.py"), "-e", "-c",
+            code, error = self._call([sys.executable, str(REPO / "opqn_main.py"), "-e", "-c",
                                 "--dataset", self.args.dataset, "--data-dir", self.data_dir,
                                 "--load", str(best), *self._paths(),
                                 *evaluation_flags(self.flags)], log_path)
             stem = f"{key.name}_on_{self.args.dataset}_cross"
         wall = time.perf_counter() - start
-        if error is not None and "training loss became" not in error:
+        if error is not None and code != EXIT_DIVERGED:
             raise RunFailed(f"{key.name} failed: {error} (log: {log_path})")
         planned = self.precision[key.method] if isinstance(self.precision, dict) \
             else self.precision

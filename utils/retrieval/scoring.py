@@ -17,12 +17,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["score", "score_books_first", "score_pairs", "check_tables", "check_codes"]
+__all__ = ["score", "score_books_first", "score_pairs", "check_tables", "check_codes",
+           "NonFiniteTablesError"]
+
+
+class NonFiniteTablesError(ValueError):
+    """The tables hold NaN or infinite values: the model that made them has diverged."""
 
 
 def check_tables(tables: Tensor) -> Tensor:
     """``tables`` ``(Q, M, K)`` as a finite float tensor (half precision promoted to float32);
-    ``ValueError``/``TypeError`` otherwise."""
+    :class:`NonFiniteTablesError` when any value is not finite, ``ValueError``/``TypeError``
+    for a wrong shape or type."""
     if not isinstance(tables, Tensor) or tables.dim() != 3:
         raise ValueError(f"tables must be a (Q, M, K) tensor, got "
                          f"{getattr(tables, 'shape', type(tables))}")
@@ -31,7 +37,7 @@ def check_tables(tables: Tensor) -> Tensor:
     if tables.dtype in (torch.float16, torch.bfloat16):
         tables = tables.float()  # half precision would create spurious score ties
     if tables.numel() and not bool(torch.isfinite(tables).all()):
-        raise ValueError("tables contain NaN or infinite values")
+        raise NonFiniteTablesError("tables contain NaN or infinite values")
     return tables
 
 

@@ -40,6 +40,7 @@ from utils.precision import (
     to_memory_format,
 )
 from utils.retrieval.encoding import evaluate_model
+from utils.retrieval.scoring import NonFiniteTablesError
 from utils.runtime import DistInfo, accumulator_dtype
 
 from .precise_bn import (DEFAULT_PRECISE_BN_IMAGES, precise_bn_subset,
@@ -48,7 +49,7 @@ from .schedules import build_scheduler
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss, or the model's outputs, became NaN or infinite."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -485,7 +486,15 @@ def train(config: NetConfig, settings: TrainSettings, splits: RetrievalSplits,
         if improved:
             state.best_loss, state.best_epoch = means[0], state.epoch
         if monitor.due(state.epoch, dist_info):
-            record.update(monitor(run.model))
+            try:
+                record.update(monitor(run.model))
+            except NonFiniteTablesError:
+                # A finite but exploding loss can still leave outputs that overflow.
+                raise TrainingDiverged(
+                    f"the model's outputs became NaN or infinite at epoch {state.epoch} "
+                    f"(monitoring evaluation; training loss {means[0]:.4g}); stopped. The "
+                    f"last checkpoint is {settings.last_path} (try a lower --lr)"
+                ) from None
         state.history.append(record)
         if dist_info.is_main:
             get_logger().info(_epoch_line(record, part_names, settings))
