@@ -540,6 +540,13 @@ def test_the_report_ranks_trained_methods_and_is_rebuilt_from_its_json(tmp_path)
     assert edges, "the fake grid should put some choice at an edge"
     note = next(line for line in md.splitlines() if line.startswith("Chosen at the edge"))
     assert all(f"{name} at its {edge} rate" in note for name, edge in edges.items())
+    # A verdict whose pair has a rate at a grid edge says it is provisional; others do not.
+    for row in rows:
+        name = row.split(" | ")[1]
+        if name == "OPQN" or "did not train" in row:
+            continue
+        pair_edges = [n for n in ("OPQN", name) if n in edges]
+        assert ("provisional: lr of " + " and ".join(pair_edges) in row) == bool(pair_edges)
     assert table["methods"]["dcdh"]["precision"] == ["float32"]
     assert table["methods"]["opqn"]["pr_curve"]["precision"][0] == pytest.approx(
         statistics.fmean(opqn["test_mAP"]))  # the mean curve over the seeds

@@ -53,12 +53,24 @@ def difference_text(diff: dict | None) -> str:
     return text
 
 
-def _verdict(diff: dict | None, trained: bool) -> str:
+def _verdict(diff: dict | None, trained: bool, edges: list[str] = ()) -> str:
+    """The verdict cell; ``edges`` names the methods of the pair (OPQN, the method) whose lr
+    was chosen at an edge of its grid, which makes the verdict provisional."""
     if diff is None:
         return "—"
     if not trained:
         return "not ranked (did not train)"
-    return f"**{diff['verdict']}**" if diff.get("ci") else f"{diff['verdict']} (one seed)"
+    text = f"**{diff['verdict']}**" if diff.get("ci") else f"{diff['verdict']} (one seed)"
+    if edges:
+        text += f" (provisional: lr of {' and '.join(edges)} at a grid edge)"
+    return text
+
+
+def _pair_edges(table: dict, method: str) -> list[str]:
+    """The names of OPQN and ``method`` whose chosen lr is at an edge of its grid."""
+    pair = [m for m in (DEFAULT_METHOD, method) if m in table["methods"]]
+    return [table["methods"][m]["name"] for m in dict.fromkeys(pair)
+            if grid_edge(table["methods"][m]) is not None]
 
 
 def precision_text(precision: str | dict[str, str],
@@ -130,7 +142,7 @@ def markdown(table: dict) -> str:
             f"({e['default_lr']:g}) | {table['epochs']} | {_pct(_val_at_chosen(e))} | "
             f"{mean_sd_text(e['mean_mAP'], e['sd_mAP'])} | "
             f"{mean_sd_text(e['mean_precision_at_k'], e['sd_precision_at_k'])} | "
-            f"{difference_text(diff)} | {_verdict(diff, e['trained'])} | "
+            f"{difference_text(diff)} | {_verdict(diff, e['trained'], _pair_edges(table, method))} | "
             f"{', '.join(e['precision'])} | {'n/a' if seconds is None else f'{seconds:.1f}'} | "
             f"{e.get('bytes_per_item', 'n/a')}, {e.get('packed_bytes_per_item', 'n/a')} |")
     lines += ["", "Mean ± sample sd over the seeds; the paired difference is taken seed by "
