@@ -134,6 +134,7 @@ def markdown(table: dict) -> str:
     for method in ordered_methods(table):
         e = table["methods"][method]
         diff = e.get("paired_difference", {}).get("mAP")
+        verdict = _verdict(diff, e["trained"], _pair_edges(table, method))
         seconds = e.get("train_seconds_per_epoch")
         lr = "n/a" if e["chosen_lr"] is None else f"{e['chosen_lr']:g}"
         lines.append(
@@ -142,7 +143,7 @@ def markdown(table: dict) -> str:
             f"({e['default_lr']:g}) | {table['epochs']} | {_pct(_val_at_chosen(e))} | "
             f"{mean_sd_text(e['mean_mAP'], e['sd_mAP'])} | "
             f"{mean_sd_text(e['mean_precision_at_k'], e['sd_precision_at_k'])} | "
-            f"{difference_text(diff)} | {_verdict(diff, e['trained'], _pair_edges(table, method))} | "
+            f"{difference_text(diff)} | {verdict} | "
             f"{', '.join(e['precision'])} | {'n/a' if seconds is None else f'{seconds:.1f}'} | "
             f"{e.get('bytes_per_item', 'n/a')}, {e.get('packed_bytes_per_item', 'n/a')} |")
     lines += ["", "Mean ± sample sd over the seeds; the paired difference is taken seed by "

@@ -406,9 +406,9 @@ class OpqnMainRunner:
         stem = key.name
         if error is None and self.cross and key.phase == "final":
             code, error = self._call([sys.executable, str(REPO / "opqn_main.py"), "-e", "-c",
-                                "--dataset", self.args.dataset, "--data-dir", self.data_dir,
-                                "--load", str(best), *self._paths(),
-                                *evaluation_flags(self.flags)], log_path)
+                                      "--dataset", self.args.dataset, "--data-dir",
+                                      self.data_dir, "--load", str(best), *self._paths(),
+                                      *evaluation_flags(self.flags)], log_path)
             stem = f"{key.name}_on_{self.args.dataset}_cross"
         wall = time.perf_counter() - start
         if error is not None and code != EXIT_DIVERGED:
