@@ -53,7 +53,7 @@ def difference_text(diff: dict | None) -> str:
     return text
 
 
-def _verdict(diff: dict | None, trained: bool, edges: list[str] = ()) -> str:
+def _verdict(diff: dict | None, trained: bool, edges: list[str]) -> str:
     """The verdict cell; ``edges`` names the methods of the pair (OPQN, the method) whose lr
     was chosen at an edge of its grid, which makes the verdict provisional."""
     if diff is None:
@@ -68,9 +68,9 @@ def _verdict(diff: dict | None, trained: bool, edges: list[str] = ()) -> str:
 
 def _pair_edges(table: dict, method: str) -> list[str]:
     """The names of OPQN and ``method`` whose chosen lr is at an edge of its grid."""
-    pair = [m for m in (DEFAULT_METHOD, method) if m in table["methods"]]
-    return [table["methods"][m]["name"] for m in dict.fromkeys(pair)
-            if grid_edge(table["methods"][m]) is not None]
+    methods = table["methods"]
+    return [methods[m]["name"] for m in dict.fromkeys((DEFAULT_METHOD, method))
+            if m in methods and grid_edge(methods[m]) is not None]
 
 
 def precision_text(precision: str | dict[str, str],
